@@ -1,0 +1,104 @@
+"""The configuration every run starts from; files in configs/ override what differs.
+
+`config.model` carries the reference's ModelArgs names, so a LlamaGen setting maps one to one.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# LlamaGen's GPT sizes: (n_layer, n_head, dim). Head dim is 64 for all of them.
+GPT_SIZES = {
+    "B": (12, 12, 768),
+    "L": (24, 16, 1024),
+    "XL": (36, 20, 1280),
+    "XXL": (48, 24, 1536),
+}
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+def model_config(size: str = "B", *, image_size: int = 256, downsample: int = 16) -> ml_collections.ConfigDict:
+  """The GPT config of a LlamaGen size for a VQ-16 tokenizer at `image_size` pixels."""
+  if size not in GPT_SIZES:
+    raise ValueError(f"unknown GPT size {size!r}; choose one of {sorted(GPT_SIZES)}")
+  n_layer, n_head, dim = GPT_SIZES[size]
+  m = ml_collections.ConfigDict()
+  m.dim = dim
+  m.n_layer = n_layer
+  m.n_head = n_head
+  m.vocab_size = 16384
+  m.num_classes = 1000
+  m.cls_token_num = 1
+  m.block_size = (image_size // downsample) ** 2
+  m.multiple_of = 256
+  m.norm_eps = 1e-5
+  m.rope_base = 10000
+  m.initializer_range = 0.02
+  m.token_dropout_p = 0.1
+  m.resid_dropout_p = 0.1
+  m.ffn_dropout_p = 0.1
+  m.class_dropout_prob = 0.1
+  # Execution choices (not part of the reference's ModelArgs; they do not change the parameters).
+  m.dtype = "bfloat16"  # compute dtype; parameters stay float32
+  m.attention_impl = "auto"  # None lets jax pick; 'xla' everywhere, 'cudnn' on GPUs
+  m.remat = "none"  # none | full | dots
+  m.scan_layers = True
+  return m
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = model_config("B")
+
+  # Coarse-to-fine schedule: (patch side, fraction of the steps). The reference default is 2x2 then 1x1.
+  c.npp = ml_collections.ConfigDict()
+  c.npp.stages = ((2, 0.5), (1, 0.5))
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-4
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.05
+  c.optim.decay = "ndim>=2"  # ndim>=2 (reference DDP: matrices and embeddings) | no_norm (reference FSDP) | all | none
+  c.optim.grad_clip = 1.0
+  # 'constant' (the LlamaGen baseline) or 'stagewise': per stage, linear warmup from 0, constant, then linear
+  # decay to end_lr over the last decay_fraction of the stage (the NPP reference's --scheduler).
+  c.optim.schedule = "stagewise"
+  c.optim.warmup_fraction = 1 / 300  # of each stage's steps (the reference: one epoch of 300)
+  c.optim.decay_fraction = 0.2
+  c.optim.end_lr = 1e-5
+  c.optim.ema_decay = 0.0  # 0 disables EMA; e.g. 0.9999
+  c.optim.mu_dtype = "float32"
+
+  c.train = ml_collections.ConfigDict()
+  c.train.global_batch_size = 256
+  c.train.epochs = 300
+  c.train.num_images = IMAGENET_TRAIN_IMAGES  # images per epoch (steps = epochs * num_images // batch)
+  c.train.total_steps = 0  # > 0 overrides the epoch arithmetic
+  c.train.grad_accum_steps = 1
+  c.train.log_every = 100
+  c.train.checkpoint_every = 5000
+  c.train.keep_checkpoints = 3
+  c.train.sample_every = 0  # 0: only at the end (when sampling is possible)
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one entry may be -1 for "the remaining devices"
+  c.mesh.topology = ""  # e.g. v5p-64 with --dry_run: compile for a TPU slice (needs libtpu)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.kind = "codes"  # codes (pre-extracted with npp_jax.prepare) | synthetic
+  c.data.codes_dir = ""
+  c.data.worker_count = 0
+  c.data.prefetch = 2
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.cfg_scale = 2.0
+  c.sample.temperature = 1.0
+  c.sample.top_k = 0
+  c.sample.top_p = 1.0
+
+  c.init_from = ""  # a converted or trained checkpoint directory to start from (fine-tuning)
+  return c

@@ -1,0 +1,243 @@
+"""LlamaGen's class-conditional GPT in Flax NNX, with the NPP training path and a KV-cache decode path.
+
+Pre-norm Llama blocks (RMSNorm in float32, fused bias-free QKV, SwiGLU), 2D RoPE, a class table of num_classes + 1
+rows (the last is the null class for guidance), an untied zero-initialised head. The layers' parameters are stacked
+along a leading `layers` axis, so the same parameters run under `lax.scan` or an unrolled loop (config.scan_layers)
+and checkpoints do not depend on that choice.
+
+Shapes: B batch, S = block_size = G*G codes, T sequence length, D dim, N heads, H head_dim, F FFN hidden, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+import ml_collections
+
+from npp_jax import npp
+from npp_jax.models import rope
+
+# Logical axis names of every parameter; sharding.py maps them to mesh axes.
+EMBED, VOCAB, CLASSES, LAYERS, HEADS, HEAD_DIM, MLP, QKV = (
+    "embed", "vocab", "classes", "layers", "heads", "head_dim", "mlp", "qkv")
+
+
+def find_multiple(n: int, k: int) -> int:
+  return n if n % k == 0 else n + k - n % k
+
+
+def ffn_hidden_dim(cfg: ml_collections.ConfigDict) -> int:
+  """LlamaGen's SwiGLU width: 2/3 of 4*dim, rounded up to a multiple of `multiple_of`."""
+  return find_multiple(int(2 * (4 * cfg.dim) / 3), cfg.multiple_of)
+
+
+def grid_side(cfg: ml_collections.ConfigDict) -> int:
+  grid = math.isqrt(cfg.block_size)
+  if grid * grid != cfg.block_size:
+    raise ValueError(f"model.block_size={cfg.block_size} is not a square number of codes")
+  return grid
+
+
+def num_parameters(cfg: ml_collections.ConfigDict) -> int:
+  """Exact parameter count, from the config alone (no allocation)."""
+  d, f = cfg.dim, ffn_hidden_dim(cfg)
+  per_layer = 4 * d * d + 3 * d * f + 2 * d
+  return 2 * cfg.vocab_size * d + (cfg.num_classes + 1) * d + cfg.n_layer * per_layer + d
+
+
+def _param(init, key, shape, axes) -> nnx.Param:
+  return nnx.Param(init(key, shape, jnp.float32), logical_axes=axes)
+
+
+def _rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float) -> jnp.ndarray:
+  """x * rsqrt(mean(x^2) + eps) in float32, cast back, then scaled (the reference's order of operations)."""
+  x32 = x.astype(jnp.float32)
+  normed = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+  return normed * weight.astype(x.dtype)
+
+
+def _dropout(x: jnp.ndarray, rate: float, key: jax.Array | None) -> jnp.ndarray:
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class KVCache(NamedTuple):
+  """Keys and values of every layer: (layers, B, max_len, N, H) each."""
+
+  k: jnp.ndarray
+  v: jnp.ndarray
+
+
+class Blocks(nnx.Module):
+  """The n_layer transformer blocks, parameters stacked along a leading layer axis."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    n, d, h, f = cfg.n_layer, cfg.dim, cfg.dim // cfg.n_head, ffn_hidden_dim(cfg)
+    normal = jax.nn.initializers.normal(cfg.initializer_range)
+    ones = jax.nn.initializers.ones
+    self.attention_norm = _param(ones, rngs.params(), (n, d), (LAYERS, EMBED))
+    # q, k, v in one kernel like the reference's fused wqkv; heads on their own axis for tensor parallelism.
+    self.wqkv = _param(normal, rngs.params(), (n, d, 3, cfg.n_head, h), (LAYERS, EMBED, QKV, HEADS, HEAD_DIM))
+    self.wo = _param(normal, rngs.params(), (n, cfg.n_head, h, d), (LAYERS, HEADS, HEAD_DIM, EMBED))
+    self.ffn_norm = _param(ones, rngs.params(), (n, d), (LAYERS, EMBED))
+    self.w1 = _param(normal, rngs.params(), (n, d, f), (LAYERS, EMBED, MLP))
+    self.w3 = _param(normal, rngs.params(), (n, d, f), (LAYERS, EMBED, MLP))
+    self.w2 = _param(normal, rngs.params(), (n, f, d), (LAYERS, MLP, EMBED))
+
+  def stacked(self) -> dict[str, jnp.ndarray]:
+    return {name: getattr(self, name)[...] for name in
+            ("attention_norm", "wqkv", "wo", "ffn_norm", "w1", "w3", "w2")}
+
+
+class GPT(nnx.Module):
+  """LlamaGen class-to-image transformer (c2i). See the module docstring."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    if cfg.dim % cfg.n_head:
+      raise ValueError(f"model.dim={cfg.dim} is not divisible by model.n_head={cfg.n_head}")
+    if cfg.cls_token_num != 1:
+      raise ValueError(f"class-conditional models use one class token; got model.cls_token_num={cfg.cls_token_num}")
+    self.cfg = ml_collections.FrozenConfigDict(cfg)  # static and hashable inside the graph definition
+    self.grid = grid_side(cfg)
+    normal = jax.nn.initializers.normal(cfg.initializer_range)
+    self.tok_embeddings = _param(normal, rngs.params(), (cfg.vocab_size, cfg.dim), (VOCAB, EMBED))
+    self.cls_embedding = _param(normal, rngs.params(), (cfg.num_classes + 1, cfg.dim), (CLASSES, EMBED))
+    self.layers = Blocks(cfg, rngs=rngs)
+    self.norm = _param(jax.nn.initializers.ones, rngs.params(), (cfg.dim,), (EMBED,))
+    self.output = _param(jax.nn.initializers.zeros, rngs.params(), (cfg.dim, cfg.vocab_size), (EMBED, VOCAB))
+
+  @property
+  def null_class(self) -> int:
+    return self.cfg.num_classes
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.cfg.dtype)
+
+  # -- inputs -------------------------------------------------------------------------------------------------
+
+  def class_embedding(self, labels: jnp.ndarray, drop_key: jax.Array | None = None) -> jnp.ndarray:
+    """(B,) labels -> (B, 1, D); with a key, each label becomes the null class with class_dropout_prob."""
+    if drop_key is not None and self.cfg.class_dropout_prob > 0:
+      drop = jax.random.uniform(drop_key, labels.shape) < self.cfg.class_dropout_prob
+      labels = jnp.where(drop, self.null_class, labels)
+    return self.cls_embedding[...][labels][:, None, :].astype(self.compute_dtype)
+
+  def token_embedding(self, tokens: jnp.ndarray) -> jnp.ndarray:
+    return self.tok_embeddings[...][tokens].astype(self.compute_dtype)
+
+  # -- training path ------------------------------------------------------------------------------------------
+
+  def __call__(self, tokens: jnp.ndarray, labels: jnp.ndarray, *, patch_side: int = 1, deterministic: bool = True,
+               dropout_rng: jax.Array | None = None) -> jnp.ndarray:
+    """Training-path logits (B, (G/k)^2, V) float32; position j predicts patch j, position 0 is the class token.
+
+    tokens: the full code grid (B, block_size) in raster order; labels: (B,) class ids (num_classes = null class).
+    With deterministic=False, `dropout_rng` drives token, residual, FFN and label dropout.
+    """
+    if not deterministic and dropout_rng is None:
+      raise ValueError("training mode (deterministic=False) needs a dropout_rng")
+    keys = dict(zip(("label", "token", "layers"), jax.random.split(dropout_rng, 3))) if not deterministic else {}
+    cfg = self.cfg
+    coarse = npp.coarse_grid(self.grid, patch_side)
+    patches = npp.patch_embeddings(self.token_embedding(tokens), patch_side)[:, :-1]
+    x = jnp.concatenate([self.class_embedding(labels, keys.get("label")), patches], axis=1)
+    x = _dropout(x, cfg.token_dropout_p, keys.get("token"))
+    cos, sin = rope.rope_table(coarse, cfg.dim // cfg.n_head, float(cfg.rope_base), cfg.cls_token_num)
+    seq = x.shape[1]  # class token + all patches but the last
+    rotary = (jnp.asarray(cos[:seq])[None], jnp.asarray(sin[:seq])[None])
+    x, _ = self._blocks(x, rotary, layer_keys=keys.get("layers"))
+    return self._head(x)
+
+  # -- decode path --------------------------------------------------------------------------------------------
+
+  def init_cache(self, batch: int, max_len: int | None = None, dtype: Any = None) -> KVCache:
+    """An empty KV cache for `batch` sequences of up to max_len positions (default: class token + block_size)."""
+    cfg = self.cfg
+    max_len = max_len or cfg.cls_token_num + cfg.block_size
+    shape = (cfg.n_layer, batch, max_len, cfg.n_head, cfg.dim // cfg.n_head)
+    dtype = dtype or self.compute_dtype
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+  def decode(self, x: jnp.ndarray, cache: KVCache, pos: jnp.ndarray) -> tuple[jnp.ndarray, KVCache]:
+    """Runs embeddings x (B, T, D) at sequence positions pos..pos+T-1 against the cache; returns (logits, cache).
+
+    Position 0 is the class token. Queries attend to every cache slot up to their own position.
+    """
+    cfg = self.cfg
+    t = x.shape[1]
+    cos, sin = rope.rope_table(self.grid, cfg.dim // cfg.n_head, float(cfg.rope_base), cfg.cls_token_num)
+    rows = pos + jnp.arange(t)
+    rotary = (jnp.asarray(cos)[rows][None], jnp.asarray(sin)[rows][None])
+    x, cache = self._blocks(x.astype(self.compute_dtype), rotary, cache=cache, pos=pos)
+    return self._head(x), cache
+
+  # -- shared trunk -------------------------------------------------------------------------------------------
+
+  def _head(self, x: jnp.ndarray) -> jnp.ndarray:
+    x = _rms_norm(x, self.norm[...], self.cfg.norm_eps)
+    # Logits in float32 whatever the compute dtype (the reference's `.float()`), accumulated in float32.
+    return jnp.einsum("btd,dv->btv", x, self.output[...].astype(x.dtype), preferred_element_type=jnp.float32)
+
+  def _blocks(self, x, rotary, *, layer_keys=None, cache: KVCache | None = None, pos=None):
+    cfg = self.cfg
+    params = self.layers.stacked()
+    dtype = self.compute_dtype
+
+    def layer(x, inputs):
+      p, key, kv = inputs
+      p = jax.tree.map(lambda a: a.astype(dtype), p)
+      keys = jax.random.split(key, 2) if key is not None else (None, None)
+      h, kv = _attention(x, p, rotary, cfg, kv, pos)
+      x = x + _dropout(h, cfg.resid_dropout_p, keys[0])
+      h = _rms_norm(x, p["ffn_norm"], cfg.norm_eps)
+      h = jnp.einsum("btf,fd->btd", jax.nn.silu(h @ p["w1"]) * (h @ p["w3"]), p["w2"])
+      x = x + _dropout(h, cfg.ffn_dropout_p, keys[1])
+      return x, kv
+
+    if cfg.remat != "none":
+      layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat]())
+    keys = jax.random.split(layer_keys, cfg.n_layer) if layer_keys is not None else None
+    kv = (cache.k, cache.v) if cache is not None else None
+    if cfg.scan_layers:
+      x, kv = jax.lax.scan(layer, x, (params, keys, kv))
+    else:
+      outs = []
+      for i in range(cfg.n_layer):
+        take = lambda tree, i=i: jax.tree.map(lambda a: a[i], tree)
+        x, layer_kv = layer(x, (take(params), None if keys is None else keys[i], None if kv is None else take(kv)))
+        outs.append(layer_kv)
+      kv = None if kv is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    return x, (KVCache(*kv) if kv is not None else None)
+
+
+def _attention(x, p, rotary, cfg, kv, pos):
+  """Pre-norm causal self-attention of one layer; with kv=(k_cache, v_cache) it writes at `pos` and reads all."""
+  h = _rms_norm(x, p["attention_norm"], cfg.norm_eps)
+  qkv = jnp.einsum("btd,dcnh->cbtnh", h, p["wqkv"])
+  q, k, v = rope.apply_rope(qkv[0], *rotary), rope.apply_rope(qkv[1], *rotary), qkv[2]
+  impl = None if cfg.attention_impl == "auto" else cfg.attention_impl
+  if kv is None:
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+  else:
+    k_cache = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), pos, axis=1)
+    v_cache = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), pos, axis=1)
+    slots = jnp.arange(k_cache.shape[1])
+    mask = slots[None, :] <= (pos + jnp.arange(q.shape[1]))[:, None]  # (T, max_len)
+    out = jax.nn.dot_product_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype),
+                                       mask=mask[None, None], implementation=None)
+    kv = (k_cache, v_cache)
+  return jnp.einsum("btnh,nhd->btd", out, p["wo"]), kv
+
+
+# "full" recomputes everything in the backward pass; "dots" keeps the weight matmuls' outputs.
+_REMAT_POLICIES = {
+    "full": lambda: jax.checkpoint_policies.nothing_saveable,
+    "dots": lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
