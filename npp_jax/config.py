@@ -67,7 +67,8 @@ def base_config() -> ml_collections.ConfigDict:
   # 'constant' (the LlamaGen baseline) or 'stagewise': per stage, linear warmup from 0, constant, then linear
   # decay to end_lr over the last decay_fraction of the stage (the NPP reference's --scheduler).
   c.optim.schedule = "stagewise"
-  c.optim.warmup_fraction = 1 / 300  # of each stage's steps (the reference: one epoch of 300)
+  c.optim.warmup_epochs = 1.0  # per stage (the reference's default; its paper says 5)
+  c.optim.warmup_steps = -1  # >= 0 overrides warmup_epochs
   c.optim.decay_fraction = 0.2
   c.optim.end_lr = 1e-5
   c.optim.ema_decay = 0.0  # 0 disables EMA; e.g. 0.9999
@@ -91,6 +92,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.kind = "codes"  # codes (pre-extracted with npp_jax.prepare) | synthetic
   c.data.codes_dir = ""
+  c.data.tokenizer_checksum = ""  # if set, codes made by another tokenizer are refused
+  c.data.num_images = 4096  # synthetic data only
+  c.data.read_threads = 4
   c.data.worker_count = 0
   c.data.prefetch = 2
 

@@ -1,0 +1,70 @@
+"""Compile the train step from the abstract state, without allocating the model, and report its cost.
+
+For the current devices, or for a TPU slice (config.mesh.topology, e.g. v5p-64) through
+jax.experimental.topologies when libtpu is installed: a laptop can check that GPT-XXL fits a slice before anyone
+pays for it.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+import jax
+
+from npp_jax import metrics as metrics_lib
+from npp_jax import npp
+from npp_jax import sharding
+from npp_jax import train
+from npp_jax.models import gpt
+
+# HBM per chip in GiB (vendor figures).
+HBM_GIB = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32}
+GPU_HBM_GIB = {"NVIDIA H100": 80, "NVIDIA H200": 141, "NVIDIA A100": 80}
+
+
+def topology_devices(topology: str) -> tuple[list, float | None]:
+  """The devices of a TPU slice named like v5p-64 (cores for v4/v5p, chips for v5e/v6e, as gcloud counts)."""
+  try:
+    from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+  except Exception as e:  # noqa: BLE001  (missing libtpu, unknown name: one sentence for the user)
+    raise ValueError(f"cannot compile for TPU topology {topology!r} ({str(e).splitlines()[0][:200]}); "
+                     "it needs libtpu: pip install 'jax[tpu]'") from None
+  generation = topology.split("-")[0]
+  return list(desc.devices), HBM_GIB.get(generation)
+
+
+def run(config: ml_collections.ConfigDict) -> dict:
+  if config.mesh.topology:
+    devices, hbm_gib = topology_devices(config.mesh.topology)
+  else:
+    devices = jax.devices()
+    hbm_gib = GPU_HBM_GIB.get(devices[0].device_kind.split(" ")[0] + " " + devices[0].device_kind.split(" ")[-1])
+  mesh = sharding.make_mesh(config.mesh.shape, devices)
+  setup = train.build(config, mesh, config.train.num_images)
+  where = config.mesh.topology or f"{len(devices)} x {devices[0].device_kind}"
+  print(f"compiling for {where}, mesh {dict(mesh.shape)}", flush=True)
+  print(f"parameters: {gpt.num_parameters(config.model):,}", flush=True)
+
+  report = {"parameters": gpt.num_parameters(config.model), "stages": {}}
+  grid = gpt.grid_side(config.model)
+  for patch_side in sorted({s.patch_side for s in setup.stages}):
+    step = train.make_train_step(setup, patch_side)
+    compiled = step.lower(setup.abstract_state, train.abstract_batch(setup)).compile()
+    memory = compiled.memory_analysis()
+    seq = npp.coarse_grid(grid, patch_side) ** 2
+    flops = metrics_lib.train_flops_per_sequence(config.model, seq) * config.train.global_batch_size
+    gib = lambda b: b / 2**30
+    args, temp, out = memory.argument_size_in_bytes, memory.temp_size_in_bytes, memory.output_size_in_bytes
+    alias = memory.alias_size_in_bytes
+    total = args + temp + out - alias
+    line = (f"patch side {patch_side} (sequence {seq}): {flops / 1e12:.2f} TFLOPs per step (model), "
+            f"per device: arguments {gib(args):.2f} GiB, temporaries {gib(temp):.2f} GiB, "
+            f"outputs {gib(out):.2f} GiB, aliased {gib(alias):.2f} GiB, total {gib(total):.2f} GiB")
+    if hbm_gib:
+      line += f" of {hbm_gib} GiB: " + ("fits" if gib(total) <= hbm_gib else "DOES NOT FIT")
+    print(line, flush=True)
+    report["stages"][patch_side] = {"tflops_per_step": flops / 1e12, "total_gib": gib(total),
+                                    "argument_gib": gib(args), "temp_gib": gib(temp),
+                                    "fits": None if not hbm_gib else gib(total) <= hbm_gib}
+  return report

@@ -1,0 +1,73 @@
+"""AdamW with the reference's weight-decay rule, global-norm clipping, and the per-stage learning-rate schedule."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from npp_jax import npp
+
+
+def learning_rate_schedule(optim: ml_collections.ConfigDict, stages: Sequence[npp.Stage], warmup_steps: int
+                           ) -> optax.Schedule:
+  """'constant' (LlamaGen) or 'stagewise' (NPP's --scheduler).
+
+  Stagewise: inside each stage [start, end), a linear warmup from 0 over `warmup_steps`, the constant rate, then a
+  linear decay to end_lr over the last decay_fraction of the stage. The warmup restarts at every stage switch, as in
+  the reference (the rate is 0 at the first step of each stage).
+  """
+  if optim.schedule == "constant":
+    return optax.constant_schedule(optim.lr)
+  if optim.schedule != "stagewise":
+    raise ValueError(f"optim.schedule must be 'constant' or 'stagewise', got {optim.schedule!r}")
+  starts = jnp.asarray([s.start for s in stages])
+  ends = jnp.asarray([s.end for s in stages])
+  warmups = jnp.asarray([max(1, min(warmup_steps, s.steps)) for s in stages])
+  decays = jnp.asarray([round(optim.decay_fraction * s.steps) for s in stages])
+
+  def schedule(step):
+    i = jnp.clip(jnp.searchsorted(ends, step, side="right"), 0, len(stages) - 1)
+    t = (step - starts[i]).astype(jnp.float32)
+    warm = optim.lr * t / warmups[i]
+    decay_start = (ends[i] - decays[i] - starts[i]).astype(jnp.float32)
+    frac = (t - decay_start) / jnp.maximum(decays[i], 1)
+    decayed = optim.lr + (optim.end_lr - optim.lr) * jnp.clip(frac, 0.0, 1.0)
+    return jnp.where(t < warmups[i], warm, jnp.where(t < decay_start, optim.lr, decayed))
+
+  return schedule
+
+
+def decay_mask(params: dict, rule: str) -> dict:
+  """Which parameters get weight decay. Stacked layer parameters count their per-layer rank.
+
+  ndim>=2: every matrix and both embedding tables (the reference's DDP trainer); no_norm: everything whose name
+  lacks 'norm' (its FSDP trainer); all; none.
+  """
+  def decide(path, p):
+    names = [str(getattr(k, "key", k)) for k in path]
+    rank = p.ndim - (1 if "layers" in names else 0)
+    if rule == "ndim>=2":
+      return rank >= 2
+    if rule == "no_norm":
+      return "norm" not in names[-1]
+    if rule in ("all", "none"):
+      return rule == "all"
+    raise ValueError(f"optim.decay must be one of ndim>=2, no_norm, all, none; got {rule!r}")
+  return jax.tree_util.tree_map_with_path(decide, params)
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, stages: Sequence[npp.Stage], params: dict, *,
+                   warmup_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  schedule = learning_rate_schedule(optim, stages, warmup_steps)
+  adamw = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
+                      mask=decay_mask(params, optim.decay), mu_dtype=jnp.dtype(optim.mu_dtype))
+  parts = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip > 0 else []
+  return optax.chain(*parts, adamw), schedule
+
+
+def ema_update(ema: dict, params: dict, decay: float) -> dict:
+  return jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), ema, params)

@@ -1,0 +1,113 @@
+"""The device mesh, the logical-axis rules, and the shardings of parameters and batches.
+
+Parameters carry logical axis names (`embed`, `mlp`, ...; see models/gpt.py). One table maps them to the mesh axes
+`data`, `fsdp` and `tensor`. A dimension the mesh axes do not divide stays replicated, so every mesh works for every
+model (at some cost in memory), instead of failing deep inside XLA.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the batch is split over every replica group and every FSDP shard
+
+# Logical axis -> mesh axes. FSDP shards the model dimension of every matrix; tensor parallelism splits heads,
+# the FFN width and the vocabulary.
+LOGICAL_RULES: dict[str, Any] = {
+    "batch": BATCH_AXES,
+    "embed": "fsdp",
+    "heads": "tensor",
+    "mlp": "tensor",
+    "vocab": "tensor",
+    "classes": None,
+    "layers": None,
+    "head_dim": None,
+    "qkv": None,
+}
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+  """Replaces one -1 by the devices left over; checks the product equals the device count."""
+  shape = tuple(int(s) for s in shape)
+  if len(shape) != len(MESH_AXES):
+    raise ValueError(f"mesh.shape needs {len(MESH_AXES)} sizes {MESH_AXES}, got {shape}")
+  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise ValueError(f"mesh.shape takes positive sizes and at most one -1, got {shape}")
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if num_devices % known:
+      raise ValueError(f"mesh.shape {shape} does not divide the {num_devices} devices")
+    shape = tuple(num_devices // known if s == -1 else s for s in shape)
+  if math.prod(shape) != num_devices:
+    raise ValueError(f"mesh.shape {shape} needs {math.prod(shape)} devices, but there are {num_devices}")
+  return shape
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh with Auto axes (jax >= 0.10 defaults to Explicit, which logical rules reject)."""
+  devices = list(devices if devices is not None else jax.devices())
+  shape = resolve_mesh_shape(shape, len(devices))
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  if devices == list(jax.devices()):
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+
+
+def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
+  """The PartitionSpec of an array with logical `axes`; mesh axes that do not divide a dimension are dropped."""
+  spec, used = [], set()
+  for name, size in zip(axes, shape):
+    mesh_axes = LOGICAL_RULES.get(name) if name else None
+    if isinstance(mesh_axes, str):
+      mesh_axes = (mesh_axes,)
+    kept = tuple(a for a in (mesh_axes or ()) if a not in used and mesh.shape[a] > 1)
+    if kept and size % math.prod(mesh.shape[a] for a in kept):
+      kept = ()
+    used.update(kept)
+    spec.append(kept[0] if len(kept) == 1 else (kept or None))
+  return P(*spec)
+
+
+def logical_axes(model: nnx.Module) -> dict:
+  """Nested dict (the shape of `nnx.to_pure_dict(nnx.state(model))`) of each parameter's logical axis names."""
+  flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+  axes = {}
+  for path, variable in flat:
+    node = axes
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = tuple(variable.get_metadata().get("logical_axes") or (None,) * variable.get_value().ndim)
+  return axes
+
+
+def param_shardings(model: nnx.Module, mesh: Mesh) -> dict:
+  """NamedShardings for the parameters of a (possibly abstract) model, as a pure nested dict."""
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  return jax.tree.map(lambda axes, p: NamedSharding(mesh, spec_for(axes, p.shape, mesh)),
+                      logical_axes(model), params, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_divisor(mesh: Mesh) -> int:
+  """The global batch must be a multiple of this (the devices the batch is split over)."""
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assembles the global batch from this process's rows (each process holds its own contiguous slice)."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}

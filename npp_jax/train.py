@@ -1,0 +1,327 @@
+"""The training loop: mesh, data, sharded state (fresh or restored), one compiled step per NPP stage, and the
+periodic actions (metrics, checkpoints, samples).
+
+The step is a pure function `(state, batch) -> (state, metrics)` under jax.jit with explicit shardings and a
+donated state; the model is split once (graphdef + pure parameter dict) and merged inside the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from clu import metrics as clu_metrics
+from etils import epath
+from flax import nnx
+
+from npp_jax import checkpoint
+from npp_jax import metrics as metrics_lib
+from npp_jax import npp
+from npp_jax import optim
+from npp_jax import sharding
+from npp_jax.data import pipeline
+from npp_jax.models import gpt
+
+DONE_FILE = "DONE"
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss or the gradient norm became NaN or Inf."""
+
+
+StepMetrics = clu_metrics.Collection.create(
+    loss=clu_metrics.Average.from_output("loss"),
+    grad_norm=clu_metrics.Average.from_output("grad_norm"),
+    lr=clu_metrics.LastValue.from_output("lr"))
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything the loop needs that does not change during a run."""
+
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  graphdef: Any
+  stages: list[npp.Stage]
+  total_steps: int
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  abstract_state: dict  # ShapeDtypeStructs with shardings
+  state_shardings: dict
+  init_fn: Callable[[], dict]
+
+
+def total_steps(config: ml_collections.ConfigDict, num_images: int) -> int:
+  if config.train.total_steps > 0:
+    return int(config.train.total_steps)
+  return int(config.train.epochs * pipeline.steps_per_epoch(num_images, config.train.global_batch_size))
+
+
+def warmup_steps(config: ml_collections.ConfigDict, num_images: int) -> int:
+  if config.optim.warmup_steps >= 0:
+    return int(config.optim.warmup_steps)
+  return int(round(config.optim.warmup_epochs * pipeline.steps_per_epoch(num_images, config.train.global_batch_size)))
+
+
+def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, num_images: int) -> Setup:
+  """Abstract model and state with their shardings, the optimizer and the stage schedule; allocates nothing."""
+  model_cfg = config.model
+  grid = gpt.grid_side(model_cfg)
+  steps = total_steps(config, num_images)
+  stages = npp.make_stages(config.npp.stages, steps, grid)
+  _check_batch(config, mesh)
+  seed_key = jax.random.key(config.seed)
+
+  abstract_model = nnx.eval_shape(lambda: gpt.GPT(model_cfg, rngs=nnx.Rngs(0)))
+  graphdef = nnx.graphdef(abstract_model)
+  param_shardings = sharding.param_shardings(abstract_model, mesh)
+  abstract_params = nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param))
+  tx, schedule = optim.make_optimizer(config.optim, stages, abstract_params,
+                                      warmup_steps=warmup_steps(config, num_images))
+
+  def init_fn() -> dict:
+    model = gpt.GPT(model_cfg, rngs=nnx.Rngs(params=jax.random.fold_in(seed_key, 0)))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    if config.optim.ema_decay > 0:
+      state["ema"] = params
+    return state
+
+  shapes = jax.eval_shape(init_fn)
+  repl = sharding.replicated(mesh)
+  state_shardings = {
+      "step": repl,
+      "params": param_shardings,
+      "opt_state": optax.tree_map_params(tx, lambda _, s: s, shapes["opt_state"], param_shardings,
+                                         transform_non_params=lambda _: repl),
+  }
+  if "ema" in shapes:
+    state_shardings["ema"] = param_shardings
+  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                shapes, state_shardings)
+  return Setup(config, mesh, graphdef, stages, steps, tx, schedule, abstract_state, state_shardings, init_fn)
+
+
+def _check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  batch, accum = config.train.global_batch_size, config.train.grad_accum_steps
+  if accum < 1 or batch % accum:
+    raise ValueError(f"train.global_batch_size={batch} is not a multiple of train.grad_accum_steps={accum}")
+  divisor = sharding.batch_divisor(mesh)
+  if (batch // accum) % divisor:
+    raise ValueError(f"the micro-batch of {batch // accum} does not split over the {divisor} devices of the "
+                     f"mesh's data and fsdp axes")
+  if batch % jax.process_count():
+    raise ValueError(f"train.global_batch_size={batch} does not split over {jax.process_count()} processes")
+
+
+def make_train_step(setup: Setup, patch_side: int) -> Callable[[dict, dict], tuple[dict, StepMetrics]]:
+  """The jitted step of a stage; one compilation per patch side."""
+  config, graphdef, tx = setup.config, setup.graphdef, setup.tx
+  accum = config.train.grad_accum_steps
+  root_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+  batch_sharding = sharding.batch_sharding(setup.mesh)
+  dropout = any(config.model[k] > 0 for k in ("token_dropout_p", "resid_dropout_p", "ffn_dropout_p",
+                                                "class_dropout_prob"))
+
+  def loss_fn(params, tokens, labels, key):
+    model = nnx.merge(graphdef, params)
+    logits = model(tokens, labels, patch_side=patch_side, deterministic=not dropout, dropout_rng=key)
+    return npp.patch_loss(logits, tokens, patch_side)
+
+  grad_fn = jax.value_and_grad(loss_fn)
+
+  def step(state: dict, batch: dict) -> tuple[dict, StepMetrics]:
+    step_key = jax.random.fold_in(root_key, state["step"])
+    params = state["params"]
+    if accum == 1:
+      loss, grads = grad_fn(params, batch["tokens"], batch["labels"], step_key)
+    else:
+      # Real accumulation: the global batch is split into `accum` micro-batches whose mean gradient is applied once.
+      micro = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
+      micro = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+          x, jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES))), micro)
+
+      def body(carry, inputs):
+        i, tokens, labels = inputs
+        loss, grads = grad_fn(params, tokens, labels, jax.random.fold_in(step_key, i))
+        return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+      zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+      (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro["tokens"], micro["labels"]))
+      loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
+    if "ema" in state:
+      new_state["ema"] = optim.ema_update(state["ema"], new_params, config.optim.ema_decay)
+    step_metrics = StepMetrics.single_from_model_output(
+        loss=loss, grad_norm=optax.global_norm(grads), lr=setup.schedule(state["step"]))
+    return new_state, step_metrics
+
+  return jax.jit(step, in_shardings=(setup.state_shardings, {"tokens": batch_sharding, "labels": batch_sharding}),
+                 out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)), donate_argnums=(0,))
+
+
+def abstract_batch(setup: Setup, patch_side: int = 1) -> dict:
+  del patch_side  # the input is always the full grid; the stage changes only the sequence inside the model
+  batch = setup.config.train.global_batch_size
+  sh = sharding.batch_sharding(setup.mesh)
+  return {"tokens": jax.ShapeDtypeStruct((batch, setup.config.model.block_size), jnp.int32, sharding=sh),
+          "labels": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sh)}
+
+
+class _Preemption:
+  """SIGTERM (preemption, scancel, docker stop) asks the loop to save and leave at the next step boundary."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+  def agreed(self) -> bool:
+    """All processes must stop at the same step, so the flag is shared (one tiny collective)."""
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+
+
+def log(message: str) -> None:
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding.Mesh | None = None,
+        hooks: tuple[Callable[..., None], ...] = ()) -> dict:
+  """Trains (or resumes) in `workdir`; returns the final state. `hooks` are called as hook(step, state, setup)
+  at sample intervals and at the end (the sampler registers one)."""
+  mesh = mesh or sharding.make_mesh(config.mesh.shape)
+  spec = pipeline.InputSpec(config.model.vocab_size, gpt.grid_side(config.model), config.model.num_classes,
+                            config.data.tokenizer_checksum)
+  data = pipeline.TrainInput(config.data, spec, global_batch=config.train.global_batch_size, seed=config.seed,
+                             process_index=jax.process_index(), process_count=jax.process_count())
+  setup = build(config, mesh, data.num_images)
+  log(f"mesh: {dict(mesh.shape)} over {mesh.devices.size} devices ({jax.process_count()} processes), "
+      f"{jax.devices()[0].device_kind}")
+  log(f"parameters: {gpt.num_parameters(config.model):,}")
+  log(f"data: {data.num_images:,} images, {setup.total_steps:,} steps of {config.train.global_batch_size}")
+  log("stages: " + ", ".join(f"{s.patch_side}x{s.patch_side} patches for steps [{s.start}, {s.end})"
+                             for s in setup.stages))
+  log(f"input tokens relative to next-token prediction: {npp.tokens_per_step_fraction(setup.stages):.3f}")
+
+  checkpoint.write_config(workdir, config)
+  mngr = checkpoint.manager(workdir, keep=config.train.keep_checkpoints)
+  state, start = _initial_state(setup, mngr, data.fingerprint)
+  writer = metrics_lib.Writer(workdir)
+  preemption = _Preemption()
+  try:
+    state = _loop(setup, state, start, data, mngr, writer, preemption, hooks)
+  finally:
+    preemption.restore()
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.close()
+  return state
+
+
+def _initial_state(setup: Setup, mngr, fingerprint: str) -> tuple[dict, int]:
+  config = setup.config
+  latest = mngr.latest_step()
+  if latest is not None:
+    state, meta = checkpoint.restore(mngr, latest, setup.abstract_state)
+    if meta.get("data") != fingerprint:
+      raise ValueError(f"the checkpoint at step {latest} was trained on other data (fingerprint "
+                       f"{meta.get('data')}, now {fingerprint}); use a new workdir")
+    log(f"resumed from step {latest}")
+    return state, latest
+  # Created already sharded: no parameter is ever whole on one device.
+  state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)()
+  if config.init_from:
+    params = checkpoint.restore_params(config.init_from, setup.abstract_state["params"])
+    state["params"] = params
+    if "ema" in state:
+      state["ema"] = jax.tree.map(jnp.copy, params)
+    log(f"initialised the parameters from {config.init_from}")
+  return state, 0
+
+
+def _loop(setup: Setup, state: dict, start: int, data: pipeline.TrainInput, mngr, writer, preemption,
+          hooks) -> dict:
+  config = setup.config
+  steps_fns: dict[int, Callable] = {}
+  batches = data.iterator(start_batch=start)
+  accumulated: StepMetrics | None = None
+  stage = None
+  started, last_log, last_log_step = time.time(), time.time(), start
+  meta = lambda s, st: {"step": s, "stage": st.index, "patch_side": st.patch_side, "data": data.fingerprint}
+  step = start
+  for step in range(start, setup.total_steps):
+    current = npp.stage_at(setup.stages, step)
+    if current != stage:
+      stage = current
+      log(f"step {step}: stage {stage.index} starts, {stage.patch_side}x{stage.patch_side} patches, "
+          f"sequence length {npp.coarse_grid(gpt.grid_side(config.model), stage.patch_side) ** 2}")
+      if stage.patch_side not in steps_fns:
+        steps_fns[stage.patch_side] = make_train_step(setup, stage.patch_side)
+    batch = sharding.global_batch(next(batches), setup.mesh)
+    state, step_metrics = steps_fns[stage.patch_side](state, batch)
+    accumulated = step_metrics if accumulated is None else accumulated.merge(step_metrics)
+    done = step + 1
+    last = done == setup.total_steps
+    if done % config.train.log_every == 0 or last:
+      values = {k: float(v) for k, v in accumulated.compute().items()}
+      accumulated = None
+      _check_finite(values, done)
+      now = time.time()
+      values.update(_throughput(config, stage, done - last_log_step, now - last_log))
+      values.update(stage=stage.index, patch_side=stage.patch_side)
+      writer.scalars(done, values)
+      log(metrics_lib.progress_line(done, setup.total_steps, values, started, start))
+      last_log, last_log_step = now, done
+    stop = preemption.agreed() if (done % config.train.log_every == 0 or preemption.requested) else False
+    if done % config.train.checkpoint_every == 0 or last or stop:
+      _check_finite({"loss": float(step_metrics.compute()["loss"])}, done)
+      checkpoint.save(mngr, done, state, meta(done, stage))
+    if hooks and ((config.train.sample_every and done % config.train.sample_every == 0) or last):
+      for hook in hooks:
+        hook(done, state, setup)
+    if stop:
+      mngr.wait_until_finished()
+      log(f"SIGTERM: saved step {done}; exiting so the run can resume from it")
+      return state
+  if jax.process_index() == 0 and step + 1 >= setup.total_steps:
+    (epath.Path(mngr.directory).parent / DONE_FILE).write_text(f"{setup.total_steps}\n")
+  return state
+
+
+def _check_finite(values: dict[str, float], step: int) -> None:
+  bad = {k: v for k, v in values.items() if k in ("loss", "grad_norm") and not np.isfinite(v)}
+  if bad:
+    raise NonFiniteLossError(f"non-finite {', '.join(f'{k}={v}' for k, v in bad.items())} at step {step}; "
+                             "the last good checkpoint is kept (lower optim.lr or check the data)")
+
+
+def _throughput(config: ml_collections.ConfigDict, stage: npp.Stage, steps: int, seconds: float) -> dict:
+  seconds = max(seconds, 1e-9)
+  seq_len = npp.coarse_grid(gpt.grid_side(config.model), stage.patch_side) ** 2
+  batch = config.train.global_batch_size
+  flops = metrics_lib.train_flops_per_sequence(config.model, seq_len) * batch * steps / seconds
+  values = {"steps_per_s": steps / seconds, "tokens_per_s": steps * batch * seq_len / seconds,
+            "images_per_s": steps * batch / seconds, "tflops_per_s_per_device": flops / jax.device_count() / 1e12}
+  peak = metrics_lib.peak_flops(jax.devices()[0])
+  if peak:
+    values["mfu"] = flops / jax.device_count() / peak
+  return values
