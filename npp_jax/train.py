@@ -291,7 +291,9 @@ def _loop(setup: Setup, state: dict, start: int, data: pipeline.TrainInput, mngr
       writer.scalars(done, values)
       log(metrics_lib.progress_line(done, setup.total_steps, values, started, start))
       last_log, last_log_step = now, done
-    stop = preemption.agreed() if (done % config.train.log_every == 0 or preemption.requested) else False
+    # Every process must take the same decision at the same step: with several processes the flag is shared at
+    # log steps only (a collective that every process enters); a single process stops at once.
+    stop = preemption.agreed() if (jax.process_count() == 1 or done % config.train.log_every == 0) else False
     if done % config.train.checkpoint_every == 0 or last or stop:
       _check_finite({"loss": float(step_metrics.compute()["loss"])}, done)
       checkpoint.save(mngr, done, state, meta(done, stage))
