@@ -54,8 +54,8 @@ def restore_params(directory: str, abstract_params: Any, *, ema: bool = False, s
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {directory}/{CHECKPOINT_DIR}")
-  tree = mngr.item_metadata(step).state
-  key = "ema" if ema and tree.get("ema") is not None else "params"
+  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+  key = "ema" if ema and meta.get("has_ema") else "params"
   if ema and key == "params":
     print(f"note: {directory} has no EMA parameters; using the raw parameters", flush=True)
   target = {key: abstract_params}

@@ -58,6 +58,7 @@ class Rule:
     to_nnx: torch layout -> NNX layout.
     to_torch: the inverse of to_nnx.
     export_value: for a path-less rule, the value written on export (None: not written).
+    layer: for a parameter stacked over layers (the GPT's blocks), the slot this torch key fills.
   """
 
   torch_key: str
@@ -65,6 +66,7 @@ class Rule:
   to_nnx: Transform = _identity
   to_torch: Transform = _identity
   export_value: Callable[[], np.ndarray] | None = None
+  layer: int | None = None
 
 
 def _model_params(model: nnx.Module) -> dict[NnxPath, Any]:
@@ -73,8 +75,8 @@ def _model_params(model: nnx.Module) -> dict[NnxPath, Any]:
 
 def _check_rules_cover(rules: Sequence[Rule], params: dict[NnxPath, Any]):
   """A rule set must name every model parameter exactly once (a bug in the rules otherwise, not a user error)."""
-  paths = [r.path for r in rules if r.path is not None]
-  if sorted(map(str, paths)) != sorted(map(str, params)):
+  paths = {r.path for r in rules if r.path is not None}
+  if set(map(str, paths)) != set(map(str, params)):
     raise RuntimeError(f"conversion rules do not cover the model: rules without parameter "
                        f"{sorted(set(map(str, paths)) - set(map(str, params)))}, parameters without rule "
                        f"{sorted(set(map(str, params)) - set(map(str, paths)))}")
@@ -99,22 +101,29 @@ def import_params(model: nnx.Module, state_dict: dict[str, np.ndarray], rules: S
   by_key = {r.torch_key: r for r in rules}
   missing = [r.torch_key for r in rules if r.path is not None and r.torch_key not in state_dict]
   unexpected = [k for k in state_dict if k not in by_key]
-  misshaped, values = [], []
+  misshaped, values, stacked = [], [], {}
   for key, value in state_dict.items():
     rule = by_key.get(key)
     if rule is None or rule.path is None:
       continue
     param = params[rule.path]  # Concrete or abstract (nnx.eval_shape): only shape and dtype are used.
+    shape = param.shape if rule.layer is None else param.shape[1:]
     # The shape the model expects, in torch layout (a zero-stride view: no memory).
-    expected = rule.to_torch(np.broadcast_to(np.zeros((), param.dtype), param.shape)).shape
+    expected = rule.to_torch(np.broadcast_to(np.zeros((), param.dtype), shape)).shape
     if tuple(value.shape) != tuple(expected):
       misshaped.append(f"{key} (checkpoint {tuple(value.shape)}, model {tuple(expected)})")
       continue
-    values.append((rule.path, jnp.asarray(np.asarray(rule.to_nnx(value), dtype=param.dtype))))
+    converted = np.asarray(rule.to_nnx(value), dtype=param.dtype)
+    if rule.layer is None:
+      values.append((rule.path, jnp.asarray(converted)))
+    else:
+      stacked.setdefault(rule.path, {})[rule.layer] = converted
   problems = [f"{name} keys: {_name_keys(keys)}" for name, keys in
               (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
   if problems:
     raise ValueError(f"{source} does not match the model built from the config; " + "; ".join(problems))
+  for path, layers in stacked.items():
+    values.append((path, jnp.asarray(np.stack([layers[i] for i in range(len(layers))]))))
   nnx.update(model, nnx.from_flat_state(values))
 
 
@@ -125,10 +134,85 @@ def export_params(model: nnx.Module, rules: Sequence[Rule]) -> dict[str, np.ndar
   out = {}
   for rule in rules:
     if rule.path is not None:
-      out[rule.torch_key] = np.asarray(rule.to_torch(np.asarray(params[rule.path][...])), order="C")
+      value = np.asarray(params[rule.path][...])
+      value = value if rule.layer is None else value[rule.layer]
+      out[rule.torch_key] = np.asarray(rule.to_torch(value), order="C")
     elif rule.export_value is not None:
       out[rule.torch_key] = rule.export_value()
   return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The GPT (LlamaGen / NPP c2i checkpoints).
+
+
+def gpt_rules(model_cfg: ml_collections.ConfigDict) -> list[Rule]:
+  """LlamaGen Transformer state-dict names for the NNX GPT; per-layer keys fill slots of the stacked blocks.
+
+  Layouts: torch Linear weights are (out, in); the fused wqkv rows are [q; k; v], each head's head_dim rows
+  contiguous, which NNX keeps as (dim, 3, heads, head_dim); wo's input features are (heads, head_dim).
+  """
+  d, heads = model_cfg.dim, model_cfg.n_head
+  hd = d // heads
+  transpose = lambda w: w.T
+  rules = [
+      Rule("tok_embeddings.weight", ("tok_embeddings",)),
+      Rule("cls_embedding.embedding_table.weight", ("cls_embedding",)),
+      Rule("norm.weight", ("norm",)),
+      Rule("output.weight", ("output",), transpose, transpose),
+  ]
+  for i in range(model_cfg.n_layer):
+    layer = lambda key, name, to_nnx=_identity, to_torch=_identity: Rule(
+        f"layers.{i}.{key}", ("layers", name), to_nnx, to_torch, layer=i)
+    rules += [
+        layer("attention_norm.weight", "attention_norm"),
+        layer("ffn_norm.weight", "ffn_norm"),
+        layer("attention.wqkv.weight", "wqkv",
+              lambda w: w.reshape(3, heads, hd, d).transpose(3, 0, 1, 2),
+              lambda k: k.transpose(1, 2, 3, 0).reshape(3 * heads * hd, d)),
+        layer("attention.wo.weight", "wo",
+              lambda w: w.reshape(d, heads, hd).transpose(1, 2, 0),
+              lambda k: k.transpose(2, 0, 1).reshape(d, heads * hd)),
+        layer("feed_forward.w1.weight", "w1", transpose, transpose),
+        layer("feed_forward.w3.weight", "w3", transpose, transpose),
+        layer("feed_forward.w2.weight", "w2", transpose, transpose),
+    ]
+  return rules
+
+
+def gpt_from_torch(path: PathLike, model_cfg: ml_collections.ConfigDict, *, key: str | None = None):
+  """A GPT built from `model_cfg` with weights from a LlamaGen/NPP checkpoint (.pt/.pth/.bin or .safetensors).
+
+  `key` picks the container entry ("model" by default; "ema" for EMA weights); FSDP-consolidated raw state dicts
+  and DeepSpeed "module" containers are recognised. Every key must be used and every shape must fit the config.
+  """
+  from npp_jax.models import gpt  # pylint: disable=g-import-not-at-top
+
+  state_dict = torch_io.load_state_dict(path, key=key)
+  model = nnx.eval_shape(lambda: gpt.GPT(model_cfg, rngs=nnx.Rngs(0)))
+  import_params(model, state_dict, gpt_rules(model_cfg), source=str(path))
+  return model
+
+
+def gpt_to_torch(model) -> dict[str, np.ndarray]:
+  """A state dict that LlamaGen's `Transformer.load_state_dict` accepts strictly."""
+  return export_params(model, gpt_rules(model.cfg))
+
+
+def save_gpt(model, config: ml_collections.ConfigDict, directory: PathLike) -> None:
+  """Writes a model directory (config.json + a step-0 checkpoint holding only the parameters) that
+  `python -m npp_jax.main --config.init_from=DIR` fine-tunes from and `python -m npp_jax.sample` loads."""
+  from npp_jax import checkpoint  # pylint: disable=g-import-not-at-top
+
+  directory = str(pathlib.Path(directory).absolute())
+  if pathlib.Path(directory, checkpoint.CONFIG_FILE).exists():
+    raise FileExistsError(f"{directory} already holds a model; choose a new directory")
+  checkpoint.write_config(directory, config)
+  mngr = checkpoint.manager(directory, keep=1, async_save=False)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  checkpoint.save(mngr, 0, {"params": params}, {"step": 0, "converted_from": str(config.get("converted_from", ""))})
+  mngr.wait_until_finished()
+  mngr.close()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -262,40 +346,82 @@ def load_vq(vq_cfg: ml_collections.ConfigDict) -> vq_lib.VQModel:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# CLI: python -m npp_jax.convert vq --src FILE --config CONFIG --out DIR
+# CLI: python -m npp_jax.convert gpt|vq --src FILE --config CONFIG --out DIR [--key ema] [--config.x=y ...]
+#      python -m npp_jax.convert export --checkpoint DIR --out FILE.pt|.safetensors [--raw]
+
+USAGE = ("usage: python -m npp_jax.convert gpt|vq --src FILE --config CONFIG --out DIR [--key ema] "
+         "[--config.key=value ...]\n       python -m npp_jax.convert export --checkpoint DIR --out FILE "
+         "[--raw]")
 
 
-def main_vq(argv: Sequence[str]) -> int:
-  """Converts a LlamaGen VQ checkpoint into a `save_vq` directory. argv as sys.argv (program name first).
+def _convert_gpt(src: str, config: ml_collections.ConfigDict, out: str, key: str | None) -> str:
+  model = gpt_from_torch(src, config.model, key=key)
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.converted_from = str(src)
+  save_gpt(model, config, out)
+  return f"wrote {out}: {sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param))):,} parameters"
 
-  Flags: --src (torch .pt/.pth/.bin or .safetensors), --config (a config file with a `.vq` section; overrides
-  such as --config.vq.ch=32 apply), --out (new directory), --key (container entry, e.g. ema).
-  Returns the exit status; a user error prints one line to stderr.
-  """
+
+def _convert_vq(src: str, config: ml_collections.ConfigDict, out: str, key: str | None) -> str:
+  checksum = save_vq(vq_from_torch(src, config.vq, key=key), config.vq, out)
+  return f"wrote {out} (params checksum {checksum})"
+
+
+def _export(directory: str, out: str, raw: bool) -> str:
+  """A trained or converted model directory back to a PyTorch state dict ({"model": sd} unless raw)."""
+  from npp_jax import checkpoint  # pylint: disable=g-import-not-at-top
+
+  model, _ = checkpoint.load_model(directory, ema=False)
+  torch_io.save_state_dict(gpt_to_torch(model), out, container=None if raw else "model")
+  return f"wrote {out}"
+
+
+def main(argv: Sequence[str]) -> int:
+  """The CLI; argv as sys.argv. Returns the exit status; a user error prints one line to stderr."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
+  argv = list(argv)
+  if len(argv) < 2 or argv[1] not in ("gpt", "vq", "export"):
+    print(USAGE, file=sys.stderr)
+    return 2
+  command, argv = argv[1], [argv[0]] + argv[2:]
   fv = flags.FlagValues()
-  flags.DEFINE_string("src", None, "LlamaGen VQ checkpoint (.pt/.pth/.bin or .safetensors).", flag_values=fv)
-  flags.DEFINE_string("out", None, "Directory to write (params/ + config.json).", flag_values=fv)
+  flags.DEFINE_string("src", None, "LlamaGen/NPP checkpoint (.pt/.pth/.bin or .safetensors).", flag_values=fv)
+  flags.DEFINE_string("out", None, "Directory (gpt, vq) or file (export) to write.", flag_values=fv)
   flags.DEFINE_string("key", None, "Checkpoint container entry to read (e.g. ema); default model.", flag_values=fv)
+  flags.DEFINE_string("checkpoint", None, "Model directory to export.", flag_values=fv)
+  flags.DEFINE_bool("raw", False, "Export a bare state dict instead of {'model': ...}.", flag_values=fv)
   # sys_argv: config_flags finds the --config.* overrides there (it would read sys.argv otherwise).
-  config_flags.DEFINE_config_file("config", None, "Config file with a .vq section.", flag_values=fv,
-                                  sys_argv=list(argv))
+  config_flags.DEFINE_config_file("config", None, "Config file.", flag_values=fv, sys_argv=argv)
   try:
     try:
-      fv(list(argv))
+      fv(argv)
     except (KeyError, AttributeError) as e:  # ConfigDict's answer to an override of a field it does not have.
       raise ValueError(f"unknown config field {str(e).strip(chr(34))} in a --config override") from None
-    for name in ("src", "out", "config"):
+    required = ("checkpoint", "out") if command == "export" else ("src", "out", "config")
+    for name in required:
       if fv[name].value is None:
         raise ValueError(f"--{name} is required")
-    if "vq" not in fv.config:
-      raise ValueError(f"the config {fv['config'].config_filename} has no vq section")
-    model = vq_from_torch(fv.src, fv.config.vq, key=fv.key)
-    checksum = save_vq(model, fv.config.vq, fv.out)
+    if command == "export":
+      message = _export(fv.checkpoint, fv.out, fv.raw)
+    else:
+      section = "model" if command == "gpt" else "vq"
+      if section not in fv.config:
+        raise ValueError(f"the config {fv['config'].config_filename} has no {section} section")
+      message = (_convert_gpt if command == "gpt" else _convert_vq)(fv.src, fv.config, fv.out, fv.key)
   except (flags.Error, ValueError, OSError) as e:
     print("error: " + " ".join(str(e).split()), file=sys.stderr)  # One line, even for multi-line messages.
     return 1
-  print(f"wrote {fv.out} (params checksum {checksum})")
+  print(message)
   return 0
+
+
+def main_vq(argv: Sequence[str]) -> int:
+  """`python -m npp_jax.convert vq ...` with argv as sys.argv (program name first)."""
+  return main([argv[0], "vq", *argv[1:]])
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))

@@ -266,7 +266,8 @@ def _loop(setup: Setup, state: dict, start: int, data: pipeline.TrainInput, mngr
   accumulated: StepMetrics | None = None
   stage = None
   started, last_log, last_log_step = time.time(), time.time(), start
-  meta = lambda s, st: {"step": s, "stage": st.index, "patch_side": st.patch_side, "data": data.fingerprint}
+  meta = lambda s, st: {"step": s, "stage": st.index, "patch_side": st.patch_side, "data": data.fingerprint,
+                        "has_ema": "ema" in state}
   step = start
   for step in range(start, setup.total_steps):
     current = npp.stage_at(setup.stages, step)
