@@ -71,6 +71,8 @@ class Manifest:
   augmentation: str = ""
   source: dict[str, Any] = dataclasses.field(default_factory=dict)
   image_size: int = 0
+  augmentation_args: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. crop_range, extra_crop_range
+  skipped: list[int] = dataclasses.field(default_factory=list)  # source indices without a record (unreadable files)
 
   @property
   def seq_len(self) -> int:

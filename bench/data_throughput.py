@@ -1,0 +1,178 @@
+"""Data throughput: how fast `prepare` turns images into codes (and where the time goes).
+
+  python bench/data_throughput.py prepare --source=synthetic --augmentation=tencrop --image_size=256 --encoder=mean
+  python bench/data_throughput.py prepare --source=fashion_mnist --augmentation=pad_flip --image_size=32 \
+      --encoder=tiny --num_images=2000
+
+Measurements (one function each):
+  measure_host_views  decode + crop/flip on the host thread pool only (the usual bottleneck), images/s
+  measure_prepare     the whole `prepare_codes` run into a temporary directory (decode, views, encode, write), images/s
+
+Encoders: `mean` (block means: no model, isolates the host side), `tiny` (the reference's tiny VQ from
+../shared/fixtures, ch=32, downsample 2), `vq16` (the VQ-16 architecture; --vq_checkpoint for real weights,
+otherwise random init).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import functools
+import os
+import pathlib
+import sys
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from npp_jax.data import augment  # noqa: E402
+from npp_jax.data import prepare  # noqa: E402
+from npp_jax.data import sources  # noqa: E402
+
+FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+
+
+class FirstN(sources.Source):
+  """The first n examples of a source (a benchmark needs a fixed, small amount of work)."""
+
+  def __init__(self, source: sources.Source, n: int):
+    self.source, self.n = source, min(n, len(source))
+    self.class_names = source.class_names
+
+  def __len__(self):
+    return self.n
+
+  def label(self, index):
+    return self.source.label(index)
+
+  def load(self, index):
+    return self.source.load(index)
+
+  def fingerprint(self):
+    return f"{self.source.fingerprint()}:{self.n}"
+
+  def describe(self):
+    return {**self.source.describe(), "first_n": self.n}
+
+
+def synthetic_jpeg_folder(root: pathlib.Path, n: int, size=(500, 375), classes: int = 10) -> pathlib.Path:
+  """ImageNet-like JPEGs (typical 500x375, smooth content, quality 90) in `classes` folders."""
+  rng = np.random.default_rng(0)
+  for i in range(n):
+    folder = root / f"class{i % classes:03d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    coarse = rng.integers(0, 256, (size[1] // 16, size[0] // 16, 3), dtype=np.uint8)
+    Image.fromarray(coarse).resize(size, Image.BILINEAR).save(folder / f"{i:06d}.jpg", quality=90)
+  return root
+
+
+def make_encoder(name: str, image_size: int, vq_checkpoint: str = ""):
+  """(batch encoder for prepare_codes, vocab_size, grid)."""
+  if name == "mean":
+    grid, vocab = image_size // 16 or 1, 16384
+
+    def mean_codes(batch):
+      b = batch.shape[0]
+      blocks = batch.reshape(b, grid, image_size // grid, grid, image_size // grid, 3).mean(axis=(2, 4, 5))
+      return blocks.reshape(b, grid * grid).astype(np.int64) * 61 % vocab
+
+    return mean_codes, vocab, grid
+  from npp_jax import convert  # pylint: disable=g-import-not-at-top
+  from npp_jax.models import vq  # pylint: disable=g-import-not-at-top
+
+  cfg = vq.default_config()
+  cfg.image_size = image_size
+  if name == "tiny":
+    cfg.update(dict(codebook_size=64, encoder_ch_mult=(1, 2), decoder_ch_mult=(1, 2), z_channels=32, ch=32))
+    model = convert.vq_from_torch(FIXTURES / "llamagen_tiny" / "vq.pt", cfg)
+  elif name == "vq16":
+    if vq_checkpoint:
+      cfg.checkpoint = vq_checkpoint
+      model = convert.load_vq(cfg)
+    else:
+      from flax import nnx  # pylint: disable=g-import-not-at-top
+      model = vq.VQModel(cfg, rngs=nnx.Rngs(0))
+  else:
+    raise ValueError(f"unknown encoder {name!r}")
+  return prepare.device_encoder(vq.make_encode_fn(model)), cfg.codebook_size, vq.grid_size(cfg)
+
+
+def measure_host_views(source: sources.Source, *, augmentation: str, image_size: int, extra_crop_range: float = 0.0,
+                       num_threads: int = 0) -> dict[str, float]:
+  """Decode + views for every image of `source` on a thread pool, nothing else."""
+  view_fn = functools.partial(augment.make_views, augmentation=augmentation, image_size=image_size,
+                              extra_crop_range=extra_crop_range)
+  threads = num_threads or os.cpu_count() or 1
+  start = time.perf_counter()
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    views = sum(v.shape[0] for v in pool.map(lambda i: view_fn(source.load(i)), range(len(source))))
+  seconds = time.perf_counter() - start
+  return {"images": len(source), "views": views, "seconds": seconds, "images_per_s": len(source) / seconds,
+          "threads": threads}
+
+
+def measure_prepare(source: sources.Source, encoder, *, augmentation: str, image_size: int, vocab_size: int,
+                    grid: int, batch_size: int, extra_crop_range: float = 0.0, num_threads: int = 0,
+                    warmup: bool = True) -> dict[str, float]:
+  """A whole `prepare_codes` run into a temporary directory; the encoder is compiled first when `warmup`."""
+  if warmup:
+    np.asarray(encoder(np.zeros((batch_size, image_size, image_size, 3), np.uint8)))
+  with tempfile.TemporaryDirectory() as out:
+    summary = prepare.prepare_codes(
+        source, encoder, out, augmentation=augmentation, image_size=image_size, shard_size=max(1, len(source) // 4),
+        batch_size=batch_size, vocab_size=vocab_size, grid=grid, tokenizer_checksum="bench",
+        extra_crop_range=extra_crop_range, num_threads=num_threads, process_index=0, process_count=1,
+        progress=False)
+  return {"images": summary.images, "views": summary.images * summary.views, "seconds": summary.seconds,
+          "images_per_s": summary.images_per_s}
+
+
+def bench_prepare(args) -> None:
+  with tempfile.TemporaryDirectory() as tmp:
+    if args.source == "synthetic":
+      source = sources.ImageFolderSource(synthetic_jpeg_folder(pathlib.Path(tmp), args.num_images))
+    else:
+      cfg = sources.default_data_config()
+      cfg.update(dict(source=args.source, dir=args.data_dir, split=args.split))
+      source = FirstN(sources.make_source(cfg), args.num_images)
+    kw = dict(augmentation=args.augmentation, image_size=args.image_size, extra_crop_range=args.extra_crop_range,
+              num_threads=args.num_threads)
+    host = measure_host_views(source, **kw)
+    print(f"host decode+views: {host['images_per_s']:.1f} images/s ({host['views']} views of {host['images']} "
+          f"images in {host['seconds']:.2f} s, {host['threads']} threads)")
+    encoder, vocab, grid = make_encoder(args.encoder, args.image_size, args.vq_checkpoint)
+    batch = args.batch_size
+    if hasattr(encoder, "num_devices"):
+      batch = -(-batch // encoder.num_devices) * encoder.num_devices
+    full = measure_prepare(source, encoder, vocab_size=vocab, grid=grid, batch_size=batch, **kw)
+    print(f"prepare ({args.encoder} encoder, batch {batch}): {full['images_per_s']:.1f} images/s "
+          f"({full['views']} views in {full['seconds']:.2f} s); host-only / prepare = "
+          f"{host['images_per_s'] / full['images_per_s']:.2f}")
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="what", required=True)
+  p = sub.add_parser("prepare", help="images/s of python -m npp_jax.prepare")
+  p.add_argument("--source", default="synthetic", choices=["synthetic", "folder", "imagenet", "fashion_mnist"])
+  p.add_argument("--data_dir", default="")
+  p.add_argument("--split", default="train")
+  p.add_argument("--augmentation", default="tencrop", choices=sorted(augment.AUGMENTATIONS))
+  p.add_argument("--image_size", type=int, default=256)
+  p.add_argument("--extra_crop_range", type=float, default=0.0)
+  p.add_argument("--num_images", type=int, default=64)
+  p.add_argument("--encoder", default="mean", choices=["mean", "tiny", "vq16"])
+  p.add_argument("--vq_checkpoint", default="")
+  p.add_argument("--batch_size", type=int, default=64)
+  p.add_argument("--num_threads", type=int, default=0)
+  p.set_defaults(run=bench_prepare)
+  args = parser.parse_args()
+  args.run(args)
+
+
+if __name__ == "__main__":
+  main()
