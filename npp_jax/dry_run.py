@@ -18,20 +18,59 @@ from npp_jax import train
 from npp_jax.models import gpt
 
 # HBM per chip in GiB (vendor figures).
-HBM_GIB = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32}
+HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
 GPU_HBM_GIB = {"NVIDIA H100": 80, "NVIDIA H200": 141, "NVIDIA A100": 80}
 
 
-def topology_devices(topology: str) -> tuple[list, float | None]:
-  """The devices of a TPU slice named like v5p-64 (cores for v4/v5p, chips for v5e/v6e, as gcloud counts)."""
+# Generations whose slice names count TensorCores (two per chip, driven as one "megacore" device) and whose chips
+# form a 3D torus; the others count chips on a 2D torus.
+_MEGACORE_3D = ("v4", "v5p")
+
+
+def _torus(chips: int, dims: int) -> tuple[int, ...]:
+  """Splits a power-of-two chip count over `dims` torus axes as evenly as possible, larger axes last."""
+  if chips < 1 or chips & (chips - 1):
+    raise ValueError(f"a TPU slice has a power-of-two number of chips, got {chips}")
+  shape = [1] * dims
+  axis = dims - 1
+  while chips > 1:
+    shape[axis] *= 2
+    chips //= 2
+    axis = axis - 1 if axis > 0 else dims - 1
+  shape = sorted(shape)
+  # Slices below a full cube keep their unit axis last, as gcloud names them (v4-8 is 2x2x1).
+  return tuple(shape[1:] + shape[:1]) if dims == 3 and shape[0] == 1 else tuple(shape)
+
+
+def topology_name(accelerator: str) -> tuple[str, str]:
+  """gcloud's accelerator type (v5p-64, v5e-16, v4-8, v6e-8) -> (libtpu topology name, chip config)."""
+  try:
+    generation, count = accelerator.lower().split("-")
+    count = int(count)
+  except ValueError:
+    raise ValueError(f"mesh.topology must look like v5p-64 or v5e-16, got {accelerator!r}") from None
+  if generation in ("v5litepod", "v5lite"):
+    generation = "v5e"
+  if generation not in HBM_GIB:
+    raise ValueError(f"unknown TPU generation {generation!r} in {accelerator!r}; known: {sorted(HBM_GIB)}")
+  if generation in _MEGACORE_3D:
+    shape = _torus(max(count // 2, 1), 3)
+    return f"{generation}:{'x'.join(map(str, shape))}", "megacore"
+  return f"{generation}:{'x'.join(map(str, _torus(count, 2)))}", "default"
+
+
+def topology_devices(accelerator: str) -> tuple[list, float | None]:
+  """The devices of a TPU slice named as gcloud names it, compiled against libtpu on any host."""
+  name, chip_config = topology_name(accelerator)
   try:
     from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-    desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=name, chip_config_name=chip_config,
+                                        chips_per_host_bounds=(2, 2, 1), num_slices=1)
   except Exception as e:  # noqa: BLE001  (missing libtpu, unknown name: one sentence for the user)
-    raise ValueError(f"cannot compile for TPU topology {topology!r} ({str(e).splitlines()[0][:200]}); "
-                     "it needs libtpu: pip install 'jax[tpu]'") from None
-  generation = topology.split("-")[0]
-  return list(desc.devices), HBM_GIB.get(generation)
+    raise ValueError(f"cannot compile for TPU topology {accelerator!r} = {name} "
+                     f"({str(e).strip().splitlines()[0][:200]}); it needs libtpu: pip install -e '.[tpu]'"
+                     ) from None
+  return list(desc.devices), HBM_GIB[name.split(":")[0]]
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
