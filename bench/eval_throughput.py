@@ -1,0 +1,62 @@
+"""Throughput of the evaluation pipeline: Inception features (images/s), precision/recall and FID times.
+
+  python bench/eval_throughput.py [--image-size 256] [--batch-sizes 64,200] [--images 1000] [--pr-points 10000]
+
+Uses placeholder weights (speed does not depend on their values). Prints images/s per batch size at full float32
+matmul precision (what the evaluator uses) and at the backend's default precision (TF32 on recent GPUs), with their
+ratio, then the time of precision/recall on N x N random 2048-d features and of one 2048-d FID square root.
+"""
+
+import argparse
+import time
+
+import jax
+import numpy as np
+
+from npp_jax import evaluation
+from npp_jax.models import inception
+
+
+def images_per_second(precision, image_size: int, batch_size: int, num_images: int) -> float:
+  model = inception.InceptionV3(precision=precision)
+  fn = inception.make_feature_fn(model, outputs=("pool3", "spatial"))
+  batch = np.random.default_rng(0).integers(0, 256, (batch_size, image_size, image_size, 3), dtype=np.uint8)
+  jax.block_until_ready(fn(batch))  # Compile.
+  steps = max(1, num_images // batch_size)
+  start = time.perf_counter()
+  for _ in range(steps):
+    out = fn(batch)
+  jax.block_until_ready(out)
+  return steps * batch_size / (time.perf_counter() - start)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--image-size", type=int, default=256)
+  parser.add_argument("--batch-sizes", default="64,200")
+  parser.add_argument("--images", type=int, default=1000, help="images timed per setting")
+  parser.add_argument("--pr-points", type=int, default=10000, help="points per set for precision/recall")
+  args = parser.parse_args()
+  print(f"backend {jax.default_backend()}, {jax.device_count()} devices: {jax.devices()[0].device_kind}")
+  for batch_size in (int(b) for b in args.batch_sizes.split(",")):
+    full = images_per_second(jax.lax.Precision.HIGHEST, args.image_size, batch_size, args.images)
+    fast = images_per_second(jax.lax.Precision.DEFAULT, args.image_size, batch_size, args.images)
+    print(f"batch {batch_size}: {full:.1f} images/s (float32 HIGHEST), {fast:.1f} images/s (DEFAULT), "
+          f"ratio {fast / full:.2f}")
+
+  rng = np.random.default_rng(1)
+  ref = rng.random((args.pr_points, 2048), np.float32)
+  sample = rng.random((args.pr_points, 2048), np.float32)
+  evaluation.precision_recall(ref[:64], sample[:64])  # Warm-up (the full-size shapes still compile once).
+  start = time.perf_counter()
+  evaluation.precision_recall(ref, sample)
+  print(f"precision/recall, {args.pr_points} x {args.pr_points} points: {time.perf_counter() - start:.1f} s")
+
+  stats = evaluation.compute_statistics(ref[:4096])
+  start = time.perf_counter()
+  evaluation.frechet_distance(*stats, *evaluation.compute_statistics(sample[:4096]))
+  print(f"one FID (2048-d sqrtm): {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+  main()
