@@ -1,0 +1,303 @@
+"""Class-conditional sampling: one jitted decode loop over a static KV cache, with classifier-free guidance.
+
+Semantics follow LlamaGen's `autoregressive/models/generate.py` (the sampler NPP uses):
+
+- Token 0 comes from the prefill (the class embedding at sequence position 0); token t >= 1 from feeding token t-1 at
+  position t. A sample is block_size tokens in raster order.
+- Guidance (cfg_scale > 1) runs the conditional and the unconditional (null class) rows in one batched pass and mixes
+  the raw logits, `uncond + cfg_scale * (cond - uncond)`, before temperature. The sampled token is fed to both rows.
+  With cfg_interval = k >= 0, token t is guided only while t <= k + 1 (the reference's decode counter i = t - 1 stops
+  guiding once i > k; the prefill is always guided); later tokens use the conditional logits alone.
+- Then: divide by max(temperature, 1e-5); top-k keeps logits >= the k-th largest; top-p is Hugging Face's nucleus
+  filter as the reference uses it (sort descending, drop a token when the cumulative probability of the tokens
+  before it exceeds top_p, so the first token that crosses the threshold is kept); draw from the softmax, or take
+  the argmax when greedy.
+
+Randomness is per sample: sample i of a call draws its step-t token with
+`fold_in(fold_in(key, sample_offset + i), t)`. A sample therefore depends only on (key, its global index, its label,
+the settings), never on the batch size, on the other samples, or on how the batch is split over devices.
+
+The batch is sharded over a 1-D mesh of the given devices (padded to a multiple of their count); the parameters are
+replicated and cast once to the compute dtype. Logits stay float32; the KV cache uses the compute dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+_MIN_TEMPERATURE = 1e-5  # the reference's floor on the divisor
+_BATCH_AXIS = "batch"
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+  """What decides the sampled tokens (besides weights, labels and key).
+
+  cfg_scale: 1.0 means no guidance, > 1 guides. Values below 1 are refused: the reference silently treats every
+    value <= 1 as "no guidance" while the formula would mean something else (0 = unconditional), so neither reading
+    is safe to assume.
+  cfg_interval: -1 guides every token; k >= 0 guides tokens 0..k+1 only (the reference's rule).
+  temperature: > 0; 0 is refused unless greedy (use greedy=True for argmax decoding).
+  top_k: 0 keeps every token; otherwise 1..vocab_size.
+  top_p: in (0, 1]; 1 keeps every token.
+  greedy: argmax instead of drawing (temperature, top-k and top-p then do not matter).
+  """
+
+  cfg_scale: float = 1.0
+  cfg_interval: int = -1
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  greedy: bool = False
+
+  @property
+  def guided(self) -> bool:
+    return self.cfg_scale > 1.0
+
+  def validate(self, vocab_size: int | None = None) -> "SamplingSettings":
+    """Raises ValueError with one sentence on the first invalid setting; returns self."""
+    if not np.isfinite(self.cfg_scale) or self.cfg_scale < 0:
+      raise ValueError(f"cfg_scale must be a finite number >= 1 (1 = no guidance), got {self.cfg_scale}")
+    if self.cfg_scale < 1:
+      raise ValueError(f"cfg_scale {self.cfg_scale} is below 1: the reference treats any value <= 1 as no guidance, "
+                       "so use 1.0 for no guidance or a value > 1 to guide")
+    if int(self.cfg_interval) != self.cfg_interval or self.cfg_interval < -1:
+      raise ValueError(f"cfg_interval must be -1 (guide every token) or an integer >= 0, got {self.cfg_interval}")
+    if not np.isfinite(self.temperature) or self.temperature < 0:
+      raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
+    if self.temperature == 0 and not self.greedy:
+      raise ValueError("temperature 0 would divide the logits by zero; use greedy decoding (--greedy) for argmax")
+    if int(self.top_k) != self.top_k or self.top_k < 0 or (vocab_size is not None and self.top_k > vocab_size):
+      limit = f"between 0 and the vocabulary size {vocab_size}" if vocab_size is not None else ">= 0"
+      raise ValueError(f"top_k must be an integer {limit} (0 keeps every token), got {self.top_k}")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p must be in (0, 1] (1 keeps every token), got {self.top_p}")
+    return self
+
+
+def check_labels(labels: Any, num_classes: int) -> np.ndarray:
+  """The labels as a 1-D int32 array, or a ValueError if any lies outside [0, num_classes)."""
+  labels = np.asarray(labels)
+  if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"labels must be a non-empty 1-D list of integer class ids, got shape {labels.shape} "
+                     f"and dtype {labels.dtype}")
+  bad = labels[(labels < 0) | (labels >= num_classes)]
+  if bad.size:
+    raise ValueError(f"label {int(bad[0])} is not a class id in [0, {num_classes}) (the null class {num_classes} "
+                     "is used by guidance and cannot be requested)")
+  return labels.astype(np.int32)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Logit processing (pure, jittable).
+
+
+def guide(logits: jax.Array, cfg_scale: jax.Array, use_guidance: jax.Array) -> jax.Array:
+  """Interleaved rows (2B, V) = [cond_0, uncond_0, cond_1, ...] -> (B, V) guided (or conditional) logits."""
+  pairs = logits.reshape(-1, 2, logits.shape[-1])
+  cond, uncond = pairs[:, 0], pairs[:, 1]
+  return jnp.where(use_guidance, uncond + (cond - uncond) * cfg_scale, cond)
+
+
+def filter_logits(logits: jax.Array, temperature: jax.Array | float, top_k: int = 0,
+                  top_p: jax.Array | float | None = None) -> jax.Array:
+  """Temperature, then top-k, then top-p on (B, V) float32 logits; removed tokens get -inf.
+
+  top_k is static (0 = off). top_p=None skips the nucleus filter (the caller knows top_p == 1 statically).
+  Both filters cut at a logit value, so tokens tied with the last kept one are kept too (the reference keeps such
+  ties for top-k; for top-p its choice among ties depends on torch.sort's unspecified order).
+  """
+  logits = logits / jnp.maximum(temperature, _MIN_TEMPERATURE)
+  if top_k:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p is not None:
+    ordered = -jnp.sort(-logits, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(ordered, axis=-1), axis=-1)
+    # Kept tokens form a prefix of the sorted order: the first one, and each one whose predecessors sum to <= top_p.
+    kept = 1 + jnp.sum(cumulative[:, :-1] <= top_p, axis=-1, keepdims=True)
+    cutoff = jnp.take_along_axis(ordered, kept - 1, axis=-1)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return logits
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The decode loop.
+
+
+class _Static(NamedTuple):
+  """Settings that change the compiled program."""
+
+  guided: bool
+  top_k: int
+  use_top_p: bool
+  greedy: bool
+  mesh: Mesh
+
+
+def _constrain(x: jax.Array, mesh: Mesh, spec: P) -> jax.Array:
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def _decode_loop(model, labels, choose, *, guided, cfg_scale, cfg_interval, mesh, keep_logits=False):
+  """Runs prefill + block_size - 1 cached decode steps; `choose(logits (B, V), t) -> tokens (B,)` picks token t.
+
+  Returns (tokens (B, S) int32, logits (B, S, V) float32 or None).
+  """
+  cfg = model.cfg
+  seq_len = cfg.block_size
+  # Guidance rows are interleaved (cond, null) per sample, so a device's shard of the batch holds whole pairs.
+  rows = jnp.stack([labels, jnp.full_like(labels, model.null_class)], axis=1).reshape(-1) if guided else labels
+  cache = model.init_cache(rows.shape[0], max_len=seq_len)  # positions 0..S-1; the last token is never fed back
+  cache = jax.tree.map(lambda c: _constrain(c, mesh, P(None, _BATCH_AXIS)), cache)
+
+  def step_logits(logits, t):
+    logits = logits[:, -1]
+    if guided:
+      # The reference stops guiding once its decode counter (t - 1) exceeds cfg_interval.
+      logits = guide(logits, cfg_scale, (cfg_interval < 0) | (t <= cfg_interval + 1))
+    return logits
+
+  logits, cache = model.decode(model.class_embedding(rows), cache, 0)
+  first_logits = step_logits(logits, 0)
+  first = choose(first_logits, 0)
+
+  def body(carry, t):
+    cache, previous = carry
+    x = model.token_embedding(previous)
+    if guided:
+      x = jnp.repeat(x, 2, axis=0)  # the chosen token goes to both rows of its pair
+    logits, cache = model.decode(x[:, None], cache, t)
+    logits = step_logits(logits, t)
+    token = choose(logits, t)
+    return (cache, token), (token, logits if keep_logits else None)
+
+  _, (rest, rest_logits) = jax.lax.scan(body, (cache, first), jnp.arange(1, seq_len, dtype=jnp.int32))
+  tokens = jnp.concatenate([first[:, None], rest.T], axis=1).astype(jnp.int32)
+  if not keep_logits:
+    return tokens, None
+  return tokens, jnp.concatenate([first_logits[:, None], jnp.swapaxes(rest_logits, 0, 1)], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "static"))
+def _generate(graphdef, state, labels, sample_ids, key, cfg_scale, cfg_interval, temperature, top_p, *,
+              static: _Static):
+  model = nnx.merge(graphdef, state)
+  sample_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, sample_ids)
+  draw = jax.vmap(jax.random.categorical)
+
+  def choose(logits, t):
+    if static.greedy:
+      return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = filter_logits(logits, temperature, static.top_k, top_p if static.use_top_p else None)
+    step_keys = jax.vmap(jax.random.fold_in, (0, None))(sample_keys, t)
+    return draw(step_keys, logits).astype(jnp.int32)
+
+  tokens, _ = _decode_loop(model, labels, choose, guided=static.guided, cfg_scale=cfg_scale,
+                           cfg_interval=cfg_interval, mesh=static.mesh)
+  return tokens
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "guided", "mesh"))
+def _teacher_forced(graphdef, state, labels, tokens, cfg_scale, cfg_interval, *, guided: bool, mesh: Mesh):
+  model = nnx.merge(graphdef, state)
+  choose = lambda logits, t: jax.lax.dynamic_index_in_dim(tokens, t, axis=1, keepdims=False)
+  _, logits = _decode_loop(model, labels, choose, guided=guided, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
+                           mesh=mesh, keep_logits=True)
+  return logits
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Public entry points.
+
+
+class Sampler:
+  """A GPT prepared for sampling: split once, parameters cast to the compute dtype and replicated over `devices`.
+
+  Call it once per batch; compiled programs are cached per batch shape and static settings (guidance on/off, top_k,
+  top-p on/off, greedy), so a sweep over cfg_scale, temperature, top_p or cfg_interval does not recompile.
+  """
+
+  def __init__(self, model: nnx.Module, *, dtype: str | None = None, devices: Sequence[jax.Device] | None = None):
+    dtype = str(dtype or model.cfg.dtype)
+    if dtype not in COMPUTE_DTYPES:
+      raise ValueError(f"sampling dtype must be one of {COMPUTE_DTYPES}, got {dtype!r}")
+    self.cfg = model.cfg
+    self.dtype = dtype
+    graphdef, state = nnx.split(model)
+    if dtype != model.cfg.dtype:
+      # The compute dtype lives in the (static) config, so take the graph of an abstract twin that has it.
+      cfg = ml_collections.ConfigDict(model.cfg.to_dict())
+      cfg.dtype = dtype
+      graphdef = nnx.graphdef(nnx.eval_shape(lambda: type(model)(cfg, rngs=nnx.Rngs(0))))
+    cast = lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+    devices = list(devices) if devices is not None else jax.local_devices()
+    self.mesh = Mesh(np.asarray(devices), (_BATCH_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+    self._graphdef = graphdef
+    self._state = jax.device_put(jax.tree.map(cast, state), NamedSharding(self.mesh, P()))
+
+  @property
+  def num_devices(self) -> int:
+    return self.mesh.size
+
+  def _shard_batch(self, *arrays: np.ndarray) -> tuple[int, list[jax.Array]]:
+    """Pads the leading axis to a multiple of the device count (repeating row 0) and shards it."""
+    n = arrays[0].shape[0]
+    padded = -n % self.num_devices
+    sharding = NamedSharding(self.mesh, P(_BATCH_AXIS))
+    out = []
+    for a in arrays:
+      a = np.concatenate([a, np.repeat(a[:1], padded, axis=0)]) if padded else a
+      out.append(jax.device_put(a, sharding))
+    return n, out
+
+  def __call__(self, labels: Any, key: jax.Array, settings: SamplingSettings, *, sample_offset: int = 0) -> jax.Array:
+    """int32 tokens (B, block_size) for labels (B,); sample i uses key fold_in(key, sample_offset + i)."""
+    settings.validate(self.cfg.vocab_size)
+    labels = check_labels(labels, self.cfg.num_classes)
+    ids = sample_offset + np.arange(labels.shape[0], dtype=np.int64)
+    if sample_offset < 0 or ids[-1] > np.iinfo(np.uint32).max:
+      raise ValueError(f"sample_offset must keep sample indices in [0, 2**32), got offset {sample_offset}")
+    n, (labels, ids) = self._shard_batch(labels, ids.astype(np.uint32))
+    static = _Static(guided=settings.guided, top_k=int(settings.top_k), use_top_p=settings.top_p < 1,
+                     greedy=bool(settings.greedy), mesh=self.mesh)
+    tokens = _generate(self._graphdef, self._state, labels, ids, key, jnp.float32(settings.cfg_scale),
+                       jnp.int32(settings.cfg_interval), jnp.float32(settings.temperature),
+                       jnp.float32(settings.top_p), static=static)
+    return tokens[:n] if tokens.shape[0] != n else tokens
+
+  def teacher_forced_logits(self, labels: Any, tokens: Any, *, cfg_scale: float, cfg_interval: int = -1) -> jax.Array:
+    """float32 (B, block_size, V): the logits the sampler would see at each step if it had chosen `tokens`."""
+    settings = SamplingSettings(cfg_scale=cfg_scale, cfg_interval=cfg_interval).validate()
+    labels = check_labels(labels, self.cfg.num_classes)
+    tokens = np.asarray(tokens, np.int32)
+    if tokens.shape != (labels.shape[0], self.cfg.block_size):
+      raise ValueError(f"tokens must have shape {(labels.shape[0], self.cfg.block_size)}, got {tokens.shape}")
+    n, (labels, tokens) = self._shard_batch(labels, tokens)
+    logits = _teacher_forced(self._graphdef, self._state, labels, tokens, jnp.float32(cfg_scale),
+                             jnp.int32(cfg_interval), guided=settings.guided, mesh=self.mesh)
+    return logits[:n]
+
+
+def generate(model: nnx.Module, labels: Any, key: jax.Array, *, cfg_scale: float, cfg_interval: int = -1,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
+             sample_offset: int = 0, dtype: str | None = None,
+             devices: Sequence[jax.Device] | None = None) -> jax.Array:
+  """int32 tokens (B, block_size) for class labels (B,); see the module docstring for the semantics.
+
+  dtype: 'float32' or 'bfloat16' compute (default: the model config's); devices: the batch is sharded over them
+  (default: all local devices). For many batches build a `Sampler` once instead (it casts the parameters once).
+  """
+  settings = SamplingSettings(cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature, top_k=top_k,
+                              top_p=top_p, greedy=greedy)
+  return Sampler(model, dtype=dtype, devices=devices)(labels, key, settings, sample_offset=sample_offset)

@@ -1,0 +1,183 @@
+"""The sampler against LlamaGen's generate() fixtures, independent numpy filters, and its invariances."""
+
+import jax
+import numpy as np
+import pytest
+
+from npp_jax import config as config_lib
+from npp_jax import convert
+from npp_jax import sampling
+
+
+def _fixture_model_config():
+  cfg = config_lib.model_config("B")
+  cfg.update(dim=128, n_layer=2, n_head=4, vocab_size=512, num_classes=10, block_size=64, dtype="float32")
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def reference(fixtures_dir):
+  """(GPT with the fixture weights, gen_io arrays)."""
+  tiny = fixtures_dir / "llamagen_tiny"
+  model = convert.gpt_from_torch(tiny / "gpt.pt", _fixture_model_config())
+  return model, dict(np.load(tiny / "gen_io.npz"))
+
+
+@pytest.fixture(scope="module")
+def sampler(reference):
+  return sampling.Sampler(reference[0], dtype="float32")
+
+
+# -- parity with the reference ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cfg_scale, suffix", [(4.0, ""), (1.0, "_nocfg")])
+def test_teacher_forced_logits_match_reference(sampler, reference, cfg_scale, suffix):
+  _, gen = reference
+  logits = sampler.teacher_forced_logits(gen["labels"], gen["gen_tokens" + suffix], cfg_scale=cfg_scale)
+  np.testing.assert_allclose(np.asarray(logits), gen["gen_logits" + suffix], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("cfg_scale, suffix", [(4.0, ""), (1.0, "_nocfg")])
+def test_greedy_tokens_match_reference(reference, cfg_scale, suffix):
+  model, gen = reference
+  tokens = sampling.generate(model, gen["labels"], jax.random.key(0), cfg_scale=cfg_scale, greedy=True,
+                             temperature=0.0, dtype="float32")
+  np.testing.assert_array_equal(np.asarray(tokens), gen["gen_tokens" + suffix])
+
+
+def test_cfg_interval_guides_only_the_first_tokens(sampler, reference):
+  """With cfg_interval=k, tokens 0..k+1 see guided logits and later ones the conditional logits."""
+  model, gen = reference
+  k, labels, tokens = 5, gen["labels"], gen["gen_tokens"]
+  mixed = np.asarray(sampler.teacher_forced_logits(labels, tokens, cfg_scale=4.0, cfg_interval=k))
+  guided = np.asarray(sampler.teacher_forced_logits(labels, tokens, cfg_scale=4.0))
+  conditional = np.asarray(sampler.teacher_forced_logits(labels, tokens, cfg_scale=1.0))
+  np.testing.assert_array_equal(mixed[:, :k + 2], guided[:, :k + 2])
+  np.testing.assert_allclose(mixed[:, k + 2:], conditional[:, k + 2:], rtol=0, atol=1e-5)
+  assert np.abs(guided[:, k + 2:] - conditional[:, k + 2:]).max() > 1.0  # guidance does change those logits
+
+  # The sampler follows the same rule: its greedy path agrees with full guidance up to token k+1, then follows
+  # its own conditional-only logits.
+  out = np.asarray(sampling.generate(model, labels, jax.random.key(0), cfg_scale=4.0, cfg_interval=k, greedy=True,
+                                     dtype="float32"))
+  np.testing.assert_array_equal(out[:, :k + 2], tokens[:, :k + 2])
+  own = np.asarray(sampler.teacher_forced_logits(labels, out, cfg_scale=4.0, cfg_interval=k))
+  np.testing.assert_array_equal(out, own.argmax(-1))
+  assert (out != tokens).any()
+
+
+def test_bfloat16_stays_close_to_float32(reference):
+  model, gen = reference
+  logits = sampling.Sampler(model, dtype="bfloat16").teacher_forced_logits(gen["labels"], gen["gen_tokens"],
+                                                                            cfg_scale=4.0)
+  assert logits.dtype == np.float32
+  err = np.abs(np.asarray(logits) - gen["gen_logits"])
+  assert 0 < err.max() < 0.05 * np.abs(gen["gen_logits"]).max()  # bf16 does run (not identical), and is close
+
+
+# -- randomness ---------------------------------------------------------------------------------------------------
+
+
+def test_samples_do_not_depend_on_batch_size_or_devices(reference):
+  """Temperature sampling with guidance, top-k and top-p: batch 8 on 8 devices = batch 8, 2, 1 on one device."""
+  model, _ = reference
+  labels = np.array([3, 1, 4, 1, 5, 9, 2, 6])
+  settings = sampling.SamplingSettings(cfg_scale=2.0, temperature=1.3, top_k=200, top_p=0.95)
+  key = jax.random.key(42)
+  assert len(jax.devices()) == 8
+  all_devices = sampling.Sampler(model, dtype="float32")
+  one_device = sampling.Sampler(model, dtype="float32", devices=jax.devices()[:1])
+  reference_run = np.asarray(all_devices(labels, key, settings))
+  assert reference_run.shape == (8, 64)
+  assert len(np.unique(reference_run)) > 100  # really sampled, not a collapsed greedy path
+  assert len({row.tobytes() for row in reference_run[[1, 3]]}) == 2  # same label, different samples
+
+  np.testing.assert_array_equal(np.asarray(one_device(labels, key, settings)), reference_run)
+  pairs = [np.asarray(one_device(labels[i:i + 2], key, settings, sample_offset=i)) for i in range(0, 8, 2)]
+  np.testing.assert_array_equal(np.concatenate(pairs), reference_run)
+  for i in (0, 5):
+    single = np.asarray(one_device(labels[i:i + 1], key, settings, sample_offset=i))
+    np.testing.assert_array_equal(single[0], reference_run[i])
+  # 3 samples on 8 devices (padded to 8, padding dropped).
+  np.testing.assert_array_equal(np.asarray(all_devices(labels[2:5], key, settings, sample_offset=2)),
+                                reference_run[2:5])
+  assert not np.array_equal(np.asarray(one_device(labels, jax.random.key(43), settings)), reference_run)
+
+
+# -- logit filters against numpy ----------------------------------------------------------------------------------
+
+
+def _numpy_filter(logits, temperature, top_k, top_p):
+  """The reference's sample(): temperature, then top-k, then HF nucleus filtering (sort, shift, scatter)."""
+  logits = logits / max(temperature, 1e-5)
+  if top_k > 0:
+    kth = np.sort(logits, axis=-1)[:, -top_k][:, None]
+    logits = np.where(logits < kth, -np.inf, logits)
+  if top_p < 1.0:
+    order = np.argsort(-logits, axis=-1, kind="stable")
+    ordered = np.take_along_axis(logits, order, axis=-1)
+    probs = np.exp(ordered - ordered[:, :1])
+    probs /= probs.sum(-1, keepdims=True)
+    remove = np.cumsum(probs, axis=-1) > top_p
+    remove[:, 1:] = remove[:, :-1].copy()
+    remove[:, 0] = False
+    remove_original = np.zeros_like(remove)
+    np.put_along_axis(remove_original, order, remove, axis=-1)
+    logits = np.where(remove_original, -np.inf, logits)
+  return logits
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [
+    (1.0, 0, 1.0), (0.7, 5, 1.0), (1.0, 0, 0.8), (1.5, 20, 0.5), (0.5, 1, 0.9), (1.0, 50, 0.3), (2.0, 0, 0.999)])
+def test_filter_logits_matches_numpy(temperature, top_k, top_p):
+  logits = np.random.default_rng(0).normal(size=(6, 50)).astype(np.float32) * 3
+  ours = np.asarray(sampling.filter_logits(logits, temperature, top_k, top_p if top_p < 1 else None))
+  expected = _numpy_filter(logits, temperature, top_k, top_p)
+  np.testing.assert_array_equal(np.isinf(ours), np.isinf(expected))
+  np.testing.assert_allclose(ours[np.isfinite(ours)], expected[np.isfinite(expected)], rtol=1e-6)
+
+
+def test_top_p_keeps_the_token_that_crosses_the_threshold():
+  logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
+  kept = lambda p: np.isfinite(np.asarray(sampling.filter_logits(logits, 1.0, 0, p))).sum()
+  assert [kept(0.2), kept(0.6), kept(0.85), kept(0.97)] == [1, 2, 3, 4]
+
+
+def test_guide_mixes_raw_logits():
+  rng = np.random.default_rng(1)
+  cond, uncond = rng.normal(size=(2, 3, 7)).astype(np.float32)
+  rows = np.stack([cond, uncond], axis=1).reshape(6, 7)
+  np.testing.assert_allclose(np.asarray(sampling.guide(rows, 2.5, True)), uncond + 2.5 * (cond - uncond), rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(sampling.guide(rows, 2.5, False)), cond)
+
+
+# -- validation ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-1.0), "temperature must be"),
+    (dict(temperature=0.0), "use greedy"),
+    (dict(cfg_scale=-2.0), "cfg_scale must be"),
+    (dict(cfg_scale=0.5), "treats any value <= 1 as no guidance"),
+    (dict(top_k=-1), "top_k must be"),
+    (dict(top_k=513), "vocabulary size 512"),
+    (dict(top_p=0.0), "top_p must be in"),
+    (dict(top_p=1.5), "top_p must be in"),
+    (dict(cfg_interval=-2), "cfg_interval must be"),
+])
+def test_invalid_settings_are_refused(reference, kwargs, message):
+  model, _ = reference
+  with pytest.raises(ValueError, match=message):
+    sampling.generate(model, [1], jax.random.key(0), **{"cfg_scale": 1.0, **kwargs})
+
+
+@pytest.mark.parametrize("labels", [[10], [-1], [0, 11]])
+def test_labels_outside_the_classes_are_refused(reference, labels):
+  with pytest.raises(ValueError, match=r"not a class id in \[0, 10\)"):
+    sampling.generate(reference[0], labels, jax.random.key(0), cfg_scale=2.0)
+
+
+def test_unknown_dtype_is_refused(reference):
+  with pytest.raises(ValueError, match="dtype must be one of"):
+    sampling.Sampler(reference[0], dtype="float16")
