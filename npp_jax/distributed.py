@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import threading
 
 import jax
 
@@ -27,11 +29,19 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     raise StartupError("--coordinator needs --num_processes and --process_id")
   if jax.config.jax_platforms in ("cpu",) or os.environ.get("JAX_PLATFORMS", "") == "cpu":
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
+  # A missing process makes the runtime abort from C++ when its own deadline passes, which Python cannot catch.
+  # A watchdog with a shorter deadline ends the process first, with a sentence the user can act on.
+  where = coordinator or "the auto-detected coordinator"
+  message = (f"error: could not join the multi-process run at {where} within {timeout_s} s: a process is "
+             "missing or the coordinator is unreachable (start every process, check host:port and firewalls)")
+  watchdog = threading.Timer(timeout_s, lambda: (print(message, file=sys.stderr, flush=True), os._exit(1)))
+  watchdog.daemon = True
+  watchdog.start()
   try:
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
-                               initialization_timeout=timeout_s)
+                               initialization_timeout=timeout_s + 30)
   except Exception as e:  # noqa: BLE001  (the runtime raises assorted types; the user needs one sentence)
-    where = coordinator or "the auto-detected coordinator"
-    raise StartupError(f"could not join the multi-process run at {where} within {timeout_s} s "
-                       f"(is every process started, and the coordinator reachable?): {str(e).splitlines()[0]}"
+    raise StartupError(f"could not join the multi-process run at {where}: {str(e).strip().splitlines()[0]}"
                        ) from None
+  finally:
+    watchdog.cancel()

@@ -89,10 +89,20 @@ def run(config: ml_collections.ConfigDict) -> dict:
   grid = gpt.grid_side(config.model)
   for patch_side in sorted({s.patch_side for s in setup.stages}):
     step = train.make_train_step(setup, patch_side)
-    compiled = step.lower(setup.abstract_state, train.abstract_batch(setup)).compile()
-    memory = compiled.memory_analysis()
     seq = npp.coarse_grid(grid, patch_side) ** 2
     flops = metrics_lib.train_flops_per_sequence(config.model, seq) * config.train.global_batch_size
+    try:
+      compiled = step.lower(setup.abstract_state, train.abstract_batch(setup)).compile()
+    except jax.errors.JaxRuntimeError as e:
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      # The TPU compiler refuses programs that cannot fit: that is the answer the user asked for.
+      reason = str(e).split("RESOURCE_EXHAUSTED:")[-1].strip().splitlines()[0]
+      print(f"patch side {patch_side} (sequence {seq}): {flops / 1e12:.2f} TFLOPs per step (model), "
+            f"DOES NOT FIT: {reason}", flush=True)
+      report["stages"][patch_side] = {"tflops_per_step": flops / 1e12, "fits": False, "reason": reason}
+      continue
+    memory = compiled.memory_analysis()
     gib = lambda b: b / 2**30
     args, temp, out = memory.argument_size_in_bytes, memory.temp_size_in_bytes, memory.output_size_in_bytes
     alias = memory.alias_size_in_bytes
