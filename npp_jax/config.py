@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import ml_collections
 
+from npp_jax.data import sources
+from npp_jax.models import vq
+
 # LlamaGen's GPT sizes: (n_layer, n_head, dim). Head dim is 64 for all of them.
 GPT_SIZES = {
     "B": (12, 12, 768),
@@ -83,13 +86,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every = 100
   c.train.checkpoint_every = 5000
   c.train.keep_checkpoints = 3
-  c.train.sample_every = 0  # 0: only at the end (when sampling is possible)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one entry may be -1 for "the remaining devices"
   c.mesh.topology = ""  # e.g. v5p-64 with --dry_run: compile for a TPU slice (needs libtpu)
 
-  c.data = ml_collections.ConfigDict()
+  # The training input, plus (source, dir, augmentation, ...) what `python -m npp_jax.prepare` reads. With
+  # kind=codes and no codes_dir, the trainer prepares WORKDIR/codes from the source itself (small datasets).
+  c.data = sources.default_data_config()
+  c.data.source = ""
   c.data.kind = "codes"  # codes (pre-extracted with npp_jax.prepare) | synthetic
   c.data.codes_dir = ""
   c.data.tokenizer_checksum = ""  # if set, codes made by another tokenizer are refused
@@ -97,6 +102,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.read_threads = 4
   c.data.worker_count = 0
   c.data.prefetch = 2
+
+  # The tokenizer that decodes samples (and, for auto-prepared codes, encodes the data); empty checkpoint: none.
+  c.vq = vq.default_config()
+
+  # Training-time samples and metrics (needs vq.checkpoint): a grid with one row per class, and a metric.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every = 0  # steps between samples + metric; 0: only at the end
+  c.eval.grid_columns = 8
+  c.eval.num_samples = 1000  # for the metric
+  c.eval.batch_size = 250
+  c.eval.classifier = ""  # 'fashion': the shipped Fashion-MNIST classifier's FD and label agreement
+  c.eval.inception = ""  # pytorch-fid Inception weights, for FID on the samples against eval.reference
+  c.eval.reference = ""  # an ADM-style reference batch .npz
 
   c.sample = ml_collections.ConfigDict()
   c.sample.cfg_scale = 2.0

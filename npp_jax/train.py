@@ -204,15 +204,17 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding.Mesh | None = None,
-        hooks: tuple[Callable[..., None], ...] = ()) -> dict:
-  """Trains (or resumes) in `workdir`; returns the final state. `hooks` are called as hook(step, state, setup)
-  at sample intervals and at the end (the sampler registers one)."""
+def run(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding.Mesh | None = None) -> dict:
+  """Trains (or resumes) in `workdir`; returns the final state."""
   mesh = mesh or sharding.make_mesh(config.mesh.shape)
+  tokenizer = _load_tokenizer(config)
+  codes_dir = _codes_dir(config, workdir, tokenizer)
+  checksum = config.data.tokenizer_checksum or (tokenizer[1] if tokenizer else "")
   spec = pipeline.InputSpec(config.model.vocab_size, gpt.grid_side(config.model), config.model.num_classes,
-                            config.data.tokenizer_checksum)
+                            checksum)
   data = pipeline.TrainInput(config.data, spec, global_batch=config.train.global_batch_size, seed=config.seed,
-                             process_index=jax.process_index(), process_count=jax.process_count())
+                             process_index=jax.process_index(), process_count=jax.process_count(),
+                             codes_dir=codes_dir)
   setup = build(config, mesh, data.num_images)
   log(f"mesh: {dict(mesh.shape)} over {mesh.devices.size} devices ({jax.process_count()} processes), "
       f"{jax.devices()[0].device_kind}")
@@ -226,15 +228,47 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding.M
   mngr = checkpoint.manager(workdir, keep=config.train.keep_checkpoints)
   state, start = _initial_state(setup, mngr, data.fingerprint)
   writer = metrics_lib.Writer(workdir)
+  watcher = None
+  if tokenizer:
+    from npp_jax import monitor  # pylint: disable=g-import-not-at-top
+    watcher = monitor.Monitor(config, workdir, writer, setup.graphdef, tokenizer[0])
   preemption = _Preemption()
   try:
-    state = _loop(setup, state, start, data, mngr, writer, preemption, hooks)
+    state = _loop(setup, state, start, data, mngr, writer, preemption, watcher)
   finally:
     preemption.restore()
     mngr.wait_until_finished()
     mngr.close()
     writer.close()
   return state
+
+
+def _load_tokenizer(config: ml_collections.ConfigDict):
+  """(VQ model, its checksum), or None when the config names no tokenizer."""
+  if "vq" not in config or not config.vq.checkpoint:
+    return None
+  from npp_jax import convert  # pylint: disable=g-import-not-at-top
+  from npp_jax.models import vq  # pylint: disable=g-import-not-at-top
+  model = convert.load_vq(config.vq)
+  if config.vq.codebook_size != config.model.vocab_size:
+    raise ValueError(f"the tokenizer has {config.vq.codebook_size} codes but model.vocab_size="
+                     f"{config.model.vocab_size}")
+  return model, vq.params_checksum(model)
+
+
+def _codes_dir(config: ml_collections.ConfigDict, workdir: str, tokenizer) -> str | None:
+  """The codes to train on; small datasets (data.source set, no codes_dir) are prepared into WORKDIR/codes."""
+  if config.data.kind != "codes" or config.data.codes_dir or not config.data.source:
+    return None
+  codes = str(epath.Path(workdir) / "codes")
+  if (epath.Path(codes) / "manifest.json").exists():
+    return codes
+  if tokenizer is None:
+    raise ValueError("data.source is set but vq.checkpoint is empty: preparing codes needs the tokenizer")
+  from npp_jax import prepare  # pylint: disable=g-import-not-at-top
+  log(f"preparing {config.data.source} codes into {codes} (once; later runs reuse them)")
+  prepare.run(config, codes)
+  return codes
 
 
 def _initial_state(setup: Setup, mngr, fingerprint: str) -> tuple[dict, int]:
@@ -259,7 +293,7 @@ def _initial_state(setup: Setup, mngr, fingerprint: str) -> tuple[dict, int]:
 
 
 def _loop(setup: Setup, state: dict, start: int, data: pipeline.TrainInput, mngr, writer, preemption,
-          hooks) -> dict:
+          watcher) -> dict:
   config = setup.config
   steps_fns: dict[int, Callable] = {}
   batches = data.iterator(start_batch=start)
@@ -298,9 +332,10 @@ def _loop(setup: Setup, state: dict, start: int, data: pipeline.TrainInput, mngr
     if done % config.train.checkpoint_every == 0 or last or stop:
       _check_finite({"loss": float(step_metrics.compute()["loss"])}, done)
       checkpoint.save(mngr, done, state, meta(done, stage))
-    if hooks and ((config.train.sample_every and done % config.train.sample_every == 0) or last):
-      for hook in hooks:
-        hook(done, state, setup)
+    if watcher and ((config.eval.every and done % config.eval.every == 0) or last):
+      values = watcher(done, state.get("ema", state["params"]))
+      if values:
+        log(f"step {done}: " + " ".join(f"{k}={v:.4g}" for k, v in values.items()))
     if stop:
       mngr.wait_until_finished()
       log(f"SIGTERM: saved step {done}; exiting so the run can resume from it")
