@@ -73,10 +73,10 @@ def _make_metric(eval_cfg: ml_collections.ConfigDict) -> Callable[[np.ndarray, n
   if eval_cfg.classifier == "fashion":
     from npp_jax import online_eval  # pylint: disable=g-import-not-at-top
 
-    model, reference = online_eval.load_default()
+    evaluator = online_eval.Evaluator()  # loaded and compiled once for the whole run
 
     def classifier_metric(samples: np.ndarray, labels: np.ndarray) -> dict:
-      result = online_eval.classifier_metrics(samples, labels, model=model, reference=reference)
+      result = evaluator(samples, labels)
       return {"fd": float(result["fd"]), "agreement": float(result["agreement"])}
 
     return classifier_metric
