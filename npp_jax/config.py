@@ -5,6 +5,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import pathlib
+
 import ml_collections
 
 from npp_jax.data import sources
@@ -124,3 +127,16 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.init_from = ""  # a converted or trained checkpoint directory to start from (fine-tuning)
   return c
+
+
+def load_file(path: str) -> ml_collections.ConfigDict:
+  """Imports a config file and returns its get_config()."""
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise FileNotFoundError(f"config file {path} does not exist")
+  spec = importlib.util.spec_from_file_location(f"_npp_config_{file.stem}", file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"config file {path} defines no get_config()")
+  return module.get_config()

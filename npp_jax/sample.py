@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import math
 import pathlib
 import sys
@@ -24,6 +23,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from npp_jax import config as config_lib
 from npp_jax import images as image_io
 from npp_jax import sampling
 
@@ -123,19 +123,6 @@ def run(model: nnx.Module, vq_decode_fn: Callable[[jax.Array], jax.Array], label
 # Command line.
 
 
-def load_config_file(path: str) -> ml_collections.ConfigDict:
-  """Imports a config file and returns its get_config()."""
-  file = pathlib.Path(path)
-  if not file.is_file():
-    raise FileNotFoundError(f"config file {path} does not exist")
-  spec = importlib.util.spec_from_file_location(f"_npp_config_{file.stem}", file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ValueError(f"config file {path} defines no get_config()")
-  return module.get_config()
-
-
 def check_tokenizer_fits(model_cfg: ml_collections.ConfigDict, vq_cfg: ml_collections.ConfigDict, grid: int) -> None:
   """A ValueError unless the GPT's tokens are the tokenizer's codes (same vocabulary, same grid)."""
   if model_cfg.vocab_size != vq_cfg.codebook_size:
@@ -191,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, path in (("checkpoint", args.checkpoint), ("VQ checkpoint", args.vq)):
       if not pathlib.Path(path).exists():
         raise FileNotFoundError(f"{name} {path} does not exist")
-    config = load_config_file(args.config) if args.config else None
+    config = config_lib.load_file(args.config) if args.config else None
 
     # Heavy imports only once the arguments are known to be sane.
     from npp_jax import checkpoint, convert  # pylint: disable=g-import-not-at-top

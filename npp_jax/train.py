@@ -330,7 +330,7 @@ def _loop(setup: Setup, state: dict, start: int, data: pipeline.TrainInput, mngr
     # log steps only (a collective that every process enters); a single process stops at once.
     stop = preemption.agreed() if (jax.process_count() == 1 or done % config.train.log_every == 0) else False
     if done % config.train.checkpoint_every == 0 or last or stop:
-      _check_finite({"loss": float(step_metrics.compute()["loss"])}, done)
+      _check_finite({k: float(v) for k, v in step_metrics.compute().items()}, done)
       checkpoint.save(mngr, done, state, meta(done, stage))
     if watcher and ((config.eval.every and done % config.eval.every == 0) or last):
       values = watcher(done, state.get("ema", state["params"]))

@@ -114,9 +114,9 @@ def check_compatible(manifest: Manifest, *, vocab_size: int, grid: int, num_clas
                     f"is {grid * grid} ({grid}x{grid})")
   if manifest.num_classes > num_classes:
     problems.append(f"the codes have {manifest.num_classes} classes but the model has num_classes={num_classes}")
-  if tokenizer_checksum and manifest.tokenizer_checksum and manifest.tokenizer_checksum != tokenizer_checksum:
-    problems.append(f"the codes were made by tokenizer {manifest.tokenizer_checksum[:12]} but the config names "
-                    f"tokenizer {tokenizer_checksum[:12]}")
+  if tokenizer_checksum and manifest.tokenizer_checksum != tokenizer_checksum:
+    problems.append(f"the codes were made by tokenizer {manifest.tokenizer_checksum[:12] or '(unrecorded)'} but "
+                    f"the config names tokenizer {tokenizer_checksum[:12]}")
   if problems:
     raise ValueError(f"codes{(' in ' + where) if where else ''} do not fit the config: " + "; ".join(problems))
 

@@ -1,0 +1,249 @@
+"""The GPT: parameter counts, the 2D RoPE table and rotation, parity with LlamaGen's PyTorch GPT (fixtures)."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from npp_jax import config as config_lib
+from npp_jax import npp
+from npp_jax import torch_io
+from npp_jax.models import gpt
+from npp_jax.models import rope
+
+# LlamaGen's Table 1 / the reference's exact c2i counts (1001-row class table, untied 16384-way head).
+REFERENCE_PARAMETERS = {"B": 110_888_448, "L": 342_910_976, "XL": 774_699_520, "XXL": 1_410_972_672}
+
+# gpt_io.npz names NPP outputs by tokens per patch (k^2); the model takes the patch side k.
+FIXTURE_SUFFIX = {1: "", 2: "_p4", 4: "_p16", 8: "_p64"}
+LOSS_KEY = {1: "loss_p1", 2: "loss_p4", 4: "loss_p16", 8: "loss_p64"}
+
+
+def fixture_model_config(scan_layers: bool = True):
+  cfg = config_lib.model_config("B")
+  cfg.update(dim=128, n_layer=2, n_head=4, vocab_size=512, num_classes=10, block_size=64, dtype="float32",
+             scan_layers=scan_layers)
+  return cfg
+
+
+def params_from_reference(sd: dict[str, np.ndarray], cfg) -> dict:
+  """The NNX parameter dict of a reference state dict, by the layout mapping of the spec (independent of convert)."""
+  n, d, h = cfg.n_layer, cfg.dim, cfg.n_head
+  hd = d // h
+  st = lambda key: np.stack([sd[f"layers.{i}.{key}"] for i in range(n)])
+  return {
+      "tok_embeddings": sd["tok_embeddings.weight"],
+      "cls_embedding": sd["cls_embedding.embedding_table.weight"],
+      "norm": sd["norm.weight"],
+      "output": sd["output.weight"].T,
+      "layers": {
+          "attention_norm": st("attention_norm.weight"),
+          "ffn_norm": st("ffn_norm.weight"),
+          "wqkv": st("attention.wqkv.weight").reshape(n, 3, h, hd, d).transpose(0, 4, 1, 2, 3),
+          "wo": st("attention.wo.weight").reshape(n, d, h, hd).transpose(0, 2, 3, 1),
+          "w1": st("feed_forward.w1.weight").transpose(0, 2, 1),
+          "w3": st("feed_forward.w3.weight").transpose(0, 2, 1),
+          "w2": st("feed_forward.w2.weight").transpose(0, 2, 1),
+      },
+  }
+
+
+def model_with_params(cfg, params: dict) -> gpt.GPT:
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: gpt.GPT(cfg, rngs=nnx.Rngs(0))))
+  return nnx.merge(graphdef, jax.tree.map(jnp.asarray, params))
+
+
+def fresh_model(cfg, seed: int = 0) -> gpt.GPT:
+  """A newly initialised GPT, initialised under jit (eager initialisation dispatches op by op, slowly)."""
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: gpt.GPT(cfg, rngs=nnx.Rngs(0))))
+  params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(gpt.GPT(cfg, rngs=nnx.Rngs(seed)), nnx.Param)))()
+  return nnx.merge(graphdef, params)
+
+
+@functools.partial(jax.jit, static_argnames=("patch_side", "deterministic"))
+def forward(model, tokens, labels, dropout_rng=None, *, patch_side=1, deterministic=True):
+  """The training-path forward, compiled (one compilation per model structure and patch side)."""
+  return model(tokens, labels, patch_side=patch_side, deterministic=deterministic, dropout_rng=dropout_rng)
+
+
+@jax.jit
+def decode_full_sequence(model, tokens, labels):
+  """Eval-mode logits after [class token, every token]: one decode call over the whole sequence from position 0."""
+  x = jnp.concatenate([model.class_embedding(labels), model.token_embedding(tokens)], axis=1)
+  logits, _ = model.decode(x, model.init_cache(tokens.shape[0]), jnp.int32(0))
+  return logits
+
+
+@pytest.fixture(scope="module")
+def reference(fixtures_dir):
+  """(state dict of gpt.pt, arrays of gpt_io.npz)."""
+  tiny = fixtures_dir / "llamagen_tiny"
+  return torch_io.load_state_dict(tiny / "gpt.pt"), dict(np.load(tiny / "gpt_io.npz"))
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["scan", "unrolled"])
+def fixture_model(request, reference):
+  cfg = fixture_model_config(scan_layers=request.param)
+  return model_with_params(cfg, params_from_reference(reference[0], cfg))
+
+
+# -- parameter counts ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", sorted(REFERENCE_PARAMETERS))
+def test_parameter_count_matches_llamagen(size):
+  assert gpt.num_parameters(config_lib.model_config(size)) == REFERENCE_PARAMETERS[size]
+
+
+def test_parameter_count_equals_the_built_model():
+  cfg = config_lib.model_config("B")
+  abstract = nnx.eval_shape(lambda: gpt.GPT(cfg, rngs=nnx.Rngs(0)))
+  leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
+  assert sum(math.prod(leaf.shape) for leaf in leaves) == REFERENCE_PARAMETERS["B"]
+  assert all(leaf.dtype == jnp.float32 for leaf in leaves)  # parameters stay float32 whatever the compute dtype
+
+
+def test_fixture_model_count(reference):
+  sd, _ = reference
+  assert gpt.num_parameters(fixture_model_config()) == sum(v.size for v in sd.values()) == 657_408
+
+
+# -- RoPE -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("grid, head_dim", [(4, 32), (8, 16), (2, 64)])
+def test_rope_table_matches_the_formula(grid, head_dim):
+  cos, sin = rope.rope_table(grid, head_dim)
+  half, freqs = head_dim // 2, head_dim // 4
+  assert cos.shape == sin.shape == (1 + grid * grid, half)
+  # The class token's row is all zeros, cos included: its q and k vanish in every layer.
+  assert not cos[0].any() and not sin[0].any()
+  w = [10000.0 ** (-2 * i / half) for i in range(freqs)]
+  for r in range(grid):
+    for c in range(grid):
+      angles = np.array([r * wi for wi in w] + [c * wi for wi in w])
+      np.testing.assert_allclose(cos[1 + r * grid + c], np.cos(angles), rtol=0, atol=1e-6)
+      np.testing.assert_allclose(sin[1 + r * grid + c], np.sin(angles), rtol=0, atol=1e-6)
+
+
+def test_rope_table_refuses_head_dim_not_divisible_by_4():
+  with pytest.raises(ValueError, match="head_dim"):
+    rope.rope_table(4, 30)
+
+
+def test_apply_rope_rotates_interleaved_pairs():
+  rng = np.random.default_rng(0)
+  b, t, n, d = 2, 5, 3, 8
+  x = rng.normal(size=(b, t, n, d)).astype(np.float32)
+  angles = rng.uniform(-np.pi, np.pi, size=(1, t, d // 2)).astype(np.float32)
+  out = np.asarray(rope.apply_rope(jnp.asarray(x), jnp.cos(angles), jnp.sin(angles)))
+  # Pair j = (x[2j], x[2j+1]) is the complex number x[2j] + i x[2j+1], multiplied by exp(i angle_j).
+  z = (x[..., 0::2] + 1j * x[..., 1::2]) * np.exp(1j * angles[:, :, None, :])
+  expected = np.stack([z.real, z.imag], axis=-1).reshape(b, t, n, d)
+  np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5)
+
+
+def test_class_token_row_zeroes_queries_and_keys():
+  cos, sin = rope.rope_table(4, 16)
+  x = jnp.ones((1, 2, 2, 16))
+  out = np.asarray(rope.apply_rope(x, jnp.asarray(cos[None, :2]), jnp.asarray(sin[None, :2])))
+  assert not out[:, 0].any()  # class token (row 0): zero
+  np.testing.assert_allclose(out[:, 1], 1.0, atol=1e-6)  # first image token (row 1 = cell (0, 0)): angle 0
+
+
+# -- parity with LlamaGen / NPP ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("patch_side", [1, 2, 4, 8])
+def test_logits_and_losses_match_the_reference(fixture_model, reference, patch_side):
+  _, io = reference
+  logits = forward(fixture_model, jnp.asarray(io["tokens"]), jnp.asarray(io["labels"]), patch_side=patch_side)
+  expected = io["logits" + FIXTURE_SUFFIX[patch_side]]
+  assert logits.dtype == jnp.float32 and logits.shape == expected.shape
+  np.testing.assert_allclose(np.asarray(logits), expected, rtol=0, atol=1e-5)
+  loss = npp.patch_loss(logits, jnp.asarray(io["tokens"]), patch_side)
+  np.testing.assert_allclose(float(loss), float(io[LOSS_KEY[patch_side]]), rtol=0, atol=1e-5)
+
+
+def test_decode_over_the_full_sequence_matches_eval_mode(fixture_model, reference):
+  _, io = reference
+  logits = decode_full_sequence(fixture_model, jnp.asarray(io["tokens"]), jnp.asarray(io["labels"]))
+  assert logits.shape == (3, 65, 512)
+  np.testing.assert_allclose(np.asarray(logits[:, -1]), io["logits_eval_last"], rtol=0, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(logits[:, :-1]), io["logits"], rtol=0, atol=1e-5)
+
+
+def test_identity_class_rope_would_change_the_function(reference, monkeypatch):
+  """The fixtures depend on the all-zero class row: an identity rotation there gives other logits."""
+  sd, io = reference
+  cfg = fixture_model_config()
+  model = model_with_params(cfg, params_from_reference(sd, cfg))
+  original = rope.rope_table
+
+  def identity_class_row(*args, **kwargs):
+    cos, sin = original(*args, **kwargs)
+    cos = cos.copy()
+    cos[0] = 1.0
+    return cos, sin
+
+  monkeypatch.setattr(rope, "rope_table", identity_class_row)
+  # A new jit (not `forward`), so the model is traced again with the patched table.
+  logits = jax.jit(lambda m, tokens, labels: m(tokens, labels))(model, jnp.asarray(io["tokens"]),
+                                                                jnp.asarray(io["labels"]))
+  assert np.abs(np.asarray(logits) - io["logits"]).max() > 1e-3
+
+
+def test_converter_matches_the_spec_mapping(reference, fixtures_dir):
+  """npp_jax.convert.gpt_from_torch (when it exists) fills the same parameters as the layout mapping above."""
+  from npp_jax import convert  # pylint: disable=g-import-not-at-top
+  if not hasattr(convert, "gpt_from_torch"):
+    pytest.skip("npp_jax.convert.gpt_from_torch does not exist yet")
+  cfg = fixture_model_config()
+  model = convert.gpt_from_torch(fixtures_dir / "llamagen_tiny" / "gpt.pt", cfg)
+  got = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  expected = params_from_reference(reference[0], cfg)
+  assert jax.tree.structure(got) == jax.tree.structure(expected)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), got, expected)
+
+
+# -- initialisation and modes -----------------------------------------------------------------------------------
+
+
+def test_zero_initialised_head_gives_uniform_logits():
+  cfg = fixture_model_config()
+  model = fresh_model(cfg)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, cfg.block_size)), jnp.int32)
+  logits = forward(model, tokens, jnp.array([1, cfg.num_classes]), patch_side=2)
+  assert logits.shape == (2, 16, cfg.vocab_size) and not np.asarray(logits).any()
+  np.testing.assert_allclose(float(npp.patch_loss(logits, tokens, 2)), math.log(cfg.vocab_size), rtol=1e-6)
+  # Everything else is drawn from N(0, 0.02); norms start at one.
+  assert abs(float(jnp.std(model.tok_embeddings[...])) - 0.02) < 2e-3
+  assert np.all(np.asarray(model.layers.attention_norm[...]) == 1.0)
+  assert model.cls_embedding[...].shape == (cfg.num_classes + 1, cfg.dim)  # + the null class
+
+
+def test_training_mode_dropout_is_keyed(fixture_model, reference):
+  _, io = reference
+  tokens, labels = jnp.asarray(io["tokens"]), jnp.asarray(io["labels"])
+  run = lambda key: np.asarray(forward(fixture_model, tokens, labels, key, patch_side=2, deterministic=False))
+  a, b, c = run(jax.random.key(0)), run(jax.random.key(0)), run(jax.random.key(1))
+  np.testing.assert_array_equal(a, b)
+  assert np.abs(a - c).max() > 1e-3
+  assert np.abs(a - io["logits_p4"]).max() > 1e-3
+  with pytest.raises(ValueError, match="dropout_rng"):
+    fixture_model(tokens, labels, deterministic=False)
+
+
+def test_invalid_model_configs_are_refused():
+  cfg = fixture_model_config()
+  cfg.block_size = 60
+  with pytest.raises(ValueError, match="square"):
+    gpt.grid_side(cfg)
+  cfg = fixture_model_config()
+  cfg.n_head = 3
+  with pytest.raises(ValueError, match="divisible"):
+    gpt.GPT(cfg, rngs=nnx.Rngs(0))

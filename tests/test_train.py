@@ -1,0 +1,164 @@
+"""The training loop in-process: a run stopped by SIGTERM and resumed equals an uninterrupted one step for step,
+a non-finite loss stops the run and keeps the last good checkpoint, and a workdir of another model or other data is
+refused."""
+
+import json
+import os
+import pathlib
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from npp_jax import checkpoint
+from npp_jax import metrics as metrics_lib
+from npp_jax import sharding
+from npp_jax import train
+from npp_jax.config import load_file as load_config_file
+
+TINY = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
+TOTAL, STOP_AFTER, CHECKPOINT_EVERY = 40, 12, 15
+
+
+def tiny_config(**train_overrides):
+  config = load_config_file(str(TINY))
+  config.train.update({"total_steps": TOTAL, "log_every": 1, "checkpoint_every": CHECKPOINT_EVERY,
+                       **train_overrides})
+  config.data.num_images = 512
+  return config
+
+
+def single_device_mesh():
+  return sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+
+
+def logged(workdir) -> list[dict]:
+  return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def saved_steps(workdir) -> list[int]:
+  mngr = checkpoint.manager(str(workdir), read_only=True)
+  try:
+    return sorted(mngr.all_steps())
+  finally:
+    mngr.close()
+
+
+def host(tree):
+  """Host copies that own their memory (the next step donates the device buffers)."""
+  return jax.tree.map(lambda x: np.array(x, copy=True), jax.device_get(tree))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """(workdir, final params, {step: loss}) of the tiny run from 0 to TOTAL without a stop."""
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  state = train.run(tiny_config(), str(workdir), mesh=single_device_mesh())
+  losses = {m["step"]: m["loss"] for m in logged(workdir)}
+  return workdir, host(state["params"]), losses
+
+
+def test_uninterrupted_run(uninterrupted):
+  workdir, _, losses = uninterrupted
+  assert sorted(losses) == list(range(1, TOTAL + 1))
+  assert saved_steps(workdir) == [15, 30, 40]
+  assert (workdir / train.DONE_FILE).read_text().strip() == str(TOTAL)
+  # The synthetic patterns are learnable: the loss falls well below log(vocab) = 4.16 in both stages.
+  assert losses[20] < 3.5 and losses[TOTAL] < losses[21]
+  stages = {m["step"]: m["patch_side"] for m in logged(workdir)}
+  assert stages[20] == 2 and stages[21] == 1
+
+
+def test_sigterm_then_resume_equals_the_uninterrupted_run(uninterrupted, tmp_path, monkeypatch):
+  _, final_params, losses = uninterrupted
+  workdir = tmp_path / "interrupted"
+  write_scalars = metrics_lib.Writer.scalars
+
+  def preempt_after_logging(self, step, values):
+    write_scalars(self, step, values)
+    if step == STOP_AFTER:
+      os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would; the loop sees it at this step's boundary
+
+  with monkeypatch.context() as patch:
+    patch.setattr(metrics_lib.Writer, "scalars", preempt_after_logging)
+    state = train.run(tiny_config(), str(workdir), mesh=single_device_mesh())
+  assert int(state["step"]) == STOP_AFTER
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the loop gave the signal back
+  assert saved_steps(workdir) == [STOP_AFTER]  # the SIGTERM save (not a periodic one)
+  assert not (workdir / train.DONE_FILE).exists()
+  before = {m["step"]: m["loss"] for m in logged(workdir)}
+  assert sorted(before) == list(range(1, STOP_AFTER + 1))
+
+  state = train.run(tiny_config(), str(workdir), mesh=single_device_mesh())
+  after = {m["step"]: m["loss"] for m in logged(workdir)}
+  assert sorted(after) == list(range(1, TOTAL + 1))  # resumed at STOP_AFTER + 1, not from 0
+  for step in range(1, TOTAL + 1):
+    assert after[step] == pytest.approx(losses[step], abs=1e-6), step
+  got = host(state["params"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), got, final_params)
+  assert saved_steps(workdir) == [15, 30, 40]  # keep_checkpoints=3
+  assert (workdir / train.DONE_FILE).exists()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+  config = tiny_config(checkpoint_every=1, keep_checkpoints=2)
+  config.optim.lr = 1e30
+  saved = {}
+  save = checkpoint.save
+
+  def remember(mngr, step, state, meta):
+    saved[step] = host(state["params"])
+    save(mngr, step, state, meta)
+
+  monkeypatch.setattr(checkpoint, "save", remember)
+  message = r"non-finite (loss|grad_norm)=[-a-z]+(, grad_norm=[-a-z]+)? at step \d+; the last good checkpoint is kept"
+  with pytest.raises(train.NonFiniteLossError, match=message) as failure:
+    train.run(config, str(tmp_path), mesh=single_device_mesh())
+  bad_step = int(str(failure.value).split("at step ")[1].split(";")[0])
+  good_step = bad_step - 1
+  assert max(saved) == good_step and saved_steps(tmp_path)[-1] == good_step
+  # The kept checkpoint is intact: it restores, and holds exactly the finite parameters saved at that step.
+  setup = train.build(config, single_device_mesh(), config.data.num_images)
+  mngr = checkpoint.manager(str(tmp_path), read_only=True)
+  try:
+    restored, meta = checkpoint.restore(mngr, good_step, setup.abstract_state)
+  finally:
+    mngr.close()
+  assert int(restored["step"]) == meta["step"] == good_step
+  params = host(restored["params"])
+  assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
+  jax.tree.map(np.testing.assert_array_equal, params, saved[good_step])
+
+
+def test_a_checkpoint_between_log_steps_never_holds_non_finite_parameters(tmp_path):
+  # lr=1e30: the gradient becomes NaN at step 3 while that step's loss is still finite; step 3 is a checkpoint
+  # step but not a log step, so only the pre-save check stands between the NaN update and the disk.
+  config = tiny_config(log_every=10, checkpoint_every=3)
+  config.optim.lr = 1e30
+  with pytest.raises(train.NonFiniteLossError):
+    train.run(config, str(tmp_path), mesh=single_device_mesh())
+  setup = train.build(config, single_device_mesh(), config.data.num_images)
+  mngr = checkpoint.manager(str(tmp_path), read_only=True)
+  try:
+    for step in mngr.all_steps():
+      restored, _ = checkpoint.restore(mngr, step, setup.abstract_state)
+      assert all(np.isfinite(p).all() for p in jax.tree.leaves(host(restored["params"]))), f"checkpoint {step}"
+  finally:
+    mngr.close()
+
+
+def test_workdir_of_another_model_is_refused(uninterrupted):
+  workdir, _, _ = uninterrupted
+  config = tiny_config()
+  config.model.dim = 32
+  with pytest.raises(ValueError, match=r"holds a run of another model \(model.dim differ\); use a new workdir"):
+    train.run(config, str(workdir), mesh=single_device_mesh())
+
+
+def test_workdir_trained_on_other_data_is_refused(uninterrupted):
+  workdir, _, _ = uninterrupted
+  config = tiny_config()
+  config.data.num_images = 1024  # another synthetic data set (its fingerprint differs)
+  with pytest.raises(ValueError, match="was trained on other data"):
+    train.run(config, str(workdir), mesh=single_device_mesh())
