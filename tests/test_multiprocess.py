@@ -51,14 +51,19 @@ def _losses(workdir) -> list[float]:
 
 
 def _final_params(workdir):
+  """The newest checkpoint's parameters, restored onto this process's first device (the savers had others)."""
   import jax  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
   from npp_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from npp_jax.config import load_file  # pylint: disable=g-import-not-at-top
+  from npp_jax.models import gpt  # pylint: disable=g-import-not-at-top
 
-  mngr = checkpoint.manager(str(workdir), read_only=True)
-  step = mngr.latest_step()
-  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  return step, jax.tree.map(np.asarray, restored.state["params"])
+  config = load_file(str(REPO / "configs" / "tiny.py"))
+  abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: gpt.GPT(config.model, rngs=nnx.Rngs(0)))))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+  step = checkpoint.manager(str(workdir), read_only=True).latest_step()
+  return step, jax.tree.map(np.asarray, checkpoint.restore_params(str(workdir), target))
 
 
 @pytest.fixture(scope="module")
