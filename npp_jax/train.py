@@ -265,9 +265,9 @@ def _codes_dir(config: ml_collections.ConfigDict, workdir: str, tokenizer) -> st
     return codes
   if tokenizer is None:
     raise ValueError("data.source is set but vq.checkpoint is empty: preparing codes needs the tokenizer")
-  from npp_jax import prepare  # pylint: disable=g-import-not-at-top
+  from npp_jax.data import prepare  # pylint: disable=g-import-not-at-top
   log(f"preparing {config.data.source} codes into {codes} (once; later runs reuse them)")
-  prepare.run(config, codes)
+  prepare.prepare_from_config(config, codes)
   return codes
 
 

@@ -327,7 +327,7 @@ def get_config():
 def test_cli_end_to_end_and_errors(tmp_path, tiny_vq):
   import runpy
   from npp_jax import convert
-  from npp_jax import prepare as prepare_cli
+  from npp_jax.data import prepare as prepare_lib
 
   cfg, model = tiny_vq
   checkpoint = tmp_path / "vq"
@@ -352,17 +352,17 @@ def test_cli_end_to_end_and_errors(tmp_path, tiny_vq):
   reordered = config.copy_and_resolve_references()
   reordered.data.class_order = str(order)
   with pytest.raises(ValueError, match="different order"):
-    prepare_cli.run(reordered, str(tmp_path / "codes"))
+    prepare_lib.prepare_from_config(reordered, str(tmp_path / "codes"))
   other_size = config.copy_and_resolve_references()
   other_size.data.image_size = 32
   with pytest.raises(ValueError, match="vq.image_size=16"):
-    prepare_cli.run(other_size, str(tmp_path / "codes"))
+    prepare_lib.prepare_from_config(other_size, str(tmp_path / "codes"))
   with pytest.raises(ValueError, match="must be given together"):
-    prepare_cli.run(config, str(tmp_path / "codes"), process_index=1)
+    prepare_lib.prepare_from_config(config, str(tmp_path / "codes"), process_index=1)
   other = config.copy_and_resolve_references()
   other.data.augmentation = "none"
   with pytest.raises(ValueError, match="other settings"):
-    prepare_cli.run(other, str(tmp_path / "codes"))
+    prepare_lib.prepare_from_config(other, str(tmp_path / "codes"))
   assert read_shards(tmp_path / "codes") == before and (tmp_path / "codes" / "manifest.json").is_file()
 
 
