@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 import os
 import pathlib
-import tempfile
 import zipfile
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 from PIL import Image
+
+from npp_jax import fileio
 
 PathLike = str | os.PathLike
 
@@ -51,20 +52,6 @@ def make_grid(images: np.ndarray, rows: int, *, pad: int = 0) -> np.ndarray:
   return grid
 
 
-def write_atomically(path: PathLike, write: Callable[[str], None]) -> None:
-  """Calls `write(tmp_path)` for a temporary file beside `path`, then renames it over `path` (never half a file)."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-  os.close(fd)
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-
-
 def save_samples_npz(path: PathLike, images: np.ndarray | Iterable[np.ndarray], labels: Any, **settings: Any) -> None:
   """Writes an ADM-style sample file: `arr_0` (N, H, W, 3) uint8, `labels` (N,), and each setting as a 0-d array.
 
@@ -103,4 +90,4 @@ def save_samples_npz(path: PathLike, images: np.ndarray | Iterable[np.ndarray], 
         with archive.open(f"{name}.npy", "w", force_zip64=True) as f:
           np.lib.format.write_array(f, array, allow_pickle=False)
 
-  write_atomically(path, write)
+  fileio.write_atomically(path, write)

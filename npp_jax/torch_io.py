@@ -18,12 +18,13 @@ import os
 import pathlib
 import pickle
 import struct
-import tempfile
 import zipfile
 from typing import Any, Mapping
 
 import ml_dtypes
 import numpy as np
+
+from npp_jax import fileio
 
 PathLike = str | os.PathLike
 
@@ -286,19 +287,6 @@ def _write_aligned(archive: zipfile.ZipFile, name: str, data: bytes):
   archive.writestr(info, data)
 
 
-def _atomic_write(path: pathlib.Path, write):
-  """Calls `write(tmp_path)` then renames over `path`, so that a failure never leaves half a file."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-  os.close(fd)
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-
-
 def save(obj: Any, path: PathLike) -> None:
   """Writes nested dicts/lists/tuples of numpy arrays and Python scalars/strings as a `torch.save` zip file.
 
@@ -318,7 +306,7 @@ def save(obj: Any, path: PathLike) -> None:
         _write_aligned(archive, f"{prefix}data/{key}", array.tobytes())
       _write_aligned(archive, prefix + "version", b"3\n")
 
-  _atomic_write(path, write)
+  fileio.write_atomically(path, write)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -405,7 +393,7 @@ def save_state_dict(sd: Mapping[str, np.ndarray], path: PathLike, *, container: 
   sd = {k: np.asarray(v) for k, v in sd.items()}
   if _is_safetensors(path):
     import safetensors.numpy  # pylint: disable=g-import-not-at-top
-    _atomic_write(path, lambda tmp: safetensors.numpy.save_file(
+    fileio.write_atomically(path, lambda tmp: safetensors.numpy.save_file(
         {k: np.ascontiguousarray(v) for k, v in sd.items()}, tmp))
   else:
     save(sd if container is None else {container: sd}, path)

@@ -1,0 +1,22 @@
+"""Writing files so that a crash never leaves half of one behind."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+from typing import Callable
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+  """Calls `write(tmp_path)` for a temporary file beside `path`, then renames it over `path`."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+  os.close(fd)
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
