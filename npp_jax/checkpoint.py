@@ -29,7 +29,9 @@ def manager(workdir: str, *, keep: int = 3, async_save: bool = True, read_only: 
             ) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
                                          enable_async_checkpointing=async_save)
-  return ocp.CheckpointManager(epath.Path(workdir) / CHECKPOINT_DIR, item_names=("state", "meta"),
+  path = epath.Path(workdir)
+  path = path if "://" in str(workdir) else path.absolute()  # Orbax refuses relative paths
+  return ocp.CheckpointManager(path / CHECKPOINT_DIR, item_names=("state", "meta"),
                                options=options)
 
 

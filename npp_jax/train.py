@@ -8,6 +8,7 @@ donated state; the model is split once (graphdef + pure parameter dict) and merg
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 import time
 from typing import Any, Callable
@@ -207,6 +208,7 @@ def log(message: str) -> None:
 def run(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding.Mesh | None = None) -> dict:
   """Trains (or resumes) in `workdir`; returns the final state."""
   mesh = mesh or sharding.make_mesh(config.mesh.shape)
+  workdir = _absolute(workdir)  # Orbax refuses relative paths
   tokenizer = _load_tokenizer(config)
   codes_dir = _codes_dir(config, workdir, tokenizer)
   checksum = config.data.tokenizer_checksum or (tokenizer[1] if tokenizer else "")
@@ -241,6 +243,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding.M
     mngr.close()
     writer.close()
   return state
+
+
+def _absolute(path: str) -> str:
+  return path if "://" in path else os.path.abspath(path)
 
 
 def _load_tokenizer(config: ml_collections.ConfigDict):

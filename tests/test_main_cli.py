@@ -178,3 +178,13 @@ def test_dry_run_of_gpt_b():
     pytest.skip("configs/gpt_b.py does not exist")
   result = run_cli("--config", "configs/gpt_b.py", "--dry_run", timeout=900)
   _check_dry_run(result, 110_888_448, [(2, 64), (1, 256)])
+
+
+def test_relative_workdir_checkpoints(tmp_path):
+  """Orbax refuses relative paths; the trainer must resolve them (users type `--workdir runs/x`)."""
+  relative = os.path.relpath(tmp_path / "run", REPO)
+  result = run_cli("--config", TINY, "--workdir", relative, "--config.train.total_steps=4",
+                   "--config.train.checkpoint_every=2", "--config.train.log_every=2")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr, result.stderr[-2000:]
+  assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
