@@ -7,6 +7,8 @@ pays for it.
 
 from __future__ import annotations
 
+import importlib.util
+
 import ml_collections
 
 import jax
@@ -67,9 +69,9 @@ def topology_devices(accelerator: str) -> tuple[list, float | None]:
     desc = topologies.get_topology_desc(platform="tpu", topology_name=name, chip_config_name=chip_config,
                                         chips_per_host_bounds=(2, 2, 1), num_slices=1)
   except Exception as e:  # noqa: BLE001  (missing libtpu, unknown name: one sentence for the user)
+    hint = "" if importlib.util.find_spec("libtpu") else "; it needs libtpu: pip install -e '.[tpu]'"
     raise ValueError(f"cannot compile for TPU topology {accelerator!r} = {name} "
-                     f"({str(e).strip().splitlines()[0][:200]}); it needs libtpu: pip install -e '.[tpu]'"
-                     ) from None
+                     f"({str(e).strip().splitlines()[0][:200]}){hint}") from None
   return list(desc.devices), HBM_GIB[name.split(":")[0]]
 
 
