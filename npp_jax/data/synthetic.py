@@ -36,6 +36,9 @@ class SyntheticCodes(grain.sources.RandomAccessDataSource):
     views = np.stack([grid.reshape(-1), grid[:, ::-1].reshape(-1)])
     return views, label
 
+  def read_many(self, indices: list[int]) -> list[tuple[np.ndarray, int]]:
+    return [self[i] for i in indices]
+
   def fingerprint(self) -> str:
     key = f"synthetic:{self._vocab}:{self._grid}:{self._classes}:{self._n}:{self._seed}"
     return hashlib.sha256(key.encode()).hexdigest()[:16]
