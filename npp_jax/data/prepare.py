@@ -31,6 +31,7 @@ import numpy as np
 
 from npp_jax.data import augment
 from npp_jax.data import records
+from npp_jax.data import sources
 from npp_jax.data.sources import Source, UnreadableImageError
 
 STATE = "prepare_state.json"
@@ -396,8 +397,6 @@ def skipped_details(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 def prepare_from_config(config, out_dir: str, process_index: int = -1, process_count: int = -1):
   """Builds the source and the tokenizer from `config`, prepares the codes, prints a summary."""
-  from npp_jax.data import sources  # pylint: disable=g-import-not-at-top
-
   for section in ("data", "vq"):
     if section not in config:
       raise ValueError(f"the config has no `{section}` section (prepare needs `data` and `vq`)")
@@ -409,8 +408,6 @@ def prepare_from_config(config, out_dir: str, process_index: int = -1, process_c
   if (process_index < 0) != (process_count < 0) or process_index >= max(process_count, 1):
     raise ValueError(f"--process_index={process_index} and --process_count={process_count} must be given together, "
                      "with 0 <= process_index < process_count")
-  from npp_jax.data import sources  # pylint: disable=g-import-not-at-top
-
   source = sources.make_source(data)  # first: a bad data path fails before the tokenizer loads
 
   import jax  # pylint: disable=g-import-not-at-top
