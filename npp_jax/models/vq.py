@@ -324,10 +324,14 @@ class VQModel(nnx.Module):
 def _make_jitted(model: VQModel, method: Callable[[VQModel, Array], Array]) -> Callable[[Array], Array]:
   """`jax.jit` over (state, x) of a model method, bound to the model's current state.
 
-  The returned callable is a functools.partial: `.func` is the pure jitted `(state, x) -> y` and `.args[0]` the
-  state, for callers that place the state themselves (e.g. replicated over a mesh while the batch is sharded).
+  The state is replicated over this process's devices, so a batch sharded over them (the sampler's output, say)
+  is accepted as it is. The returned callable is a functools.partial: `.func` is the pure jitted `(state, x) -> y`
+  and `.args[0]` the state, for callers that place the state themselves.
   """
   graphdef, state = nnx.split(model)
+  replicated = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(jax.local_devices()), ("devices",)),
+                                          jax.sharding.PartitionSpec())
+  state = jax.device_put(state, replicated)
 
   @jax.jit
   def pure(state: nnx.State, x: Array) -> Array:
