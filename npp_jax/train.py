@@ -163,7 +163,7 @@ def make_train_step(setup: Setup, patch_side: int) -> Callable[[dict, dict], tup
     if "ema" in state:
       new_state["ema"] = optim.ema_update(state["ema"], new_params, config.optim.ema_decay)
     step_metrics = StepMetrics.single_from_model_output(
-        loss=loss, grad_norm=optax.global_norm(grads), lr=setup.schedule(state["step"]))
+        loss=loss, grad_norm=optax.tree.norm(grads), lr=setup.schedule(state["step"]))
     return new_state, step_metrics
 
   return jax.jit(step, in_shardings=(setup.state_shardings, {"tokens": batch_sharding, "labels": batch_sharding}),
