@@ -10,10 +10,4 @@ from npp_jax import config as base
 
 
 def get_config():
-  c = base.base_config()
-  c.model = base.model_config("B", image_size=256)
-  c.model.remat = "full"  # fits every slice in the README's table; "none" is faster where memory allows
-  c.optim.lr = 1e-4
-  c.sample.cfg_scale = 2.0
-  c.data.codes_dir = ""  # set to the output of python -m npp_jax.prepare
-  return c
+  return base.imagenet_gpt("B", lr=1e-4, cfg_scale=2.0)

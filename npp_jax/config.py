@@ -129,6 +129,16 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def imagenet_gpt(size: str, *, lr: float, cfg_scale: float) -> ml_collections.ConfigDict:
+  """The paper's ImageNet-256 recipe for a LlamaGen size (configs/gpt_*.py): VQ-16 codes on a 16x16 grid."""
+  c = base_config()
+  c.model = model_config(size, image_size=256)
+  c.model.remat = "full"  # fits every slice in the README's table; "none" is faster where memory allows
+  c.optim.lr = lr
+  c.sample.cfg_scale = cfg_scale
+  return c
+
+
 def load_file(path: str) -> ml_collections.ConfigDict:
   """Imports a config file and returns its get_config()."""
   file = pathlib.Path(path)
