@@ -80,7 +80,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     devices, hbm_gib = topology_devices(config.mesh.topology)
   else:
     devices = jax.devices()
-    hbm_gib = GPU_HBM_GIB.get(devices[0].device_kind.split(" ")[0] + " " + devices[0].device_kind.split(" ")[-1])
+    hbm_gib = metrics_lib.chip_value(GPU_HBM_GIB, devices[0].device_kind)
   mesh = sharding.make_mesh(config.mesh.shape, devices)
   setup = train.build(config, mesh, config.train.num_images)
   where = config.mesh.topology or f"{len(devices)} x {devices[0].device_kind}"

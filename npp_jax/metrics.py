@@ -41,13 +41,17 @@ def train_flops_per_sequence(model: ml_collections.ConfigDict, seq_len: int) -> 
   return dense + attention
 
 
+def chip_value(table: dict[str, float], device_kind: str) -> float | None:
+  """The entry of the longest table name that `device_kind` starts with ("NVIDIA H100 80GB HBM3" -> H100)."""
+  for name, value in sorted(table.items(), key=lambda kv: -len(kv[0])):
+    if device_kind.startswith(name):
+      return value
+  return None
+
+
 def peak_flops(device: jax.Device) -> float | None:
   """The chip's peak, or None where it is unknown (CPUs): then only FLOP/s is reported."""
-  kind = getattr(device, "device_kind", "")
-  for name, peak in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
-    if kind.startswith(name):
-      return peak
-  return None
+  return chip_value(PEAK_FLOPS, getattr(device, "device_kind", ""))
 
 
 class Writer:

@@ -170,8 +170,8 @@ def make_train_step(setup: Setup, patch_side: int) -> Callable[[dict, dict], tup
                  out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)), donate_argnums=(0,))
 
 
-def abstract_batch(setup: Setup, patch_side: int = 1) -> dict:
-  del patch_side  # the input is always the full grid; the stage changes only the sequence inside the model
+def abstract_batch(setup: Setup) -> dict:
+  """The global batch's shapes; the same for every stage (the model groups the full grid into patches)."""
   batch = setup.config.train.global_batch_size
   sh = sharding.batch_sharding(setup.mesh)
   return {"tokens": jax.ShapeDtypeStruct((batch, setup.config.model.block_size), jnp.int32, sharding=sh),

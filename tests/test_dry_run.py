@@ -43,3 +43,12 @@ def test_compiles_the_tiny_config_for_a_v5e_slice():
   assert "compiling for v5e-8, mesh {'data': 8, 'fsdp': 1, 'tensor': 1}" in result.stdout
   assert "parameters: 140,288" in result.stdout
   assert result.stdout.count("of 16 GiB: fits") == 2  # one line per stage (patch sides 1 and 2)
+
+
+def test_chip_tables_match_full_device_kinds():
+  from npp_jax import metrics  # pylint: disable=g-import-not-at-top
+  assert metrics.chip_value(dry_run.GPU_HBM_GIB, "NVIDIA H100 80GB HBM3") == 80
+  assert metrics.chip_value(dry_run.GPU_HBM_GIB, "NVIDIA H200") == 141
+  assert metrics.chip_value(metrics.PEAK_FLOPS, "TPU v5 lite") == 197e12  # v5e, not v5p's "TPU v5"
+  assert metrics.chip_value(metrics.PEAK_FLOPS, "TPU v5") == 459e12
+  assert metrics.chip_value(metrics.PEAK_FLOPS, "cpu") is None
