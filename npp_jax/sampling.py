@@ -34,9 +34,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from npp_jax.models import gpt
+
 COMPUTE_DTYPES = ("float32", "bfloat16")
 _MIN_TEMPERATURE = 1e-5  # the reference's floor on the divisor
 _BATCH_AXIS = "batch"
+_CACHE_CHUNKS = 4  # decode scans, one per cache chunk; each attends over the chunks filled so far
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +134,17 @@ def filter_logits(logits: jax.Array, temperature: jax.Array | float, top_k: int 
   return logits
 
 
+def draw(keys: jax.Array, logits: jax.Array) -> jax.Array:
+  """One token per row of (B, V) logits from softmax(logits), by inverting the CDF at one uniform per row.
+
+  One random number per row instead of the V Gumbel draws of `jax.random.categorical`: at vocabulary 16384 those
+  cost more than a decode step's attention. u lies in (0, 1], so a token of probability 0 (-inf) is never chosen.
+  """
+  cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)
+  u = 1.0 - jax.vmap(jax.random.uniform)(keys)
+  return jnp.sum(cdf < (u * cdf[:, -1])[:, None], axis=-1).astype(jnp.int32)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The decode loop.
 
@@ -138,6 +152,7 @@ def filter_logits(logits: jax.Array, temperature: jax.Array | float, top_k: int 
 class _Static(NamedTuple):
   """Settings that change the compiled program."""
 
+  cfg: ml_collections.FrozenConfigDict
   guided: bool
   top_k: int
   use_top_p: bool
@@ -149,17 +164,21 @@ def _constrain(x: jax.Array, mesh: Mesh, spec: P) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def _decode_loop(model, labels, choose, *, guided, cfg_scale, cfg_interval, mesh, keep_logits=False):
+def _decode_loop(params, cfg, labels, choose, *, guided, cfg_scale, cfg_interval, mesh, keep_logits=False):
   """Runs prefill + block_size - 1 cached decode steps; `choose(logits (B, V), t) -> tokens (B,)` picks token t.
 
-  Returns (tokens (B, S) int32, logits (B, S, V) float32 or None).
+  params: `GPT.decode_params()`. Returns (tokens (B, S) int32, logits (B, S, V) float32 or None).
   """
-  cfg = model.cfg
   seq_len = cfg.block_size
   # Guidance rows are interleaved (cond, null) per sample, so a device's shard of the batch holds whole pairs.
-  rows = jnp.stack([labels, jnp.full_like(labels, model.null_class)], axis=1).reshape(-1) if guided else labels
-  cache = model.init_cache(rows.shape[0], max_len=seq_len)  # positions 0..S-1; the last token is never fed back
-  cache = jax.tree.map(lambda c: _constrain(c, mesh, P(None, _BATCH_AXIS)), cache)
+  rows = jnp.stack([labels, jnp.full_like(labels, cfg.num_classes)], axis=1).reshape(-1) if guided else labels
+  # Slots 0..S-1 (the last token is never fed back), in chunks: the positions of chunk c are decoded by one scan
+  # whose attention reads chunks 0..c only.
+  chunks = gpt.chunk_bounds(seq_len, min(_CACHE_CHUNKS, seq_len))
+  shapes = [(rows.shape[0], cfg.n_head, end - start, cfg.dim // cfg.n_head) for start, end in chunks]
+  empty = lambda: tuple(tuple(_constrain(jnp.zeros(shape, params["norm"].dtype), mesh, P(_BATCH_AXIS))
+                              for shape in shapes) for _ in range(cfg.n_layer))
+  cache = gpt.KVCache(empty(), empty())
 
   def step_logits(logits, t):
     logits = logits[:, -1]
@@ -168,52 +187,52 @@ def _decode_loop(model, labels, choose, *, guided, cfg_scale, cfg_interval, mesh
       logits = guide(logits, cfg_scale, (cfg_interval < 0) | (t <= cfg_interval + 1))
     return logits
 
-  logits, cache = model.decode(model.class_embedding(rows), cache, 0)
+  class_tokens = params["cls_embedding"][rows][:, None]
+  logits, cache = gpt.decode(params, cfg, class_tokens, cache, 0)
   first_logits = step_logits(logits, 0)
   first = choose(first_logits, 0)
 
-  def body(carry, t):
+  def body(chunk, carry, t):
     cache, previous = carry
-    x = model.token_embedding(previous)
+    x = params["tok_embeddings"][previous]
     if guided:
       x = jnp.repeat(x, 2, axis=0)  # the chosen token goes to both rows of its pair
-    logits, cache = model.decode(x[:, None], cache, t)
+    logits, cache = gpt.decode(params, cfg, x[:, None], cache, t, chunk=chunk)
     logits = step_logits(logits, t)
     token = choose(logits, t)
     return (cache, token), (token, logits if keep_logits else None)
 
-  _, (rest, rest_logits) = jax.lax.scan(body, (cache, first), jnp.arange(1, seq_len, dtype=jnp.int32))
-  tokens = jnp.concatenate([first[:, None], rest.T], axis=1).astype(jnp.int32)
-  if not keep_logits:
-    return tokens, None
-  return tokens, jnp.concatenate([first_logits[:, None], jnp.swapaxes(rest_logits, 0, 1)], axis=1)
+  carry, tokens, all_logits = (cache, first), [first[:, None]], [first_logits[:, None]]
+  for chunk, (start, end) in enumerate(chunks):
+    positions = jnp.arange(max(start, 1), end, dtype=jnp.int32)  # position 0, the class token, was the prefill
+    carry, (rest, rest_logits) = jax.lax.scan(functools.partial(body, chunk), carry, positions)
+    tokens.append(rest.T)
+    all_logits.append(jnp.swapaxes(rest_logits, 0, 1) if keep_logits else None)
+  tokens = jnp.concatenate(tokens, axis=1).astype(jnp.int32)
+  return tokens, (jnp.concatenate(all_logits, axis=1) if keep_logits else None)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "static"))
-def _generate(graphdef, state, labels, sample_ids, key, cfg_scale, cfg_interval, temperature, top_p, *,
-              static: _Static):
-  model = nnx.merge(graphdef, state)
+@functools.partial(jax.jit, static_argnames=("static",))
+def _generate(params, labels, sample_ids, key, cfg_scale, cfg_interval, temperature, top_p, *, static: _Static):
   sample_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, sample_ids)
-  draw = jax.vmap(jax.random.categorical)
 
   def choose(logits, t):
     if static.greedy:
       return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = filter_logits(logits, temperature, static.top_k, top_p if static.use_top_p else None)
     step_keys = jax.vmap(jax.random.fold_in, (0, None))(sample_keys, t)
-    return draw(step_keys, logits).astype(jnp.int32)
+    return draw(step_keys, logits)
 
-  tokens, _ = _decode_loop(model, labels, choose, guided=static.guided, cfg_scale=cfg_scale,
+  tokens, _ = _decode_loop(params, static.cfg, labels, choose, guided=static.guided, cfg_scale=cfg_scale,
                            cfg_interval=cfg_interval, mesh=static.mesh)
   return tokens
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "guided", "mesh"))
-def _teacher_forced(graphdef, state, labels, tokens, cfg_scale, cfg_interval, *, guided: bool, mesh: Mesh):
-  model = nnx.merge(graphdef, state)
+@functools.partial(jax.jit, static_argnames=("cfg", "guided", "mesh"))
+def _teacher_forced(params, labels, tokens, cfg_scale, cfg_interval, *, cfg, guided: bool, mesh: Mesh):
   choose = lambda logits, t: jax.lax.dynamic_index_in_dim(tokens, t, axis=1, keepdims=False)
-  _, logits = _decode_loop(model, labels, choose, guided=guided, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
-                           mesh=mesh, keep_logits=True)
+  _, logits = _decode_loop(params, cfg, labels, choose, guided=guided, cfg_scale=cfg_scale,
+                           cfg_interval=cfg_interval, mesh=mesh, keep_logits=True)
   return logits
 
 
@@ -234,17 +253,11 @@ class Sampler:
       raise ValueError(f"sampling dtype must be one of {COMPUTE_DTYPES}, got {dtype!r}")
     self.cfg = model.cfg
     self.dtype = dtype
-    graphdef, state = nnx.split(model)
-    if dtype != model.cfg.dtype:
-      # The compute dtype lives in the (static) config, so take the graph of an abstract twin that has it.
-      cfg = ml_collections.ConfigDict(model.cfg.to_dict())
-      cfg.dtype = dtype
-      graphdef = nnx.graphdef(nnx.eval_shape(lambda: type(model)(cfg, rngs=nnx.Rngs(0))))
-    cast = lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
     devices = list(devices) if devices is not None else jax.local_devices()
     self.mesh = Mesh(np.asarray(devices), (_BATCH_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
-    self._graphdef = graphdef
-    self._state = jax.device_put(jax.tree.map(cast, state), NamedSharding(self.mesh, P()))
+    graphdef, state = nnx.split(model)
+    params = jax.jit(lambda state: nnx.merge(graphdef, state).decode_params(dtype))(state)
+    self._params = jax.device_put(params, NamedSharding(self.mesh, P()))
 
   @property
   def num_devices(self) -> int:
@@ -269,9 +282,9 @@ class Sampler:
     if sample_offset < 0 or ids[-1] > np.iinfo(np.uint32).max:
       raise ValueError(f"sample_offset must keep sample indices in [0, 2**32), got offset {sample_offset}")
     n, (labels, ids) = self._shard_batch(labels, ids.astype(np.uint32))
-    static = _Static(guided=settings.guided, top_k=int(settings.top_k), use_top_p=settings.top_p < 1,
+    static = _Static(cfg=self.cfg, guided=settings.guided, top_k=int(settings.top_k), use_top_p=settings.top_p < 1,
                      greedy=bool(settings.greedy), mesh=self.mesh)
-    tokens = _generate(self._graphdef, self._state, labels, ids, key, jnp.float32(settings.cfg_scale),
+    tokens = _generate(self._params, labels, ids, key, jnp.float32(settings.cfg_scale),
                        jnp.int32(settings.cfg_interval), jnp.float32(settings.temperature),
                        jnp.float32(settings.top_p), static=static)
     return tokens[:n] if tokens.shape[0] != n else tokens
@@ -284,8 +297,8 @@ class Sampler:
     if tokens.shape != (labels.shape[0], self.cfg.block_size):
       raise ValueError(f"tokens must have shape {(labels.shape[0], self.cfg.block_size)}, got {tokens.shape}")
     n, (labels, tokens) = self._shard_batch(labels, tokens)
-    logits = _teacher_forced(self._graphdef, self._state, labels, tokens, jnp.float32(cfg_scale),
-                             jnp.int32(cfg_interval), guided=settings.guided, mesh=self.mesh)
+    logits = _teacher_forced(self._params, labels, tokens, jnp.float32(cfg_scale), jnp.int32(cfg_interval),
+                             cfg=self.cfg, guided=settings.guided, mesh=self.mesh)
     return logits[:n]
 
 

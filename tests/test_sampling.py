@@ -1,8 +1,12 @@
 """The sampler against LlamaGen's generate() fixtures, independent numpy filters, and its invariances."""
 
+import re
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
 
 from npp_jax import config as config_lib
 from npp_jax import convert
@@ -105,6 +109,20 @@ def test_samples_do_not_depend_on_batch_size_or_devices(reference):
   assert not np.array_equal(np.asarray(one_device(labels, jax.random.key(43), settings)), reference_run)
 
 
+def test_draw_follows_the_softmax_and_never_picks_removed_tokens():
+  """Inverse-CDF draws: frequencies match softmax(logits) (chi-square, false alarm 1e-4); -inf tokens never come."""
+  logits = np.log(np.array([[0.5, 0.0, 0.2, 0.3, 0.0], [0.0, 0.0, 0.0, 0.9, 0.1]], np.float32))  # log 0 = -inf
+  n = 40_000
+  keys = jax.random.split(jax.random.key(7), n * 2)
+  tokens = np.asarray(jax.jit(sampling.draw)(keys, jnp.asarray(np.repeat(logits, n, axis=0)))).reshape(2, n)
+  for row, probs in zip(tokens, np.exp(logits)):
+    counts = np.bincount(row, minlength=probs.size)
+    assert counts[probs == 0].sum() == 0
+    expected = n * probs[probs > 0]
+    chi2 = (((counts[probs > 0] - expected) ** 2) / expected).sum()
+    assert chi2 < scipy.stats.chi2.ppf(1 - 1e-4, df=(probs > 0).sum() - 1)
+
+
 # -- logit filters against numpy ----------------------------------------------------------------------------------
 
 
@@ -181,3 +199,48 @@ def test_labels_outside_the_classes_are_refused(reference, labels):
 def test_unknown_dtype_is_refused(reference):
   with pytest.raises(ValueError, match="dtype must be one of"):
     sampling.Sampler(reference[0], dtype="float16")
+
+
+# -- the compiled decode loop -------------------------------------------------------------------------------------
+
+
+def _while_bodies(hlo: str) -> dict[str, list[str]]:
+  """The instructions of every while-loop body of an optimised HLO module, by computation name."""
+  names = set(re.findall(r"body=%([\w.\-]+)", hlo))
+  bodies, current = {}, None
+  for line in hlo.splitlines():
+    header = re.match(r"^(?:ENTRY )?%([\w.\-]+) .*\{$", line)
+    if header:
+      current = header.group(1) if header.group(1) in names else None
+      if current:
+        bodies[current] = []
+    elif current and re.match(r"\s+(ROOT )?%", line):
+      bodies[current].append(line.strip())
+  return bodies
+
+
+def test_decode_loop_writes_the_cache_in_place_and_never_copies_weights(reference):
+  """In the compiled sampler, a loop step touches a cache chunk only by reading it or by an in-place
+  dynamic-update-slice of its one new slot; no chunk and no weight matrix is copied per step."""
+  model, _ = reference
+  sampler = sampling.Sampler(model, dtype="float32", devices=jax.devices()[:1])
+  cfg = sampler.cfg
+  labels = np.arange(3, dtype=np.int32)
+  static = sampling._Static(cfg=cfg, guided=True, top_k=0, use_top_p=False, greedy=False, mesh=sampler.mesh)
+  hlo = sampling._generate.lower(sampler._params, labels, labels.astype(np.uint32), jax.random.key(0),
+                                 jnp.float32(2.0), jnp.int32(-1), jnp.float32(1.0), jnp.float32(1.0),
+                                 static=static).compile().as_text()
+  head_dim = cfg.dim // cfg.n_head
+  chunk = f"f32[6,{cfg.n_head},{cfg.block_size // 4},{head_dim}]"  # 3 samples x (cond, null), 4 chunks
+  weights = {f"f32[{a},{b}]" for a, b in [(cfg.dim, 3 * cfg.dim), (cfg.dim, cfg.dim), (cfg.dim, cfg.vocab_size)]}
+  bodies = _while_bodies(hlo)
+  assert sum(any(f"= {chunk}" in line for line in body) for body in bodies.values()) == 4  # one scan per chunk
+  for body in bodies.values():
+    for line in body:
+      array = re.match(r"(?:ROOT )?%\S+ = (\w+\[[\d,]*\])(?:\{[\d,]*\})? ([\w-]+)\(", line)
+      if array is None:  # a tuple-shaped instruction
+        continue
+      shape, op = array.groups()
+      if shape == chunk:
+        assert op in ("get-tuple-element", "bitcast") or "dynamic-update-slice" in line.split("=")[0], line[:200]
+      assert not (shape in weights and op not in ("get-tuple-element", "bitcast", "parameter")), line[:200]

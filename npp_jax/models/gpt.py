@@ -68,10 +68,29 @@ def _dropout(x: jnp.ndarray, rate: float, key: jax.Array | None) -> jnp.ndarray:
 
 
 class KVCache(NamedTuple):
-  """Keys and values of every layer: (layers, B, max_len, N, H) each."""
+  """Keys and values: for each layer, a tuple of chunk buffers (B, N, chunk_len, H) covering consecutive slots.
 
-  k: jnp.ndarray
-  v: jnp.ndarray
+  Every buffer is its own array, so a decode loop that carries the cache writes the new slot of one chunk in place
+  and reads whole chunks, never a slice: XLA copies a carried buffer on every step when it is both sliced and
+  updated in one iteration, and a stacked cache riding through the layer scan as xs/ys is re-stacked every step.
+  Chunks let a loop attend over the filled part of the cache only (see `decode`). Heads before positions makes
+  each attention read a contiguous (chunk_len, H) block per head.
+  """
+
+  k: tuple[tuple[jnp.ndarray, ...], ...]
+  v: tuple[tuple[jnp.ndarray, ...], ...]
+
+  @property
+  def chunk_lengths(self) -> tuple[int, ...]:
+    return tuple(c.shape[2] for c in self.k[0])
+
+
+def chunk_bounds(length: int, chunks: int) -> list[tuple[int, int]]:
+  """[start, end) slots of `chunks` near-equal consecutive chunks of a `length`-slot cache."""
+  edges = [round(length * i / chunks) for i in range(chunks + 1)]
+  if len(set(edges)) != len(edges):
+    raise ValueError(f"cannot split {length} cache slots into {chunks} non-empty chunks")
+  return list(zip(edges[:-1], edges[1:]))
 
 
 class Blocks(nnx.Module):
@@ -152,88 +171,143 @@ class GPT(nnx.Module):
     cos, sin = rope.rope_table(coarse, cfg.dim // cfg.n_head, float(cfg.rope_base), cfg.cls_token_num)
     seq = x.shape[1]  # class token + all patches but the last
     rotary = (jnp.asarray(cos[:seq])[None], jnp.asarray(sin[:seq])[None])
-    x, _ = self._blocks(x, rotary, layer_keys=keys.get("layers"))
-    return self._head(x)
+    x = self._blocks(x, rotary, layer_keys=keys.get("layers"))
+    return _head(x, self.norm[...], self.output[...], cfg.norm_eps)
 
   # -- decode path --------------------------------------------------------------------------------------------
 
-  def init_cache(self, batch: int, max_len: int | None = None, dtype: Any = None) -> KVCache:
-    """An empty KV cache for `batch` sequences of up to max_len positions (default: class token + block_size)."""
+  def init_cache(self, batch: int, max_len: int | None = None, dtype: Any = None, chunks: int = 1) -> KVCache:
+    """An empty KV cache for `batch` sequences of up to max_len positions (default: class token + block_size),
+    in `chunks` consecutive chunk buffers per layer."""
     cfg = self.cfg
     max_len = max_len or cfg.cls_token_num + cfg.block_size
-    shape = (cfg.n_layer, batch, max_len, cfg.n_head, cfg.dim // cfg.n_head)
     dtype = dtype or self.compute_dtype
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    shapes = [(batch, cfg.n_head, end - start, cfg.dim // cfg.n_head) for start, end in chunk_bounds(max_len, chunks)]
+    empty = lambda: tuple(tuple(jnp.zeros(shape, dtype) for shape in shapes) for _ in range(cfg.n_layer))
+    return KVCache(empty(), empty())
+
+  def decode_params(self, dtype: Any = None) -> dict[str, Any]:
+    """The parameters as `decode` reads them: the layers unstacked into one dict per layer, in `dtype` (default:
+    the compute dtype), which is also the dtype `decode` computes in.
+
+    Unstacking once, outside the decode loop, gives every layer its own weight buffers; slicing the stacked arrays
+    inside the loop would copy every layer's weights on every step.
+    """
+    dtype = dtype or self.compute_dtype
+    cast = lambda a: a.astype(dtype)
+    stacked = self.layers.stacked()
+    return {
+        "tok_embeddings": cast(self.tok_embeddings[...]),
+        "cls_embedding": cast(self.cls_embedding[...]),
+        "layers": tuple({name: cast(a[i]) for name, a in stacked.items()} for i in range(self.cfg.n_layer)),
+        "norm": cast(self.norm[...]),
+        "output": cast(self.output[...]),
+    }
 
   def decode(self, x: jnp.ndarray, cache: KVCache, pos: jnp.ndarray) -> tuple[jnp.ndarray, KVCache]:
     """Runs embeddings x (B, T, D) at sequence positions pos..pos+T-1 against the cache; returns (logits, cache).
 
-    Position 0 is the class token. Queries attend to every cache slot up to their own position.
+    Position 0 is the class token. Queries attend to every cache slot up to their own position. For many steps,
+    take `decode_params()` once and call the module-level `decode` (this method unstacks the layers every call).
     """
-    cfg = self.cfg
-    t = x.shape[1]
-    cos, sin = rope.rope_table(self.grid, cfg.dim // cfg.n_head, float(cfg.rope_base), cfg.cls_token_num)
-    rows = pos + jnp.arange(t)
-    rotary = (jnp.asarray(cos)[rows][None], jnp.asarray(sin)[rows][None])
-    x, cache = self._blocks(x.astype(self.compute_dtype), rotary, cache=cache, pos=pos)
-    return self._head(x), cache
+    return decode(self.decode_params(), self.cfg, x, cache, pos)
 
   # -- shared trunk -------------------------------------------------------------------------------------------
 
-  def _head(self, x: jnp.ndarray) -> jnp.ndarray:
-    x = _rms_norm(x, self.norm[...], self.cfg.norm_eps)
-    # Logits in float32 whatever the compute dtype (the reference's `.float()`), accumulated in float32.
-    return jnp.einsum("btd,dv->btv", x, self.output[...].astype(x.dtype), preferred_element_type=jnp.float32)
-
-  def _blocks(self, x, rotary, *, layer_keys=None, cache: KVCache | None = None, pos=None):
+  def _blocks(self, x, rotary, *, layer_keys=None):
     cfg = self.cfg
     params = self.layers.stacked()
     dtype = self.compute_dtype
 
     def layer(x, inputs):
-      p, key, kv = inputs
+      p, key = inputs
       p = jax.tree.map(lambda a: a.astype(dtype), p)
       keys = jax.random.split(key, 2) if key is not None else (None, None)
-      h, kv = _attention(x, p, rotary, cfg, kv, pos)
+      h = _rms_norm(x, p["attention_norm"], cfg.norm_eps)
+      q, k, v = _qkv(h, p["wqkv"], rotary)
+      impl = None if cfg.attention_impl == "auto" else cfg.attention_impl
+      h = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+      h = h.reshape(*h.shape[:2], -1) @ p["wo"].reshape(-1, p["wo"].shape[-1])
       x = x + _dropout(h, cfg.resid_dropout_p, keys[0])
-      h = _rms_norm(x, p["ffn_norm"], cfg.norm_eps)
-      h = jnp.einsum("btf,fd->btd", jax.nn.silu(h @ p["w1"]) * (h @ p["w3"]), p["w2"])
-      x = x + _dropout(h, cfg.ffn_dropout_p, keys[1])
-      return x, kv
+      x = x + _dropout(_feed_forward(x, p, cfg.norm_eps), cfg.ffn_dropout_p, keys[1])
+      return x, None
 
     if cfg.remat != "none":
       layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat]())
     keys = jax.random.split(layer_keys, cfg.n_layer) if layer_keys is not None else None
-    kv = (cache.k, cache.v) if cache is not None else None
     if cfg.scan_layers:
-      x, kv = jax.lax.scan(layer, x, (params, keys, kv))
+      x, _ = jax.lax.scan(layer, x, (params, keys))
     else:
-      outs = []
       for i in range(cfg.n_layer):
-        take = lambda tree, i=i: jax.tree.map(lambda a: a[i], tree)
-        x, layer_kv = layer(x, (take(params), None if keys is None else keys[i], None if kv is None else take(kv)))
-        outs.append(layer_kv)
-      kv = None if kv is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
-    return x, (KVCache(*kv) if kv is not None else None)
+        x, _ = layer(x, (jax.tree.map(lambda a, i=i: a[i], params), None if keys is None else keys[i]))
+    return x
 
 
-def _attention(x, p, rotary, cfg, kv, pos):
-  """Pre-norm causal self-attention of one layer; with kv=(k_cache, v_cache) it writes at `pos` and reads all."""
-  h = _rms_norm(x, p["attention_norm"], cfg.norm_eps)
-  qkv = jnp.einsum("btd,dcnh->cbtnh", h, p["wqkv"])
-  q, k, v = rope.apply_rope(qkv[0], *rotary), rope.apply_rope(qkv[1], *rotary), qkv[2]
-  impl = None if cfg.attention_impl == "auto" else cfg.attention_impl
-  if kv is None:
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
-  else:
-    k_cache = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), pos, axis=1)
-    v_cache = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), pos, axis=1)
-    slots = jnp.arange(k_cache.shape[1])
-    mask = slots[None, :] <= (pos + jnp.arange(q.shape[1]))[:, None]  # (T, max_len)
-    out = jax.nn.dot_product_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype),
-                                       mask=mask[None, None], implementation=None)
-    kv = (k_cache, v_cache)
-  return jnp.einsum("btnh,nhd->btd", out, p["wo"]), kv
+def _qkv(h, wqkv, rotary):
+  """(B, T, D) normed activations -> q, k, v (B, T, N, H), q and k rotated."""
+  # One plain (B*T, D) x (D, 3*N*H) matmul: an einsum that puts the q/k/v axis first makes XLA:CPU transpose the
+  # weight on every call.
+  qkv = (h @ wqkv.reshape(wqkv.shape[0], -1)).reshape(*h.shape[:2], *wqkv.shape[1:])
+  return rope.apply_rope(qkv[:, :, 0], *rotary), rope.apply_rope(qkv[:, :, 1], *rotary), qkv[:, :, 2]
+
+
+def _feed_forward(x, p, eps):
+  h = _rms_norm(x, p["ffn_norm"], eps)
+  return jnp.einsum("btf,fd->btd", jax.nn.silu(h @ p["w1"]) * (h @ p["w3"]), p["w2"])
+
+
+def _head(x, norm, output, eps):
+  x = _rms_norm(x, norm, eps)
+  # Logits in float32 whatever the compute dtype (the reference's `.float()`), accumulated in float32.
+  return jnp.einsum("btd,dv->btv", x, output.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+def decode(params: dict[str, Any], cfg: ml_collections.ConfigDict, x: jnp.ndarray, cache: KVCache, pos: jnp.ndarray,
+           *, chunk: int = 0) -> tuple[jnp.ndarray, KVCache]:
+  """The decode path on `GPT.decode_params()`: x (B, T, D) at positions pos..pos+T-1 -> (logits, cache).
+
+  Positions pos..pos+T-1 must lie in cache chunk `chunk` (static). Each layer writes its new keys and values there
+  and attends over chunks 0..chunk, masked to the slots up to each query's position; later chunks are not read,
+  so a loop over the positions of one chunk at a time does attention work in proportion to the filled cache.
+  """
+  t = x.shape[1]
+  cos, sin = rope.rope_table(grid_side(cfg), cfg.dim // cfg.n_head, float(cfg.rope_base), cfg.cls_token_num)
+  rows = pos + jnp.arange(t)
+  rotary = (jnp.asarray(cos)[rows][None], jnp.asarray(sin)[rows][None])
+  starts = [0]
+  for length in cache.chunk_lengths[:chunk]:
+    starts.append(starts[-1] + length)
+  x = x.astype(params["norm"].dtype)
+  keys, values = [], []
+  for p, k_chunks, v_chunks in zip(params["layers"], cache.k, cache.v):
+    q, k, v = _qkv(_rms_norm(x, p["attention_norm"], cfg.norm_eps), p["wqkv"], rotary)
+    write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(
+        buf, jnp.swapaxes(new, 1, 2).astype(buf.dtype), pos - starts[-1], 2)
+    k_chunks = k_chunks[:chunk] + (write(k_chunks[chunk], k),) + k_chunks[chunk + 1:]
+    v_chunks = v_chunks[:chunk] + (write(v_chunks[chunk], v),) + v_chunks[chunk + 1:]
+    out = _cached_attention(q, k_chunks[:chunk + 1], v_chunks[:chunk + 1], starts, pos)
+    x = x + out.reshape(*out.shape[:2], -1) @ p["wo"].reshape(-1, p["wo"].shape[-1])
+    x = x + _feed_forward(x, p, cfg.norm_eps)
+    keys.append(k_chunks)
+    values.append(v_chunks)
+  return _head(x, params["norm"], params["output"], cfg.norm_eps), KVCache(tuple(keys), tuple(values))
+
+
+def _cached_attention(q, k_chunks, v_chunks, starts, pos):
+  """q (B, T, N, H) at positions pos..pos+T-1 over cache chunks (B, N, len, H) that start at slots `starts`."""
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  query_pos = pos + jnp.arange(q.shape[1])
+  scores = []
+  for k, start in zip(k_chunks, starts):
+    s = jnp.einsum("btnh,bnsh->bnts", q, k.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+    visible = start + jnp.arange(k.shape[2])[None, :] <= query_pos[:, None]
+    scores.append(jnp.where(visible, s, -jnp.inf))
+  probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(q.dtype)
+  out, offset = 0, 0
+  for v in v_chunks:
+    out = out + jnp.einsum("bnts,bnsh->btnh", probs[..., offset:offset + v.shape[2]], v.astype(q.dtype))
+    offset += v.shape[2]
+  return out
 
 
 # "full" recomputes everything in the backward pass; "dots" keeps the weight matmuls' outputs.
