@@ -161,11 +161,14 @@ def require_browser():
 
 
 @contextlib.contextmanager
-def serve(checkpoint_dir, vq_dir, *flags: str, timeout: float = 300):
-  """Runs the demo on a free local port until the block ends; yields its address once it says it serves."""
+def serve(checkpoint_dir, vq_dir, *flags: str, fast_compile: bool = True, timeout: float = 300):
+  """Runs the demo on a free local port until the block ends; yields (its address, its output so far) once it
+  says it serves. fast_compile: one CPU device and XLA's cheapest optimisation level (quick to compile, slow to
+  run: fine for a tiny model)."""
   port = free_port()
+  env = cli_env() if fast_compile else {**os.environ, "JAX_PLATFORMS": "cpu"}
   proc = subprocess.Popen([sys.executable, "-m", "npp_jax.demo", "--checkpoint", str(checkpoint_dir), "--vq",
-                           str(vq_dir), "--port", str(port), *flags], cwd=REPO, env=cli_env(),
+                           str(vq_dir), "--port", str(port), *flags], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   lines: queue.Queue = queue.Queue()
   threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
