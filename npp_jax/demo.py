@@ -142,7 +142,8 @@ def build_page(backend: GridSampler, names: list[str], defaults: sampling.Sampli
     named = f" ({names[label]})" if label < len(names) else ""
     return grid, f"{num_images} images of class {label}{named}, seed {seed}, in {seconds:.2f} s"
 
-  with gr.Blocks(title="npp-jax sampler", analytics_enabled=False) as page:
+  # Each grid is a PNG in Gradio's cache; files older than an hour are deleted every ten minutes.
+  with gr.Blocks(title="npp-jax sampler", analytics_enabled=False, delete_cache=(600, 3600)) as page:
     gr.Markdown(f"### {title}")
     with gr.Row():
       with gr.Column(scale=1):
