@@ -190,6 +190,10 @@ def _fail(message: str) -> None:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}; options are --checkpoint, --vq, --host, --port, --max_images, --dtype")
+  missing = [f"--{flag.name}" for flag in (_CHECKPOINT, _VQ) if not flag.value]
+  if missing:
+    _fail(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required, e.g. "
+          "--checkpoint runs/fashion --vq npp_jax/assets/vq_fashion")
   os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no version check or telemetry calls home
   try:
     import gradio  # pylint: disable=g-import-not-at-top,unused-import
@@ -229,7 +233,6 @@ def main(argv: list[str]) -> None:
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl parsing, but a bad or missing flag ends with one sentence instead of absl's usage text."""
-  flags.mark_flags_as_required(["checkpoint", "vq"])
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
