@@ -23,8 +23,10 @@ from typing import Any, Callable
 from absl import app
 from absl import flags
 from absl import logging
+import numpy as np
 
 from npp_jax import images as image_io
+from npp_jax import sample
 from npp_jax import sampling
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Trainer workdir or converted model directory.")
@@ -67,7 +69,7 @@ def default_settings(config: Any) -> sampling.SamplingSettings:
   return sampling.SamplingSettings(**{k: sample[k] for k in fields if k in sample})
 
 
-def enlarge(images: Any, side: int = DISPLAY_SIDE) -> Any:
+def enlarge(images: np.ndarray, side: int = DISPLAY_SIDE) -> np.ndarray:
   """Nearest-neighbour upscaling of (N, H, W, C) by the smallest whole factor that makes H at least `side`."""
   factor = max(1, math.ceil(side / images.shape[1]))
   return images.repeat(factor, axis=1).repeat(factor, axis=2)
@@ -85,12 +87,8 @@ class GridSampler:
     self._decode = decode_fn
     self._lock = threading.Lock()  # one device, one request: a second waits instead of competing for it
 
-  def images(self, label: int, num_images: int, seed: int, settings: sampling.SamplingSettings) -> Any:
+  def images(self, label: int, num_images: int, seed: int, settings: sampling.SamplingSettings) -> np.ndarray:
     """uint8 (num_images, H, W, 3): images 0..num_images-1 of `label` under `seed`; ValueError on a bad request."""
-    import numpy as np  # pylint: disable=g-import-not-at-top
-
-    from npp_jax import sample  # pylint: disable=g-import-not-at-top
-
     if not 1 <= num_images <= self.max_images:
       raise ValueError(f"the number of images must be between 1 and {self.max_images}, got {num_images}")
     if not 0 <= seed <= MAX_SEED:
@@ -199,7 +197,6 @@ def main(argv: list[str]) -> None:
     import gradio  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError:
     _fail(f"the demo needs Gradio, an optional extra: {INSTALL_HINT}")
-  from npp_jax import sample  # pylint: disable=g-import-not-at-top
 
   try:
     check_port_free(_HOST.value, _PORT.value)  # before loading, which can take minutes for a large model
@@ -224,7 +221,8 @@ def main(argv: list[str]) -> None:
                 share=False, ssr_mode=False, show_error=False)
   except OSError as e:
     _fail(f"cannot serve on {_HOST.value}:{_PORT.value} ({e}); pass a free --port")
-  print(f"serving on http://{_HOST.value}:{_PORT.value} (Ctrl+C stops)", flush=True)
+  host = f"[{_HOST.value}]" if ":" in _HOST.value else _HOST.value  # an IPv6 address in a URL
+  print(f"serving on http://{host}:{_PORT.value} (Ctrl+C stops)", flush=True)
   if _HOST.value not in ("127.0.0.1", "localhost", "::1"):
     print(f"note: {_HOST.value} is reachable from other machines; anyone who can reach it can use the page",
           flush=True)
