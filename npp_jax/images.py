@@ -51,6 +51,12 @@ def make_grid(images: np.ndarray, rows: int, *, pad: int = 0) -> np.ndarray:
   return grid
 
 
+def square_grid(images: np.ndarray, *, pad: int = 2) -> np.ndarray:
+  """uint8 (N, H, W, C) -> the most nearly square grid, ceil(sqrt(N)) columns, cells `pad` black pixels apart."""
+  cols = math.ceil(math.sqrt(len(images)))
+  return make_grid(images, math.ceil(len(images) / cols), pad=pad)
+
+
 def save_samples_npz(path: PathLike, images: np.ndarray | Iterable[np.ndarray], labels: Any, **settings: Any) -> None:
   """Writes an ADM-style sample file: `arr_0` (N, H, W, 3) uint8, `labels` (N,), and each setting as a 0-d array.
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import pathlib
 import sys
 from typing import Any, Callable, Iterator
@@ -112,8 +111,7 @@ def run(model: nnx.Module, vq_decode_fn: Callable[[jax.Array], jax.Array], label
       grid.extend(batch_images[:max(0, GRID_IMAGES - len(grid))])
       bar.update(n)
 
-  cols = math.ceil(math.sqrt(len(grid)))
-  image_io.save_png(out / "grid.png", image_io.make_grid(np.stack(grid), math.ceil(len(grid) / cols), pad=2))
+  image_io.save_png(out / "grid.png", image_io.square_grid(np.stack(grid), pad=2))
   npz = out / "samples.npz"
   image_io.save_samples_npz(npz, _read_back(paths), labels, num_images=n_total, **settings.record())
   return npz
@@ -131,6 +129,29 @@ def check_tokenizer_fits(model_cfg: ml_collections.ConfigDict, vq_cfg: ml_collec
   if model_cfg.block_size != grid * grid:
     raise ValueError(f"the GPT makes {model_cfg.block_size} tokens per image but the tokenizer decodes a "
                      f"{grid}x{grid} grid at vq.image_size={vq_cfg.image_size}")
+
+
+def load_model_and_tokenizer(checkpoint_dir: str, vq_path: str, config: ml_collections.ConfigDict | None = None
+                             ) -> tuple[nnx.Module, ml_collections.ConfigDict, Callable[[jax.Array], jax.Array]]:
+  """(GPT, its config with vq.checkpoint = vq_path, jitted codes -> images) of a model directory and a tokenizer.
+
+  config: the run config (default: the one stored with the checkpoint). FileNotFoundError for a missing path,
+  ValueError for a tokenizer that does not fit the GPT.
+  """
+  for name, path in (("checkpoint", checkpoint_dir), ("VQ checkpoint", vq_path)):
+    if not pathlib.Path(path).exists():
+      raise FileNotFoundError(f"{name} {path} does not exist")
+  # Heavy imports only once the arguments are known to be sane.
+  from npp_jax import checkpoint, convert  # pylint: disable=g-import-not-at-top
+  from npp_jax.models import vq as vq_lib  # pylint: disable=g-import-not-at-top
+
+  model, config = checkpoint.load_model(checkpoint_dir, config)
+  with config.unlocked():
+    if "vq" not in config:
+      config.vq = vq_lib.default_config()
+    config.vq.checkpoint = vq_path
+  check_tokenizer_fits(model.cfg, config.vq, vq_lib.grid_size(config.vq))
+  return model, config, vq_lib.make_decode_fn(convert.load_vq(config.vq))
 
 
 def _parse_labels(text: str) -> list[int]:
@@ -175,22 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         label_mode="given" if args.labels is not None else args.label_mode)
     if settings.batch_size < 1:
       raise ValueError(f"--batch-size must be at least 1, got {settings.batch_size}")
-    for name, path in (("checkpoint", args.checkpoint), ("VQ checkpoint", args.vq)):
-      if not pathlib.Path(path).exists():
-        raise FileNotFoundError(f"{name} {path} does not exist")
     config = config_lib.load_file(args.config) if args.config else None
-
-    # Heavy imports only once the arguments are known to be sane.
-    from npp_jax import checkpoint, convert  # pylint: disable=g-import-not-at-top
-    from npp_jax.models import vq as vq_lib  # pylint: disable=g-import-not-at-top
-
-    model, config = checkpoint.load_model(args.checkpoint, config)
-    with config.unlocked():
-      if "vq" not in config:
-        config.vq = vq_lib.default_config()
-      config.vq.checkpoint = args.vq
-    check_tokenizer_fits(model.cfg, config.vq, vq_lib.grid_size(config.vq))
-    decode = vq_lib.make_decode_fn(convert.load_vq(config.vq))
+    model, _, decode = load_model_and_tokenizer(args.checkpoint, args.vq, config)
     if args.labels is not None:
       labels = args.labels
     else:

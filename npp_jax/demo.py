@@ -1,0 +1,242 @@
+"""A local web page over a checkpoint: pick a class, guidance, temperature, top-k, top-p and a seed, see the grid.
+
+  python -m npp_jax.demo --checkpoint runs/fashion --vq npp_jax/assets/vq_fashion [--host 127.0.0.1 --port 7860]
+
+Needs Gradio (`pip install -e '.[demo]'`). The sampler is compiled once at start for batches of --max_images (a
+request for fewer images samples the full batch and shows the first ones, so every request reuses that program);
+a new top-k value, or guidance or top-p switched on or off, compiles once more. Requests queue and run one at a
+time. Image i of a request is image i of `python -m npp_jax.sample --labels c,c,... --seed s` with the same
+settings: each sample's key is fold_in(sample_key(seed), i), whatever the batch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+import socket
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+from absl import app
+from absl import flags
+from absl import logging
+import numpy as np
+
+from npp_jax import images as image_io
+from npp_jax import sample
+from npp_jax import sampling
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Trainer workdir or converted model directory.")
+_VQ = flags.DEFINE_string("vq", None, "VQ tokenizer: a save_vq directory, .pt or .safetensors file.")
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to serve on (0.0.0.0 serves every network interface).")
+_PORT = flags.DEFINE_integer("port", 7860, "Port to serve on.")
+_MAX_IMAGES = flags.DEFINE_integer("max_images", 16, "Most images per request (the compiled batch size).")
+_DTYPE = flags.DEFINE_enum("dtype", None, sampling.COMPUTE_DTYPES, "Compute dtype (default: the model config's).")
+
+DISPLAY_SIDE = 128  # small images are enlarged by a whole factor to at least this many pixels, so cells stay sharp
+GRID_PAD = 2
+MAX_SEED = 2**32 - 1
+INSTALL_HINT = "pip install -e '.[demo]'"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What the page shows, without the page.
+
+
+def class_names(config: Any, checkpoint_dir: str) -> list[str]:
+  """Class names from the training data's manifest (data.codes_dir, else WORKDIR/codes), or [] when unknown."""
+  from npp_jax.data import records  # pylint: disable=g-import-not-at-top
+
+  data = config.get("data") or {}
+  codes = pathlib.Path(data.get("codes_dir") or pathlib.Path(checkpoint_dir) / "codes")
+  if not (codes / records.MANIFEST).is_file():
+    return []
+  return list(records.Manifest.read(codes).class_names)
+
+
+def class_choices(num_classes: int, names: list[str]) -> list[tuple[str, int]]:
+  """(shown text, class id) for the class picker: "3: dress" where the name is known, "3" otherwise."""
+  return [(f"{i}: {names[i]}" if i < len(names) else str(i), i) for i in range(num_classes)]
+
+
+def default_settings(config: Any) -> sampling.SamplingSettings:
+  """The checkpoint's config.sample (its guidance scale, temperature, top-k, top-p), where it has one."""
+  sample = config.get("sample") or {}
+  fields = ("cfg_scale", "temperature", "top_k", "top_p")
+  return sampling.SamplingSettings(**{k: sample[k] for k in fields if k in sample})
+
+
+def enlarge(images: np.ndarray, side: int = DISPLAY_SIDE) -> np.ndarray:
+  """Nearest-neighbour upscaling of (N, H, W, C) by the smallest whole factor that makes H at least `side`."""
+  factor = max(1, math.ceil(side / images.shape[1]))
+  return images.repeat(factor, axis=1).repeat(factor, axis=2)
+
+
+class GridSampler:
+  """The sampler and tokenizer behind the page: one batch shape, one request at a time."""
+
+  def __init__(self, model: Any, decode_fn: Callable[[Any], Any], *, max_images: int, dtype: str | None = None):
+    if max_images < 1:
+      raise ValueError(f"--max_images must be at least 1, got {max_images}")
+    self.sampler = sampling.Sampler(model, dtype=dtype)
+    self.num_classes, self.vocab_size = model.cfg.num_classes, model.cfg.vocab_size
+    self.max_images = max_images
+    self._decode = decode_fn
+    self._lock = threading.Lock()  # one device, one request: a second waits instead of competing for it
+
+  def images(self, label: int, num_images: int, seed: int, settings: sampling.SamplingSettings) -> np.ndarray:
+    """uint8 (num_images, H, W, 3): images 0..num_images-1 of `label` under `seed`; ValueError on a bad request."""
+    if not 1 <= num_images <= self.max_images:
+      raise ValueError(f"the number of images must be between 1 and {self.max_images}, got {num_images}")
+    if not 0 <= seed <= MAX_SEED:
+      raise ValueError(f"the seed must be a whole number between 0 and {MAX_SEED}, got {seed}")
+    settings.validate(self.vocab_size)
+    labels = sampling.check_labels([label] * self.max_images, self.num_classes)
+    with self._lock:
+      tokens = self.sampler(labels, sample.sample_key(seed), settings)
+      decoded = np.asarray(self._decode(tokens))
+    return image_io.to_uint8(decoded[:num_images])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The page.
+
+
+def _whole(name: str, value: Any) -> int:
+  """A form field that must hold a whole number, as an int."""
+  value = _given(name, value)
+  if not float(value).is_integer():
+    raise ValueError(f"the {name} must be a whole number, got {value}")
+  return int(value)
+
+
+def _given(name: str, value: Any) -> Any:
+  if value is None or value == "":
+    raise ValueError(f"the {name} field is empty; enter a number")
+  return value
+
+
+def build_page(backend: GridSampler, names: list[str], defaults: sampling.SamplingSettings, title: str):
+  """The Gradio page; each request shows the grid and one status line (the time, or the error sentence)."""
+  import gradio as gr  # pylint: disable=g-import-not-at-top
+
+  choices = class_choices(backend.num_classes, names)
+
+  def generate(label, num_images, cfg_scale, temperature, top_k, top_p, seed):
+    try:
+      label, num_images, seed = _whole("class", label), _whole("number of images", num_images), _whole("seed", seed)
+      settings = sampling.SamplingSettings(cfg_scale=float(_given("guidance scale", cfg_scale)),
+                                           temperature=float(_given("temperature", temperature)),
+                                           top_k=_given("top-k", top_k), top_p=float(_given("top-p", top_p)))
+      started = time.perf_counter()
+      images = backend.images(label, num_images, seed, settings)
+      seconds = time.perf_counter() - started
+    except ValueError as e:
+      return None, f"error: {e}"  # the sampler's sentence, and no stale grid beside it
+    grid = image_io.square_grid(enlarge(images), pad=GRID_PAD)
+    named = f" ({names[label]})" if label < len(names) else ""
+    return grid, f"{num_images} images of class {label}{named}, seed {seed}, in {seconds:.2f} s"
+
+  # Each grid is a PNG in Gradio's cache; files older than an hour are deleted every ten minutes.
+  with gr.Blocks(title="npp-jax sampler", analytics_enabled=False, delete_cache=(600, 3600)) as page:
+    gr.Markdown(f"### {title}")
+    with gr.Row():
+      with gr.Column(scale=1):
+        label = gr.Dropdown(choices, value=choices[0][1], label="class", elem_id="label")
+        num_images = gr.Slider(1, backend.max_images, value=min(8, backend.max_images), step=1,
+                               label="number of images", elem_id="num_images")
+        cfg_scale = gr.Slider(1.0, max(10.0, defaults.cfg_scale), value=defaults.cfg_scale, step=0.05,
+                              label="guidance scale (1 = none)", elem_id="cfg_scale")
+        temperature = gr.Number(defaults.temperature, label="temperature", elem_id="temperature")
+        top_k = gr.Number(defaults.top_k, label="top-k (0 keeps every token)", elem_id="top_k")
+        top_p = gr.Number(defaults.top_p, label="top-p (1 keeps every token)", elem_id="top_p")
+        seed = gr.Number(0, label="seed", elem_id="seed")
+        button = gr.Button("Generate", variant="primary", elem_id="generate")
+      with gr.Column(scale=2):
+        grid = gr.Image(label="samples", type="numpy", format="png", interactive=False,
+                        buttons=["download", "fullscreen"], elem_id="grid")
+        status = gr.Textbox(label="status", interactive=False, elem_id="status")
+    button.click(generate, [label, num_images, cfg_scale, temperature, top_k, top_p, seed], [grid, status],
+                 concurrency_limit=1)
+  return page.queue(default_concurrency_limit=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line.
+
+
+def check_port_free(host: str, port: int) -> None:
+  """A ValueError unless the server could bind host:port now (it binds with SO_REUSEADDR too)."""
+  try:
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, kind, proto) as s:
+      s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+      s.bind(address)
+  except OSError as e:
+    raise ValueError(f"cannot serve on {host}:{port} ({e.strerror or e}); pass another --host or a free --port"
+                     ) from None
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(1)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    _fail(f"unexpected arguments {argv[1:]}; options are --checkpoint, --vq, --host, --port, --max_images, --dtype")
+  missing = [f"--{flag.name}" for flag in (_CHECKPOINT, _VQ) if not flag.value]
+  if missing:
+    _fail(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required, e.g. "
+          "--checkpoint runs/fashion --vq npp_jax/assets/vq_fashion")
+  os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no version check or telemetry calls home
+  try:
+    import gradio  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    _fail(f"the demo needs Gradio, an optional extra: {INSTALL_HINT}")
+
+  try:
+    check_port_free(_HOST.value, _PORT.value)  # before loading, which can take minutes for a large model
+    print(f"loading {_CHECKPOINT.value} and the tokenizer {_VQ.value}", flush=True)
+    model, config, decode = sample.load_model_and_tokenizer(_CHECKPOINT.value, _VQ.value)
+    backend = GridSampler(model, decode, max_images=_MAX_IMAGES.value, dtype=_DTYPE.value)
+    defaults = default_settings(config).validate(model.cfg.vocab_size)
+    names = class_names(config, _CHECKPOINT.value)
+    if not names:
+      print("note: the checkpoint names no data manifest; classes are shown by id", flush=True)
+    print(f"compiling the sampler and the tokenizer for batches of {backend.max_images} (once) ...", flush=True)
+    started = time.perf_counter()
+    backend.images(0, 1, 0, defaults)
+    print(f"compiled in {time.perf_counter() - started:.1f} s", flush=True)
+  except (ValueError, FileNotFoundError) as e:
+    _fail(str(e))
+
+  title = f"{_CHECKPOINT.value}: {model.cfg.num_classes} classes, {model.cfg.block_size} tokens per image"
+  page = build_page(backend, names, defaults, title)
+  try:
+    page.launch(server_name=_HOST.value, server_port=_PORT.value, prevent_thread_lock=True, quiet=True,
+                share=False, ssr_mode=False, show_error=False)
+  except OSError as e:
+    _fail(f"cannot serve on {_HOST.value}:{_PORT.value} ({e}); pass a free --port")
+  host = f"[{_HOST.value}]" if ":" in _HOST.value else _HOST.value  # an IPv6 address in a URL
+  print(f"serving on http://{host}:{_PORT.value} (Ctrl+C stops)", flush=True)
+  if _HOST.value not in ("127.0.0.1", "localhost", "::1"):
+    print(f"note: {_HOST.value} is reachable from other machines; anyone who can reach it can use the page",
+          flush=True)
+  page.block_thread()
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl parsing, but a bad or missing flag ends with one sentence instead of absl's usage text."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(f"bad command line: {e}")
+
+
+if __name__ == "__main__":
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO, httpx every request
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,334 @@
+"""The sampling page (`python -m npp_jax.demo`): its sampler against the plain Sampler, and the page itself served
+over a tiny trained checkpoint and used through Debian's headless Chromium, as a person would.
+
+Needs Gradio and selenium (`pip install -e '.[test]'`) and Debian's chromium and chromium-driver; without them the
+browser test fails with a sentence saying what to install.
+"""
+
+import contextlib
+import io
+import os
+import pathlib
+import queue
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from npp_jax import convert
+from npp_jax import demo
+from npp_jax import images as image_io
+from npp_jax import sample as sample_cli
+from npp_jax import sampling
+from npp_jax import sharding
+from npp_jax import train
+from npp_jax.config import load_file as load_config_file
+from npp_jax.models import vq as vq_lib
+from npp_jax.train_tokenizer import SHIPPED_FASHION_TOKENIZER
+from test_main_cli import cli_env
+from test_pipeline import write_codes
+from test_sample_cli import fake_decode, tiny_gpt  # noqa: F401 (a fixture)
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CHROMIUM, CHROMEDRIVER = pathlib.Path("/usr/bin/chromium"), pathlib.Path("/usr/bin/chromedriver")
+CLASS_NAMES = ["shirt", "boot", "bag"]
+GUIDANCE = 2.5  # the test checkpoint's config.sample.cfg_scale, which the page must offer as the default
+
+
+# -- the sampler behind the page ------------------------------------------------------------------------------
+
+
+def test_images_are_the_samplers_whatever_the_batch(tiny_gpt):  # noqa: F811
+  settings = sampling.SamplingSettings(cfg_scale=2.0, temperature=0.9, top_k=20)
+  backend = demo.GridSampler(tiny_gpt, jax.jit(fake_decode), max_images=5, dtype="float32")
+  shown = backend.images(2, 3, 7, settings)  # sampled as a batch of 5, the first 3 shown
+
+  # Independently: exactly 3 samples of class 2 under the sample CLI's key for seed 7.
+  tokens = sampling.Sampler(tiny_gpt, dtype="float32")([2, 2, 2], sample_cli.sample_key(7), settings)
+  expected = np.clip(127.5 * np.asarray(fake_decode(tokens)) + 128, 0, 255).astype(np.uint8)
+  assert shown.dtype == np.uint8 and shown.shape == (3, 8, 8, 3)
+  np.testing.assert_array_equal(shown, expected)
+  assert len(np.unique(shown.reshape(3, -1), axis=0)) == 3
+  assert not np.array_equal(backend.images(2, 3, 8, settings), shown)
+
+
+@pytest.mark.parametrize("label, num_images, seed, settings, message", [
+    (0, 0, 0, {}, "number of images must be between 1 and 5, got 0"),
+    (0, 6, 0, {}, "number of images must be between 1 and 5, got 6"),
+    (0, 1, -1, {}, "seed must be a whole number between 0 and 4294967295, got -1"),
+    (3, 1, 0, {}, r"label 3 is not a class id in \[0, 3\)"),
+    (0, 1, 0, dict(top_k=33), "vocabulary size 32"),
+    (0, 1, 0, dict(cfg_scale=0.5), "treats any value <= 1 as no guidance"),
+])
+def test_bad_requests_are_one_sentence(tiny_gpt, label, num_images, seed, settings, message):  # noqa: F811
+  backend = demo.GridSampler(tiny_gpt, fake_decode, max_images=5, dtype="float32")
+  with pytest.raises(ValueError, match=message):
+    backend.images(label, num_images, seed, sampling.SamplingSettings(**settings))
+
+
+def test_requests_run_one_at_a_time(tiny_gpt):  # noqa: F811
+  backend = demo.GridSampler(tiny_gpt, lambda tokens: np.zeros((len(tokens), 2, 2, 3)), max_images=2)
+  running, most = [0], [0]
+
+  def slow_sampler(labels, key, settings):
+    running[0] += 1
+    most[0] = max(most[0], running[0])
+    time.sleep(0.05)
+    running[0] -= 1
+    return np.zeros((len(labels), 16), np.int32)
+
+  backend.sampler = slow_sampler
+  threads = [threading.Thread(target=backend.images, args=(0, 1, i, sampling.SamplingSettings()))
+             for i in range(4)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert most[0] == 1
+
+
+def test_class_names_come_from_the_manifest(tmp_path):
+  config = load_config_file(str(REPO / "configs" / "tiny.py"))
+  assert demo.class_names(config, str(tmp_path)) == []  # no codes: ids only
+  write_codes(tmp_path / "codes", np.zeros((3, 1, 16), np.uint16), [0, 1, 2], class_names=CLASS_NAMES)
+  assert demo.class_names(config, str(tmp_path)) == CLASS_NAMES  # WORKDIR/codes
+  config.data.codes_dir = str(tmp_path / "codes")
+  assert demo.class_names(config, str(tmp_path / "elsewhere")) == CLASS_NAMES  # data.codes_dir
+  assert demo.class_choices(4, CLASS_NAMES) == [("0: shirt", 0), ("1: boot", 1), ("2: bag", 2), ("3", 3)]
+
+
+# -- the command line -----------------------------------------------------------------------------------------
+
+
+def run_demo(*args: str, prelude: str = "pass") -> subprocess.CompletedProcess:
+  """`python -m npp_jax.demo ARGS`, after running `prelude` in the same interpreter."""
+  code = "; ".join(["import runpy, sys", prelude, f"sys.argv = ['demo', *{list(args)!r}]",
+                    "runpy.run_module('npp_jax.demo', run_name='__main__')"])
+  return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cli_env(), capture_output=True, text=True,
+                        timeout=120)
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+  assert result.returncode == 1, result.stdout + result.stderr
+  assert "Traceback" not in result.stderr, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+  return lines[0]
+
+
+def test_command_line_errors_are_one_line(tmp_path):
+  vq = str(SHIPPED_FASHION_TOKENIZER)
+  assert "the demo needs Gradio, an optional extra: pip install -e '.[demo]'" in one_line_error(
+      run_demo("--checkpoint", str(tmp_path), "--vq", vq, prelude="sys.modules['gradio'] = None"))
+  assert f"checkpoint {tmp_path / 'nope'} does not exist" in one_line_error(
+      run_demo("--checkpoint", str(tmp_path / "nope"), "--vq", vq, "--port", str(free_port())))
+  assert "--vq is required" in one_line_error(run_demo("--checkpoint", str(tmp_path)))
+  with socket.socket() as taken:
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    assert f"cannot serve on 127.0.0.1:{port}" in one_line_error(
+        run_demo("--checkpoint", str(tmp_path), "--vq", vq, "--port", str(port)))
+
+
+# -- the page in a browser ------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def require_browser():
+  """Fails (not skips) with what to install: the page is the point of the demo."""
+  missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.is_file()]
+  if missing:
+    pytest.fail(f"the demo test drives Debian's headless Chromium ({', '.join(missing)} missing): "
+                "apt-get install chromium chromium-driver")
+  for module in ("gradio", "selenium"):
+    try:
+      __import__(module)
+    except ImportError:
+      pytest.fail(f"the demo test needs {module}: pip install -e '.[test]'")
+
+
+@contextlib.contextmanager
+def serve(checkpoint_dir, vq_dir, *flags: str, fast_compile: bool = True, timeout: float = 300):
+  """Runs the demo on a free local port until the block ends; yields (its address, its output so far) once it
+  says it serves. fast_compile: one CPU device and XLA's cheapest optimisation level (quick to compile, slow to
+  run: fine for a tiny model)."""
+  port = free_port()
+  env = cli_env() if fast_compile else {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.Popen([sys.executable, "-m", "npp_jax.demo", "--checkpoint", str(checkpoint_dir), "--vq",
+                           str(vq_dir), "--port", str(port), *flags], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  lines: queue.Queue = queue.Queue()
+  threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+  url, seen, deadline = f"http://127.0.0.1:{port}", [], time.time() + timeout
+  try:
+    while not any(line.startswith(f"serving on {url}") for line in seen):
+      if proc.poll() is not None or time.time() > deadline:
+        pytest.fail("the demo did not start:\n" + "".join(seen + list(lines.queue)))
+      with contextlib.suppress(queue.Empty):
+        seen.append(lines.get(timeout=1))
+    yield url, seen
+  finally:
+    proc.terminate()
+    try:
+      proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.wait()
+
+
+@contextlib.contextmanager
+def browser(width: int = 1280, height: int = 900):
+  """Headless Debian Chromium through its chromedriver, kept off every network but loopback."""
+  from selenium import webdriver  # pylint: disable=g-import-not-at-top
+  from selenium.webdriver.chrome.service import Service  # pylint: disable=g-import-not-at-top
+
+  options = webdriver.ChromeOptions()
+  options.binary_location = str(CHROMIUM)
+  for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+              f"--window-size={width},{height}", "--no-first-run", "--disable-background-networking",
+              "--disable-component-update", "--disable-sync", "--disable-default-apps",
+              # Anything not on loopback goes to a closed local port and fails at once.
+              "--proxy-server=http://127.0.0.1:9"):
+    options.add_argument(arg)
+  driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+  try:
+    yield driver
+  finally:
+    driver.quit()
+
+
+class Page:
+  """The demo page as a person uses it: pick, type, click, read."""
+
+  def __init__(self, driver, url: str, timeout: float = 120):
+    from selenium.webdriver.support.ui import WebDriverWait  # pylint: disable=g-import-not-at-top
+
+    self.driver, self.url = driver, url
+    self.wait = WebDriverWait(driver, timeout)
+    driver.get(url)
+    self.wait.until(lambda d: self._all("#generate"))
+
+  def _all(self, css: str):
+    from selenium.webdriver.common.by import By  # pylint: disable=g-import-not-at-top
+    return self.driver.find_elements(By.CSS_SELECTOR, css)
+
+  def value(self, field: str) -> str:
+    return self._all(f"#{field} input")[0].get_attribute("value")
+
+  def choose_class(self, text: str) -> None:
+    self._all("#label input")[0].click()
+    self.wait.until(lambda d: self._all(f'#label li[role=option][aria-label="{text}"]'))[0].click()
+    assert self.value("label") == text
+
+  def enter(self, field: str, value) -> None:
+    from selenium.webdriver.common.keys import Keys  # pylint: disable=g-import-not-at-top
+    box = self._all(f"#{field} input")[0]
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(str(value), Keys.TAB)
+
+  def status(self) -> str:
+    return self._all("#status textarea")[0].get_attribute("value")
+
+  def generate(self, expected_status: str) -> str:
+    """Clicks Generate and waits for a status line that starts with `expected_status`; returns the line."""
+    self._all("#generate")[0].click()
+    self.wait.until(lambda d: self.status().startswith(expected_status))
+    return self.status()
+
+  def grid(self) -> np.ndarray | None:
+    """The grid the browser shows (None when it shows none), checked to have loaded at its own size."""
+    shown = self._all("#grid img")
+    if not shown:
+      return None
+    self.wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0",
+                                               shown[0]))
+    src = shown[0].get_attribute("src")
+    assert src.startswith(self.url + "/"), src
+    with urllib.request.urlopen(src, timeout=30) as response:
+      image = np.asarray(Image.open(io.BytesIO(response.read())).convert("RGB"))
+    size = self.driver.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", shown[0])
+    assert size == [image.shape[1], image.shape[0]]
+    return image
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory) -> pathlib.Path:
+  """A 1-layer GPT trained for 2 steps on random codes of the shipped tokenizer, with named classes."""
+  root = tmp_path_factory.mktemp("demo")
+  vq_cfg, _ = convert.read_saved_vq(SHIPPED_FASHION_TOKENIZER)
+  grid = vq_lib.grid_size(vq_cfg)
+  views = np.random.default_rng(0).integers(0, vq_cfg.codebook_size, (12, 1, grid * grid)).astype(np.uint16)
+  codes = write_codes(root / "codes", views, [i % 3 for i in range(12)], vocab=vq_cfg.codebook_size, grid=grid,
+                      num_classes=3, shards=1, class_names=CLASS_NAMES)
+  config = load_config_file(str(REPO / "configs" / "tiny.py"))
+  config.model.update(dim=32, n_layer=1, n_head=2, vocab_size=vq_cfg.codebook_size, num_classes=3,
+                      block_size=grid * grid)
+  config.vq = vq_cfg
+  config.vq.checkpoint = ""  # the demo is given the tokenizer; the trainer needs none for prepared codes
+  config.npp.stages = ((1, 1.0),)
+  config.data.update(kind="codes", codes_dir=str(codes))
+  config.train.update(global_batch_size=4, total_steps=2, log_every=1, checkpoint_every=2)
+  config.optim.warmup_steps = 1
+  config.sample.cfg_scale = GUIDANCE
+  train.run(config, str(root / "run"), mesh=sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+  return root / "run"
+
+
+def check_grid(image: np.ndarray, count: int) -> list[np.ndarray]:
+  """`count` 32x32 images shown at 4x (128 px) in a 2x2 grid 2 px apart: 258x258, gaps and empty cells black."""
+  assert image.shape == (258, 258, 3)
+  assert not image[128:130].any() and not image[:, 128:130].any()
+  cells = [image[r:r + 128, c:c + 128] for r in (0, 130) for c in (0, 130)]
+  for cell in cells[:count]:
+    blocks = cell.reshape(32, 4, 32, 4, 3)
+    assert (blocks == blocks[:, :1, :, :1]).all()  # each source pixel is a 4x4 block
+    assert cell.any()
+  assert not any(cell.any() for cell in cells[count:])
+  return cells[:count]
+
+
+def test_the_page_in_a_browser(trained_checkpoint):
+  require_browser()
+  with serve(trained_checkpoint, SHIPPED_FASHION_TOKENIZER, "--max_images", "4") as (url, log):
+    assert any(line.startswith("compiling the sampler") for line in log)
+    with browser() as driver:
+      page = Page(driver, url)
+      assert float(page.value("cfg_scale")) == GUIDANCE
+      page.choose_class("2: bag")
+      page.enter("num_images", 3)
+      page.enter("seed", 3)
+      status = page.generate("3 images of class 2 (bag), seed 3, in ")
+      assert status.endswith(" s")
+      first = page.grid()
+      cells = check_grid(first, 3)
+      assert not np.array_equal(cells[0], cells[1])
+
+      page.enter("seed", 4)
+      page.generate("3 images of class 2 (bag), seed 4, in ")
+      other = page.grid()
+      check_grid(other, 3)
+      assert not np.array_equal(other, first)
+
+      page.enter("seed", 3)
+      page.generate("3 images of class 2 (bag), seed 3, in ")
+      np.testing.assert_array_equal(page.grid(), first)
+
+      page.enter("top_p", 1.5)
+      with pytest.raises(ValueError) as expected:
+        sampling.SamplingSettings(cfg_scale=GUIDANCE, top_p=1.5).validate()
+      assert page.generate("error: ") == f"error: {expected.value}"
+      assert page.grid() is None
+      assert "Traceback" not in driver.page_source
