@@ -40,6 +40,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 _MIN_TEMPERATURE = 1e-5  # the reference's floor on the divisor
 _BATCH_AXIS = "batch"
 _CACHE_CHUNKS = 4  # decode scans, one per cache chunk; each attends over the chunks filled so far
+DRAFT_INITS = ("random", "previous")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +55,10 @@ class SamplingSettings:
   top_k: 0 keeps every token; otherwise 1..vocab_size.
   top_p: in (0, 1]; 1 keeps every token.
   greedy: argmax instead of drawing (temperature, top-k and top-p then do not matter).
+  speculative_window: 0 decodes one token per forward pass; W >= 1 runs speculative Jacobi decoding with W draft
+    positions per pass (same output distribution, fewer passes; see `_speculative_loop`).
+  draft_init: how a draft position entering the window is first drawn: "random" (uniform tokens) or "previous"
+    (from the target distribution of the window's last position in the pass that just ran).
   """
 
   cfg_scale: float = 1.0
@@ -62,6 +67,8 @@ class SamplingSettings:
   top_k: int = 0
   top_p: float = 1.0
   greedy: bool = False
+  speculative_window: int = 0
+  draft_init: str = "random"
 
   @property
   def guided(self) -> bool:
@@ -85,6 +92,10 @@ class SamplingSettings:
       raise ValueError(f"top_k must be an integer {limit} (0 keeps every token), got {self.top_k}")
     if not 0 < self.top_p <= 1:
       raise ValueError(f"top_p must be in (0, 1] (1 keeps every token), got {self.top_p}")
+    if int(self.speculative_window) != self.speculative_window or self.speculative_window < 0:
+      raise ValueError(f"speculative_window must be an integer >= 0 (0 = off), got {self.speculative_window}")
+    if self.draft_init not in DRAFT_INITS:
+      raise ValueError(f"draft_init must be one of {DRAFT_INITS}, got {self.draft_init!r}")
     return self
 
 
@@ -158,6 +169,8 @@ class _Static(NamedTuple):
   use_top_p: bool
   greedy: bool
   mesh: Mesh
+  window: int = 0  # speculative window; 0 = plain decoding
+  draft_init: str = "random"
 
 
 def _constrain(x: jax.Array, mesh: Mesh, spec: P) -> jax.Array:
@@ -212,20 +225,150 @@ def _decode_loop(params, cfg, labels, choose, *, guided, cfg_scale, cfg_interval
   return tokens, (jnp.concatenate(all_logits, axis=1) if keep_logits else None)
 
 
+class SpeculativeStats(NamedTuple):
+  """Per sample: forward passes until it held block_size tokens, and per window index i how often draft i was
+  scored with every draft before it accepted (`reached`) and how often it was accepted (`accepted`)."""
+
+  passes: jax.Array  # (B,) int32
+  reached: jax.Array  # (B, W) int32
+  accepted: jax.Array  # (B, W) int32
+
+
+def _rows_at(x: jax.Array, start: jax.Array, width: int) -> jax.Array:
+  """x[b, start[b]:start[b] + width] for every row b (x (B, L, ...))."""
+  return jax.vmap(lambda row, s: jax.lax.dynamic_slice_in_dim(row, s, width, 0))(x, start)
+
+
+def _speculative_loop(params, cfg, labels, sample_keys, target, *, window, guided, cfg_scale, cfg_interval, greedy,
+                      draft_init, mesh):
+  """Speculative Jacobi decoding: each pass scores a window of W drafts per sample in one decode call.
+
+  Sample b holds n[b] accepted tokens and drafts d_0..d_{W-1} for tokens n..n+W-1, each drawn from a known q_i.
+  One pass feeds [token n-1 (the class token when n = 0), d_0..d_{W-2}] at positions n..n+W-1 and gets the target
+  p_i of token n+i given the tokens before it, drafts included. Draft i is accepted with probability
+  min(1, p_i(d_i) / q_i(d_i)) while every draft before it was; the first rejected one is replaced by a draw from
+  norm(max(0, p_i - q_i)) (the speculative-sampling rule, so every kept token follows the model exactly), and the
+  drafts after it are redrawn from this pass's p_i (the Jacobi update). The window then slides past the kept
+  tokens; its cache slots beyond them are stale but masked by position and overwritten by the next pass.
+  Greedy decoding accepts a draft iff it is the argmax of p_i, which reaches the plain greedy tokens.
+
+  target(logits (R, V)) -> filtered logits (R, V): the distribution p is drawn from. Randomness: pass j of sample b
+  uses fold_in(sample_keys[b], j + 1) (and fold_in(·, 0) for its first drafts), so rows never share draws and a
+  sample does not depend on the others. Returns (tokens (B, S), SpeculativeStats).
+  """
+  seq_len, vocab, batch = cfg.block_size, cfg.vocab_size, labels.shape[0]
+  offsets = jnp.arange(window)
+  model_rows = jnp.stack([labels, jnp.full_like(labels, cfg.num_classes)], axis=1).reshape(-1) if guided else labels
+  pair = (lambda a: jnp.repeat(a, 2, axis=0)) if guided else (lambda a: a)
+  # Slots 0..S-1 hold the sample; a pass writes W slots from n, and finished rows (n = S) keep running, so S + W.
+  shape = (model_rows.shape[0], cfg.n_head, seq_len + window, cfg.dim // cfg.n_head)
+  empty = lambda: tuple((_constrain(jnp.zeros(shape, params["norm"].dtype), mesh, P(_BATCH_AXIS)),)
+                        for _ in range(cfg.n_layer))
+  cache = gpt.KVCache(empty(), empty())
+  class_tokens = params["cls_embedding"][model_rows][:, None]
+
+  def pass_keys(j):
+    keys = jax.vmap(jax.random.fold_in, (0, None))(sample_keys, j)
+    return jax.vmap(lambda k: jax.random.split(k, 4))(keys).swapaxes(0, 1)  # (4, B) keys
+
+  def draws(keys, logits):
+    """(B,) keys, (B, W, V) logits -> (B, W) tokens, one independent draw per window position."""
+    if greedy:
+      return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    keys = jax.vmap(lambda k: jax.random.split(k, window))(keys).reshape(-1)
+    return draw(keys, logits.reshape(-1, vocab)).reshape(batch, window)
+
+  def fresh_drafts(keys, last_logits):
+    """Drafts for positions entering the window and the log-distribution they come from (B, W), (B, W, V)."""
+    if draft_init == "random" or last_logits is None:
+      log_q = jnp.full((batch, window, vocab), -jnp.log(jnp.float32(vocab)))
+    else:
+      log_q = jnp.broadcast_to(jax.nn.log_softmax(last_logits, axis=-1)[:, None], (batch, window, vocab))
+    return draws(keys, log_q), log_q
+
+  def target_logits(cache, tokens, drafts, n):
+    """Runs the window; returns (p's filtered logits (B, W, V) for tokens n..n+W-1, cache)."""
+    previous = jnp.take_along_axis(tokens, jnp.maximum(n - 1, 0)[:, None], axis=1)
+    x = pair(params["tok_embeddings"][jnp.concatenate([previous, drafts[:, :-1]], axis=1)])
+    x = jnp.where(((pair(n) == 0)[:, None] & (offsets == 0))[..., None], class_tokens, x)
+    logits, cache = gpt.decode_rows(params, cfg, x, cache, pair(n))
+    t = n[:, None] + offsets  # the token index each position predicts
+    if guided:
+      # Rows are (cond, null) pairs; line each position's pair up as consecutive rows for `guide`.
+      pairs = logits.reshape(batch, 2, window, vocab).swapaxes(1, 2).reshape(-1, vocab)
+      use = ((cfg_interval < 0) | (t <= cfg_interval + 1)).reshape(-1, 1)
+      logits = guide(pairs, cfg_scale, use)
+    return target(logits.reshape(-1, vocab)).reshape(batch, window, vocab), cache
+
+  def body(state):
+    j, cache, tokens, drafts, log_q, n, stats = state
+    accept_keys, residual_keys, redraw_keys, fresh_keys = pass_keys(j + 1)
+    logits, cache = target_logits(cache, tokens, drafts, n)
+    log_p = jax.nn.log_softmax(logits, axis=-1)
+    inside = offsets < seq_len - n[:, None]  # window positions that are tokens of the image
+    if greedy:
+      ok = drafts == jnp.argmax(logits, axis=-1)
+    else:
+      at = lambda a: jnp.take_along_axis(a, drafts[..., None], axis=-1)[..., 0]
+      u = jax.vmap(lambda k: jax.random.uniform(k, (window,)))(accept_keys)  # [0, 1)
+      ok = jnp.log(u) + at(log_q) < at(log_p)  # u < p/q
+    kept = jnp.sum(jnp.cumprod(ok & inside, axis=1), axis=1)  # accepted prefix
+    first = jnp.minimum(kept, window - 1)[:, None]  # the rejected position (when kept < W)
+    p_first = jnp.take_along_axis(log_p, first[..., None], axis=1)[:, 0]
+    if greedy:
+      replacement = jnp.argmax(p_first, axis=-1).astype(jnp.int32)
+    else:
+      q_first = jnp.take_along_axis(log_q, first[..., None], axis=1)[:, 0]
+      residual = jnp.maximum(jnp.exp(p_first) - jnp.exp(q_first), 0.0)
+      # p == q leaves nothing, but then a rejection has probability 0 (it can only come from rounding).
+      residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 0, jnp.log(residual), p_first)
+      replacement = draw(residual_keys, residual)
+    final = jnp.where(offsets < kept[:, None], drafts, replacement[:, None])
+    tokens = jax.vmap(lambda row, new, s: jax.lax.dynamic_update_slice_in_dim(row, new, s, 0))(tokens, final, n)
+    advance = jnp.minimum(jnp.minimum(kept + 1, window), seq_len - n)
+    # Next window: this pass's redraws for the positions past the rejection, fresh drafts beyond this window.
+    new, new_log_q = fresh_drafts(fresh_keys, logits[:, -1])
+    candidates = jnp.concatenate([draws(redraw_keys, logits), new], axis=1)
+    candidate_log_q = jnp.concatenate([log_p, new_log_q], axis=1)
+    drafts = _rows_at(candidates, advance, window)
+    log_q = _rows_at(candidate_log_q, advance, window)
+    active = (n < seq_len)[:, None]
+    passes, reached, accepted = stats
+    stats = SpeculativeStats(passes + active[:, 0], reached + (active & inside & (offsets <= kept[:, None])),
+                             accepted + (active & (offsets < kept[:, None])))
+    return j + 1, cache, tokens, drafts, log_q, n + advance, stats
+
+  drafts, log_q = fresh_drafts(pass_keys(0)[0], None)
+  tokens = jnp.zeros((batch, seq_len + window), jnp.int32)
+  zeros = jnp.zeros((batch, window), jnp.int32)
+  stats = SpeculativeStats(jnp.zeros((batch,), jnp.int32), zeros, zeros)
+  state = (jnp.int32(0), cache, tokens, drafts, log_q, jnp.zeros((batch,), jnp.int32), stats)
+  state = jax.lax.while_loop(lambda state: jnp.any(state[5] < seq_len), body, state)
+  return state[2][:, :seq_len], state[6]
+
+
 @functools.partial(jax.jit, static_argnames=("static",))
 def _generate(params, labels, sample_ids, key, cfg_scale, cfg_interval, temperature, top_p, *, static: _Static):
+  """(tokens (B, S) int32, SpeculativeStats or None for plain decoding)."""
   sample_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, sample_ids)
+  if static.greedy:
+    target = lambda logits: logits
+  else:
+    target = lambda logits: filter_logits(logits, temperature, static.top_k, top_p if static.use_top_p else None)
+  if static.window:
+    return _speculative_loop(params, static.cfg, labels, sample_keys, target, window=static.window,
+                             guided=static.guided, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
+                             greedy=static.greedy, draft_init=static.draft_init, mesh=static.mesh)
 
   def choose(logits, t):
     if static.greedy:
       return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = filter_logits(logits, temperature, static.top_k, top_p if static.use_top_p else None)
     step_keys = jax.vmap(jax.random.fold_in, (0, None))(sample_keys, t)
-    return draw(step_keys, logits)
+    return draw(step_keys, target(logits))
 
   tokens, _ = _decode_loop(params, static.cfg, labels, choose, guided=static.guided, cfg_scale=cfg_scale,
                            cfg_interval=cfg_interval, mesh=static.mesh)
-  return tokens
+  return tokens, None
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "guided", "mesh"))
@@ -276,6 +419,11 @@ class Sampler:
 
   def __call__(self, labels: Any, key: jax.Array, settings: SamplingSettings, *, sample_offset: int = 0) -> jax.Array:
     """int32 tokens (B, block_size) for labels (B,); sample i uses key fold_in(key, sample_offset + i)."""
+    return self.sample_with_stats(labels, key, settings, sample_offset=sample_offset)[0]
+
+  def sample_with_stats(self, labels: Any, key: jax.Array, settings: SamplingSettings, *, sample_offset: int = 0
+                        ) -> tuple[jax.Array, SpeculativeStats | None]:
+    """(tokens as from calling the sampler, SpeculativeStats of the rows, or None without speculative decoding)."""
     settings.validate(self.cfg.vocab_size)
     labels = check_labels(labels, self.cfg.num_classes)
     ids = sample_offset + np.arange(labels.shape[0], dtype=np.int64)
@@ -283,11 +431,14 @@ class Sampler:
       raise ValueError(f"sample_offset must keep sample indices in [0, 2**32), got offset {sample_offset}")
     n, (labels, ids) = self._shard_batch(labels, ids.astype(np.uint32))
     static = _Static(cfg=self.cfg, guided=settings.guided, top_k=int(settings.top_k), use_top_p=settings.top_p < 1,
-                     greedy=bool(settings.greedy), mesh=self.mesh)
-    tokens = _generate(self._params, labels, ids, key, jnp.float32(settings.cfg_scale),
-                       jnp.int32(settings.cfg_interval), jnp.float32(settings.temperature),
-                       jnp.float32(settings.top_p), static=static)
-    return tokens[:n] if tokens.shape[0] != n else tokens
+                     greedy=bool(settings.greedy), mesh=self.mesh, window=int(settings.speculative_window),
+                     draft_init=settings.draft_init if settings.speculative_window else "random")
+    tokens, stats = _generate(self._params, labels, ids, key, jnp.float32(settings.cfg_scale),
+                              jnp.int32(settings.cfg_interval), jnp.float32(settings.temperature),
+                              jnp.float32(settings.top_p), static=static)
+    if tokens.shape[0] != n:
+      tokens, stats = jax.tree.map(lambda a: a[:n], (tokens, stats))
+    return tokens, stats
 
   def teacher_forced_logits(self, labels: Any, tokens: Any, *, cfg_scale: float, cfg_interval: int = -1) -> jax.Array:
     """float32 (B, block_size, V): the logits the sampler would see at each step if it had chosen `tokens`."""
@@ -304,7 +455,7 @@ class Sampler:
 
 def generate(model: nnx.Module, labels: Any, key: jax.Array, *, cfg_scale: float, cfg_interval: int = -1,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
-             sample_offset: int = 0, dtype: str | None = None,
+             speculative_window: int = 0, draft_init: str = "random", sample_offset: int = 0, dtype: str | None = None,
              devices: Sequence[jax.Device] | None = None) -> jax.Array:
   """int32 tokens (B, block_size) for class labels (B,); see the module docstring for the semantics.
 
@@ -312,5 +463,5 @@ def generate(model: nnx.Module, labels: Any, key: jax.Array, *, cfg_scale: float
   (default: all local devices). For many batches build a `Sampler` once instead (it casts the parameters once).
   """
   settings = SamplingSettings(cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature, top_k=top_k,
-                              top_p=top_p, greedy=greedy)
+                              top_p=top_p, greedy=greedy, speculative_window=speculative_window, draft_init=draft_init)
   return Sampler(model, dtype=dtype, devices=devices)(labels, key, settings, sample_offset=sample_offset)

@@ -277,15 +277,46 @@ def decode(params: dict[str, Any], cfg: ml_collections.ConfigDict, x: jnp.ndarra
   starts = [0]
   for length in cache.chunk_lengths[:chunk]:
     starts.append(starts[-1] + length)
+
+  def write(chunks, new):
+    buf = jax.lax.dynamic_update_slice_in_dim(chunks[chunk], jnp.swapaxes(new, 1, 2).astype(chunks[chunk].dtype),
+                                              pos - starts[-1], 2)
+    return chunks[:chunk] + (buf,) + chunks[chunk + 1:]
+
+  attend = lambda q, k_chunks, v_chunks: _cached_attention(q, k_chunks[:chunk + 1], v_chunks[:chunk + 1], starts, pos)
+  return _decode_layers(params, cfg, x, rotary, cache, write, attend)
+
+
+def decode_rows(params: dict[str, Any], cfg: ml_collections.ConfigDict, x: jnp.ndarray, cache: KVCache,
+                pos: jnp.ndarray) -> tuple[jnp.ndarray, KVCache]:
+  """`decode` with a position per row: x (B, T, D) at positions pos[b]..pos[b]+T-1 of row b -> (logits, cache).
+
+  For loops whose rows advance at different speeds (speculative decoding). The cache must be one chunk with room
+  for every pos[b] + T slots; each row writes its T slots (a scatter, in place in a loop) and its queries attend
+  over the whole buffer, masked to the slots up to their own position, so slots past it may hold anything.
+  Positions past the model's last one reuse the last rotary angle (their outputs are for the caller to ignore).
+  """
+  if len(cache.chunk_lengths) != 1:
+    raise ValueError(f"decode_rows needs a one-chunk cache, got {len(cache.chunk_lengths)} chunks")
+  t = x.shape[1]
+  cos, sin = rope.rope_table(grid_side(cfg), cfg.dim // cfg.n_head, float(cfg.rope_base), cfg.cls_token_num)
+  rows = jnp.minimum(pos[:, None] + jnp.arange(t), cos.shape[0] - 1)
+  rotary = (jnp.asarray(cos)[rows], jnp.asarray(sin)[rows])
+  row_write = jax.vmap(lambda buf, new, start: jax.lax.dynamic_update_slice_in_dim(buf, new, start, 1))
+  write = lambda chunks, new: (row_write(chunks[0], jnp.swapaxes(new, 1, 2).astype(chunks[0].dtype), pos),)
+  attend = lambda q, k_chunks, v_chunks: _cached_attention(q, k_chunks, v_chunks, [0], pos)
+  return _decode_layers(params, cfg, x, rotary, cache, write, attend)
+
+
+def _decode_layers(params, cfg, x, rotary, cache, write, attend):
+  """The blocks and head of the decode path; `write(chunks, new (B, T, N, H))` stores new keys or values in a
+  layer's cache chunks and `attend(q, k_chunks, v_chunks)` reads them."""
   x = x.astype(params["norm"].dtype)
   keys, values = [], []
   for p, k_chunks, v_chunks in zip(params["layers"], cache.k, cache.v):
     q, k, v = _qkv(_rms_norm(x, p["attention_norm"], cfg.norm_eps), p["wqkv"], rotary)
-    write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(
-        buf, jnp.swapaxes(new, 1, 2).astype(buf.dtype), pos - starts[-1], 2)
-    k_chunks = k_chunks[:chunk] + (write(k_chunks[chunk], k),) + k_chunks[chunk + 1:]
-    v_chunks = v_chunks[:chunk] + (write(v_chunks[chunk], v),) + v_chunks[chunk + 1:]
-    out = _cached_attention(q, k_chunks[:chunk + 1], v_chunks[:chunk + 1], starts, pos)
+    k_chunks, v_chunks = write(k_chunks, k), write(v_chunks, v)
+    out = attend(q, k_chunks, v_chunks)
     x = x + out.reshape(*out.shape[:2], -1) @ p["wo"].reshape(-1, p["wo"].shape[-1])
     x = x + _feed_forward(x, p, cfg.norm_eps)
     keys.append(k_chunks)
@@ -294,13 +325,16 @@ def decode(params: dict[str, Any], cfg: ml_collections.ConfigDict, x: jnp.ndarra
 
 
 def _cached_attention(q, k_chunks, v_chunks, starts, pos):
-  """q (B, T, N, H) at positions pos..pos+T-1 over cache chunks (B, N, len, H) that start at slots `starts`."""
+  """q (B, T, N, H) at positions pos..pos+T-1 over cache chunks (B, N, len, H) that start at slots `starts`.
+
+  pos is a scalar, or one position per row (B,)."""
   scale = 1.0 / math.sqrt(q.shape[-1])
-  query_pos = pos + jnp.arange(q.shape[1])
+  query_pos = jnp.asarray(pos)[..., None] + jnp.arange(q.shape[1])  # (T,) or (B, T)
   scores = []
   for k, start in zip(k_chunks, starts):
     s = jnp.einsum("btnh,bnsh->bnts", q, k.astype(q.dtype), preferred_element_type=jnp.float32) * scale
-    visible = start + jnp.arange(k.shape[2])[None, :] <= query_pos[:, None]
+    visible = start + jnp.arange(k.shape[2]) <= query_pos[..., None]
+    visible = visible[:, None] if visible.ndim == 3 else visible  # per-row masks broadcast over heads
     scores.append(jnp.where(visible, s, -jnp.inf))
   probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(q.dtype)
   out, offset = 0, 0
