@@ -281,9 +281,9 @@ def _speculative_loop(params, cfg, labels, sample_keys, target, *, window, guide
   def fresh_drafts(keys, last_logits):
     """Drafts for positions entering the window and the log-distribution they come from (B, W), (B, W, V)."""
     if draft_init == "random" or last_logits is None:
-      log_q = jnp.full((batch, window, vocab), -jnp.log(jnp.float32(vocab)))
-    else:
-      log_q = jnp.broadcast_to(jax.nn.log_softmax(last_logits, axis=-1)[:, None], (batch, window, vocab))
+      tokens = jax.vmap(lambda k: jax.random.randint(k, (window,), 0, vocab, jnp.int32))(keys)
+      return tokens, jnp.full((batch, window, vocab), -jnp.log(jnp.float32(vocab)))
+    log_q = jnp.broadcast_to(jax.nn.log_softmax(last_logits, axis=-1)[:, None], (batch, window, vocab))
     return draws(keys, log_q), log_q
 
   def target_logits(cache, tokens, drafts, n):

@@ -233,14 +233,21 @@ def test_decode_loop_writes_the_cache_in_place_and_never_copies_weights(referenc
   head_dim = cfg.dim // cfg.n_head
   chunk = f"f32[6,{cfg.n_head},{cfg.block_size // 4},{head_dim}]"  # 3 samples x (cond, null), 4 chunks
   weights = {f"f32[{a},{b}]" for a, b in [(cfg.dim, 3 * cfg.dim), (cfg.dim, cfg.dim), (cfg.dim, cfg.vocab_size)]}
+  assert loops_touching(hlo, chunk, weights, writes=("dynamic-update-slice",)) == 4  # one scan per chunk
+
+
+def loops_touching(hlo: str, cache: str, weights: set[str], writes: tuple[str, ...]) -> int:
+  """Asserts that every while-loop body touches arrays of shape `cache` only by reading them or by an instruction
+  named after one of `writes` (in-place updates), and never copies a `weights`-shaped array; returns how many
+  bodies hold a `cache`-shaped array."""
   bodies = _while_bodies(hlo)
-  assert sum(any(f"= {chunk}" in line for line in body) for body in bodies.values()) == 4  # one scan per chunk
   for body in bodies.values():
     for line in body:
       array = re.match(r"(?:ROOT )?%\S+ = (\w+\[[\d,]*\])(?:\{[\d,]*\})? ([\w-]+)\(", line)
       if array is None:  # a tuple-shaped instruction
         continue
       shape, op = array.groups()
-      if shape == chunk:
-        assert op in ("get-tuple-element", "bitcast") or "dynamic-update-slice" in line.split("=")[0], line[:200]
+      if shape == cache:
+        assert op in ("get-tuple-element", "bitcast") or any(w in line.split("=")[0] for w in writes), line[:200]
       assert not (shape in weights and op not in ("get-tuple-element", "bitcast", "parameter")), line[:200]
+  return sum(any(f"= {cache}" in line for line in body) for body in bodies.values())
