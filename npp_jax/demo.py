@@ -11,6 +11,7 @@ settings: each sample's key is fold_in(sample_key(seed), i), whatever the batch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import pathlib
@@ -35,6 +36,8 @@ _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to serve on (0.0.0.0 s
 _PORT = flags.DEFINE_integer("port", 7860, "Port to serve on.")
 _MAX_IMAGES = flags.DEFINE_integer("max_images", 16, "Most images per request (the compiled batch size).")
 _DTYPE = flags.DEFINE_enum("dtype", None, sampling.COMPUTE_DTYPES, "Compute dtype (default: the model config's).")
+_SPECULATIVE_WINDOW = flags.DEFINE_integer(
+    "speculative_window", 0, "Speculative Jacobi decoding with this many draft tokens per forward pass (0 = off).")
 
 DISPLAY_SIDE = 128  # small images are enlarged by a whole factor to at least this many pixels, so cells stay sharp
 GRID_PAD = 2
@@ -130,7 +133,8 @@ def build_page(backend: GridSampler, names: list[str], defaults: sampling.Sampli
       label, num_images, seed = _whole("class", label), _whole("number of images", num_images), _whole("seed", seed)
       settings = sampling.SamplingSettings(cfg_scale=float(_given("guidance scale", cfg_scale)),
                                            temperature=float(_given("temperature", temperature)),
-                                           top_k=_given("top-k", top_k), top_p=float(_given("top-p", top_p)))
+                                           top_k=_given("top-k", top_k), top_p=float(_given("top-p", top_p)),
+                                           speculative_window=defaults.speculative_window)
       started = time.perf_counter()
       images = backend.images(label, num_images, seed, settings)
       seconds = time.perf_counter() - started
@@ -203,7 +207,8 @@ def main(argv: list[str]) -> None:
     print(f"loading {_CHECKPOINT.value} and the tokenizer {_VQ.value}", flush=True)
     model, config, decode = sample.load_model_and_tokenizer(_CHECKPOINT.value, _VQ.value)
     backend = GridSampler(model, decode, max_images=_MAX_IMAGES.value, dtype=_DTYPE.value)
-    defaults = default_settings(config).validate(model.cfg.vocab_size)
+    defaults = dataclasses.replace(default_settings(config), speculative_window=_SPECULATIVE_WINDOW.value)
+    defaults = defaults.validate(model.cfg.vocab_size)
     names = class_names(config, _CHECKPOINT.value)
     if not names:
       print("note: the checkpoint names no data manifest; classes are shown by id", flush=True)

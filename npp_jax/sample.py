@@ -176,6 +176,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--top-k", type=int, default=0, help="0 keeps every token")
   p.add_argument("--top-p", type=float, default=1.0, help="1 keeps every token")
   p.add_argument("--greedy", action="store_true", help="argmax decoding")
+  p.add_argument("--speculative-window", "--speculative_window", type=int, default=0, dest="speculative_window",
+                 help="speculative Jacobi decoding with this many draft tokens per forward pass (0 = off); same "
+                      "output distribution, fewer forward passes")
+  p.add_argument("--draft-init", "--draft_init", choices=sampling.DRAFT_INITS,
+                 default=sampling.SamplingSettings.draft_init,
+                 dest="draft_init", help="how speculative drafts entering the window are first drawn")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--batch-size", type=int, default=32)
   p.add_argument("--dtype", choices=sampling.COMPUTE_DTYPES, default="bfloat16")
@@ -190,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = RunSettings(
         sampling=sampling.SamplingSettings(cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval,
                                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                           greedy=args.greedy).validate(),
+                                           greedy=args.greedy,
+                                           speculative_window=args.speculative_window,
+                                           draft_init=args.draft_init).validate(),
         seed=args.seed, batch_size=args.batch_size, dtype=args.dtype,
         checkpoint=str(pathlib.Path(args.checkpoint).resolve()), vq=str(pathlib.Path(args.vq).resolve()),
         label_mode="given" if args.labels is not None else args.label_mode)

@@ -57,8 +57,8 @@ def test_run_writes_pngs_grid_and_samples_npz(tiny_gpt, tmp_path):
     np.testing.assert_array_equal(npz["arr_0"], expected)
     np.testing.assert_array_equal(npz["labels"], labels)
     stored = {k: npz[k].item() for k in npz.files if k not in ("arr_0", "labels")}
-  assert stored == dict(cfg_scale=2.0, cfg_interval=-1, temperature=0.9, top_k=20, top_p=0.9, greedy=False, seed=7,
-                        batch_size=4, dtype="float32", checkpoint="/ckpt/dir", vq="/vq.pt", label_mode="given",
+  assert stored == dict(cfg_scale=2.0, cfg_interval=-1, temperature=0.9, top_k=20, top_p=0.9, greedy=False,
+                        speculative_window=0, draft_init="random", seed=7, batch_size=4, dtype="float32", checkpoint="/ckpt/dir", vq="/vq.pt", label_mode="given",
                         num_images=6)
   pngs = sorted((tmp_path / "images").iterdir())
   assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(6)]
@@ -114,6 +114,7 @@ def paths(tmp_path):
     (["--cfg-scale", "2", "--top-p", "0"], "top_p must be in"),
     (["--cfg-scale", "2", "--top-k", "-5"], "top_k must be"),
     (["--cfg-scale", "2", "--batch-size", "0"], "--batch-size must be"),
+    (["--cfg-scale", "2", "--speculative_window", "-2"], "speculative_window must be"),
 ])
 def test_cli_refuses_invalid_settings(paths, capsys, flags, message):
   assert sample_cli.main(paths + ["--labels", "1,2"] + flags) == 1

@@ -23,7 +23,7 @@ def _settings(**kwargs):
 
 
 @pytest.mark.parametrize("window, draft_init, cfg_scale, cfg_interval", [
-    (1, "random", 4.0, -1), (5, "previous", 4.0, -1), (16, "random", 1.0, -1), (64, "previous", 4.0, 3)])
+    (1, "random", 4.0, -1), (5, "previous", 1.0, -1), (64, "random", 4.0, 3)])
 def test_greedy_with_a_window_gives_the_plain_greedy_tokens(sampler, reference, window, draft_init, cfg_scale,
                                                             cfg_interval):
   _, gen = reference
@@ -124,8 +124,6 @@ def test_speculative_samples_do_not_depend_on_batch_size_or_devices(reference):
   np.testing.assert_array_equal(np.asarray(one_device(labels, key, settings)), reference_run)
   pairs = [np.asarray(one_device(labels[i:i + 2], key, settings, sample_offset=i)) for i in range(0, 8, 2)]
   np.testing.assert_array_equal(np.concatenate(pairs), reference_run)
-  single = np.asarray(one_device(labels[5:6], key, settings, sample_offset=5))
-  np.testing.assert_array_equal(single[0], reference_run[5])
   np.testing.assert_array_equal(np.asarray(all_devices(labels[2:5], key, settings, sample_offset=2)),
                                 reference_run[2:5])
 
