@@ -17,6 +17,12 @@ Randomness is per sample: sample i of a call draws its step-t token with
 `fold_in(fold_in(key, sample_offset + i), t)`. A sample therefore depends only on (key, its global index, its label,
 the settings), never on the batch size, on the other samples, or on how the batch is split over devices.
 
+With speculative_window = W > 0 the same distribution comes from speculative Jacobi decoding (SJD, arXiv
+2410.01699): each forward pass scores W draft tokens per sample and keeps the accepted prefix plus one token, so an
+image takes fewer passes (see `_speculative_loop`). Pass j of sample i draws from
+`fold_in(fold_in(key, sample_offset + i), j + 1)`, so the batch-size and device-count invariance still hold, but the
+tokens differ from the plain sampler's for the same key (same distribution, different draws; greedy agrees).
+
 The batch is sharded over a 1-D mesh of the given devices (padded to a multiple of their count); the parameters are
 replicated and cast once to the compute dtype. Logits stay float32; the KV cache uses the compute dtype.
 """
