@@ -64,7 +64,8 @@ class SamplingSettings:
   speculative_window: 0 decodes one token per forward pass; W >= 1 runs speculative Jacobi decoding with W draft
     positions per pass (same output distribution, fewer passes; see `_speculative_loop`).
   draft_init: how a draft position entering the window is first drawn: "random" (uniform tokens) or "previous"
-    (from the target distribution of the window's last position in the pass that just ran).
+    (from the target distribution of the window's last position in the pass that just ran; the default: on the
+    trained Fashion-MNIST model it takes 1-2% fewer passes per image at every W, bench/speculative.py).
   """
 
   cfg_scale: float = 1.0
@@ -74,7 +75,7 @@ class SamplingSettings:
   top_p: float = 1.0
   greedy: bool = False
   speculative_window: int = 0
-  draft_init: str = "random"
+  draft_init: str = "previous"
 
   @property
   def guided(self) -> bool:
@@ -176,7 +177,7 @@ class _Static(NamedTuple):
   greedy: bool
   mesh: Mesh
   window: int = 0  # speculative window; 0 = plain decoding
-  draft_init: str = "random"
+  draft_init: str = "previous"
 
 
 def _constrain(x: jax.Array, mesh: Mesh, spec: P) -> jax.Array:
@@ -438,7 +439,7 @@ class Sampler:
     n, (labels, ids) = self._shard_batch(labels, ids.astype(np.uint32))
     static = _Static(cfg=self.cfg, guided=settings.guided, top_k=int(settings.top_k), use_top_p=settings.top_p < 1,
                      greedy=bool(settings.greedy), mesh=self.mesh, window=int(settings.speculative_window),
-                     draft_init=settings.draft_init if settings.speculative_window else "random")
+                     draft_init=settings.draft_init if settings.speculative_window else "previous")
     tokens, stats = _generate(self._params, labels, ids, key, jnp.float32(settings.cfg_scale),
                               jnp.int32(settings.cfg_interval), jnp.float32(settings.temperature),
                               jnp.float32(settings.top_p), static=static)
@@ -461,8 +462,8 @@ class Sampler:
 
 def generate(model: nnx.Module, labels: Any, key: jax.Array, *, cfg_scale: float, cfg_interval: int = -1,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
-             speculative_window: int = 0, draft_init: str = "random", sample_offset: int = 0, dtype: str | None = None,
-             devices: Sequence[jax.Device] | None = None) -> jax.Array:
+             speculative_window: int = 0, draft_init: str = "previous", sample_offset: int = 0,
+             dtype: str | None = None, devices: Sequence[jax.Device] | None = None) -> jax.Array:
   """int32 tokens (B, block_size) for class labels (B,); see the module docstring for the semantics.
 
   dtype: 'float32' or 'bfloat16' compute (default: the model config's); devices: the batch is sharded over them

@@ -58,8 +58,8 @@ def test_run_writes_pngs_grid_and_samples_npz(tiny_gpt, tmp_path):
     np.testing.assert_array_equal(npz["labels"], labels)
     stored = {k: npz[k].item() for k in npz.files if k not in ("arr_0", "labels")}
   assert stored == dict(cfg_scale=2.0, cfg_interval=-1, temperature=0.9, top_k=20, top_p=0.9, greedy=False,
-                        speculative_window=0, draft_init="random", seed=7, batch_size=4, dtype="float32", checkpoint="/ckpt/dir", vq="/vq.pt", label_mode="given",
-                        num_images=6)
+                        speculative_window=0, draft_init="previous", seed=7, batch_size=4, dtype="float32",
+                        checkpoint="/ckpt/dir", vq="/vq.pt", label_mode="given", num_images=6)
   pngs = sorted((tmp_path / "images").iterdir())
   assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(6)]
   for i, p in enumerate(pngs):
