@@ -212,6 +212,11 @@ def _decode_loop(params, cfg, labels, choose, *, guided, cfg_scale, cfg_interval
   return tokens, (jnp.concatenate(all_logits, axis=1) if keep_logits else None)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "dtype"))
+def _decode_params(graphdef, state, dtype: str) -> dict:
+  return nnx.merge(graphdef, state).decode_params(dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("static",))
 def _generate(params, labels, sample_ids, key, cfg_scale, cfg_interval, temperature, top_p, *, static: _Static):
   sample_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, sample_ids)
@@ -255,9 +260,7 @@ class Sampler:
     self.dtype = dtype
     devices = list(devices) if devices is not None else jax.local_devices()
     self.mesh = Mesh(np.asarray(devices), (_BATCH_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
-    graphdef, state = nnx.split(model)
-    params = jax.jit(lambda state: nnx.merge(graphdef, state).decode_params(dtype))(state)
-    self._params = jax.device_put(params, NamedSharding(self.mesh, P()))
+    self._params = jax.device_put(_decode_params(*nnx.split(model), dtype), NamedSharding(self.mesh, P()))
 
   @property
   def num_devices(self) -> int:
