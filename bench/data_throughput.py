@@ -13,7 +13,7 @@ Measurements (one function each):
                       against what the config's train step consumes (the issue asks for at least 20x)
 
 Encoders: `mean` (block means: no model, isolates the host side), `tiny` (the reference's tiny VQ from
-../shared/fixtures, ch=32, downsample 2), `vq16` (the VQ-16 architecture; --vq_checkpoint for real weights,
+tests/fixtures/llamagen_tiny, ch=32, downsample 2), `vq16` (the VQ-16 architecture; --vq_checkpoint for real weights,
 otherwise random init).
 """
 
@@ -37,7 +37,7 @@ from npp_jax.data import augment  # noqa: E402
 from npp_jax.data import prepare  # noqa: E402
 from npp_jax.data import sources  # noqa: E402
 
-FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 
 
 class FirstN(sources.Source):

@@ -7,14 +7,16 @@ import pytest
 
 from npp_jax import evaluate as evaluate_cli
 from npp_jax import evaluation, torch_io
-from test_inception import fid_state_dict  # pylint: disable=g-bad-import-order
+import fixture_rules  # pylint: disable=g-bad-import-order
 
 
 @pytest.fixture(scope="module")
 def adm(fixtures_dir):
+  """The evaluator's outputs (stored) and its input activations (rebuilt from the recipe in adm_metrics.json)."""
   with np.load(fixtures_dir / "fid" / "adm_metrics_io.npz") as data:
     arrays = dict(data)
   meta = json.loads((fixtures_dir / "fid" / "adm_metrics.json").read_text())
+  arrays.update(fixture_rules.adm_activations(meta["data"]))
   arrays["is_weight_sum"] = meta["data"]["is_softmax_weight_checksum"]["sum_float64"]
   return arrays, meta["results"]
 
@@ -32,6 +34,13 @@ def adm_fids(adm):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Against ADM's evaluator.
+
+
+def test_recipe_rebuilds_the_activations_the_evaluator_was_given(adm):
+  arrays, _ = adm
+  for name, digest in fixture_rules.ADM_ACTIVATION_SHA256.items():
+    assert arrays[name].dtype == np.float32
+    assert fixture_rules.array_sha256(arrays[name]) == digest, name
 
 
 def test_fid_and_sfid_match_adm(adm, adm_fids):
@@ -219,7 +228,7 @@ def cli_files(tmp_path_factory, fixtures_dir):
   """Random-weight .pth, samples and reference made of the fixture's 64x64 images (whose features are known)."""
   root = tmp_path_factory.mktemp("eval")
   spec = json.loads((fixtures_dir / "fid" / "weights_spec.json").read_text())
-  state_dict = fid_state_dict(spec)
+  state_dict = fixture_rules.fid_state_dict(spec)
   weights = root / "inception.pth"
   torch_io.save_state_dict(state_dict, weights, container=None)
   with np.load(fixtures_dir / "fid" / "inception_io.npz") as data:
