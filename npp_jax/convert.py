@@ -6,7 +6,7 @@ transform between the two layouts (and its inverse, for export). Buffers the NNX
 config-built model and reports every problem in one ValueError; `export_params` is the exact inverse.
 
 This module holds that machinery and the VQ tokenizer's rules, loaders and savers (`vq_from_torch`, `vq_to_torch`,
-`load_vq`, `save_vq`, and the `vq` CLI subcommand `main_vq`).
+`load_vq`, `save_vq`) and the CLI.
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import flags
 from flax import nnx
 
+from npp_jax import cli
 from npp_jax import torch_io
 from npp_jax.models import vq as vq_lib
 
@@ -377,51 +379,41 @@ def _export(directory: str, out: str, raw: bool) -> str:
   return f"wrote {out}"
 
 
-def main(argv: Sequence[str]) -> int:
-  """The CLI; argv as sys.argv. Returns the exit status; a user error prints one line to stderr."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+COMMANDS = ("gpt", "vq", "export")
 
-  argv = list(argv)
-  if len(argv) < 2 or argv[1] not in ("gpt", "vq", "export"):
-    print(USAGE, file=sys.stderr)
-    return 2
-  command, argv = argv[1], [argv[0]] + argv[2:]
-  fv = flags.FlagValues()
+
+def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
+  cli.define_config(fv, argv, "Config file (gpt, vq): its `model` or `vq` section builds the model.")
   flags.DEFINE_string("src", None, "LlamaGen/NPP checkpoint (.pt/.pth/.bin or .safetensors).", flag_values=fv)
   flags.DEFINE_string("out", None, "Directory (gpt, vq) or file (export) to write.", flag_values=fv)
   flags.DEFINE_string("key", None, "Checkpoint container entry to read (e.g. ema); default model.", flag_values=fv)
   flags.DEFINE_string("checkpoint", None, "Model directory to export.", flag_values=fv)
   flags.DEFINE_bool("raw", False, "Export a bare state dict instead of {'model': ...}.", flag_values=fv)
-  # sys_argv: config_flags finds the --config.* overrides there (it would read sys.argv otherwise).
-  config_flags.DEFINE_config_file("config", None, "Config file.", flag_values=fv, sys_argv=argv)
-  try:
-    try:
-      fv(argv)
-    except (KeyError, AttributeError) as e:  # ConfigDict's answer to an override of a field it does not have.
-      raise ValueError(f"unknown config field {str(e).strip(chr(34))} in a --config override") from None
-    required = ("checkpoint", "out") if command == "export" else ("src", "out", "config")
-    for name in required:
-      if fv[name].value is None:
-        raise ValueError(f"--{name} is required")
-    if command == "export":
-      message = _export(fv.checkpoint, fv.out, fv.raw)
-    else:
-      section = "model" if command == "gpt" else "vq"
-      if section not in fv.config:
-        raise ValueError(f"the config {fv['config'].config_filename} has no {section} section")
-      message = (_convert_gpt if command == "gpt" else _convert_vq)(fv.src, fv.config, fv.out, fv.key)
-  except (flags.Error, ValueError, OSError) as e:
-    print("error: " + " ".join(str(e).split()), file=sys.stderr)  # One line, even for multi-line messages.
+
+
+def _run(command: str, fv: flags.FlagValues) -> str:
+  required = ("checkpoint", "out") if command == "export" else ("src", "out", "config")
+  for name in required:
+    if fv[name].value is None:
+      raise ValueError(f"--{name} is required for `convert {command}`")
+  if command == "export":
+    return _export(fv.checkpoint, fv.out, fv.raw)
+  section = "model" if command == "gpt" else "vq"
+  if section not in fv.config:
+    raise ValueError(f"the config {fv['config'].config_filename} has no {section} section")
+  return (_convert_gpt if command == "gpt" else _convert_vq)(fv.src, fv.config, fv.out, fv.key)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """The CLI; argv as sys.argv (program name, then the subcommand). Returns the exit status."""
+  argv = list(sys.argv if argv is None else argv)
+  command = argv[1] if len(argv) > 1 and argv[1] in COMMANDS else None
+  if command is None and not any(a in cli.HELP_FLAGS for a in argv[1:]):
+    print(f"error: the first argument must be one of {', '.join(COMMANDS)}\n{USAGE}", file=sys.stderr)
     return 1
-  print(message)
-  return 0
-
-
-def main_vq(argv: Sequence[str]) -> int:
-  """`python -m npp_jax.convert vq ...` with argv as sys.argv (program name first)."""
-  return main([argv[0], "vq", *argv[1:]])
+  rest = [argv[0]] + argv[2:] if command else argv
+  return cli.main(lambda fv: _run(command, fv), define_flags, rest, doc=__doc__ + "\n" + USAGE)
 
 
 if __name__ == "__main__":
-  sys.exit(main(sys.argv))
+  sys.exit(main())

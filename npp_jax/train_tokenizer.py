@@ -40,11 +40,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import flags
 from clu import metrics as clu_metrics
 from etils import epath
 from flax import nnx
 
 from npp_jax import checkpoint
+from npp_jax import cli
 from npp_jax import convert
 from npp_jax import images as images_lib
 from npp_jax import metrics as metrics_lib
@@ -389,38 +391,19 @@ def _finish(trainer: Trainer, params: dict, writer: metrics_lib.Writer, test_set
 # CLI.
 
 
-def main(argv: Sequence[str]) -> int:
-  """python -m npp_jax.train_tokenizer --config FILE --workdir DIR [--config.key=value ...]; returns the status."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-
-  argv = list(argv)
-  fv = flags.FlagValues()
+def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
+  cli.define_config(fv, argv, "Config file (configs/vq_fashion.py).")
   flags.DEFINE_string("workdir", None, "Where checkpoints, logs and the final tokenizer go.", flag_values=fv)
-  # sys_argv: config_flags finds the --config.* overrides there (it would read sys.argv otherwise).
-  config_flags.DEFINE_config_file("config", None, "Config file (configs/vq_fashion.py).", flag_values=fv,
-                                  sys_argv=argv)
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
-  try:
-    try:
-      rest = fv(argv)
-    except (KeyError, AttributeError, TypeError) as e:  # ConfigDict's answer to a bad override.
-      detail = e
-      while isinstance(detail, Exception) and detail.args:  # AttributeError(KeyError("'x'\nDid you mean ...")).
-        detail = detail.args[0]
-      raise ValueError(f"bad --config override (unknown field or wrong type): {detail}") from None
-    if len(rest) > 1:
-      raise ValueError(f"unexpected arguments {rest[1:]}; options are --config, --workdir, --config.key=value")
-    for name in ("config", "workdir"):
-      if fv[name].value is None:
-        raise ValueError(f"--{name} is required")
-    run(fv.config, fv.workdir)
-  except (flags.Error, ValueError, OSError) as e:
-    print("error: " + " ".join(str(e).split()), file=sys.stderr)  # One line, even for multi-line messages.
-    return 1
-  return 0
+
+
+def run_from_flags(fv: flags.FlagValues) -> None:
+  run(fv.config, fv.workdir)  # It logs its own results.
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """python -m npp_jax.train_tokenizer --config FILE --workdir DIR [--config.key=value ...]; returns the status."""
+  return cli.main(run_from_flags, define_flags, argv, doc=__doc__, required=("config", "workdir"))
 
 
 if __name__ == "__main__":
-  sys.exit(main(sys.argv))
+  sys.exit(main())

@@ -243,7 +243,7 @@ def cli_files(tmp_path_factory, fixtures_dir):
 
 
 def _run(argv, capsys):
-  code = evaluate_cli.main([str(a) for a in argv])
+  code = evaluate_cli.main(["evaluate", *(str(a) for a in argv)])
   return code, capsys.readouterr()
 
 
@@ -260,7 +260,7 @@ def test_cli_report(cli_files, capsys, monkeypatch):
   monkeypatch.setattr(evaluation, "frechet_distance", recording_frechet_distance)
   out = f["root"] / "report.json"
   code, printed = _run(["--samples", f["samples"], "--ref", f["ref"], "--inception", f["weights"], "--out", out,
-                        "--batch-size", 8, "--min-samples", 8, "--no-progress"], capsys)
+                        "--batch_size", 8, "--min_samples", 8, "--noprogress"], capsys)
   assert code == 0, printed.err
   report = json.loads(out.read_text())
   io = f["io"]
@@ -302,7 +302,7 @@ def test_cli_report(cli_files, capsys, monkeypatch):
 ])
 def test_cli_errors_are_one_sentence_and_nonzero(cli_files, capsys, tmp_path, case, message):
   f = cli_files
-  samples, ref, weights, extra = f["samples"], f["ref"], f["weights"], ["--min-samples", 8]
+  samples, ref, weights, extra = f["samples"], f["ref"], f["weights"], ["--min_samples", 8]
   if case == "resolution":
     ref = tmp_path / "ref32.npz"
     np.savez(ref, arr_0=np.zeros((12, 32, 32, 3), np.uint8))
@@ -316,11 +316,11 @@ def test_cli_errors_are_one_sentence_and_nonzero(cli_files, capsys, tmp_path, ca
   elif case == "missing_samples":
     samples = tmp_path / "missing.npz"
   elif case == "stored_needs_tf1":
-    extra += ["--ref-stats", "stored"]
+    extra += ["--ref_stats", "stored"]
   elif case == "stored_missing":
-    extra += ["--ref-stats", "stored", "--preprocessing", "tf1"]
+    extra += ["--ref_stats", "stored", "--preprocessing", "tf1"]
   code, printed = _run(["--samples", samples, "--ref", ref, "--inception", weights, "--out", tmp_path / "r.json",
-                        "--no-progress", *extra], capsys)
+                        "--noprogress", *extra], capsys)
   assert code != 0
   assert message in printed.err and "Traceback" not in printed.err
   assert len(printed.err.strip().splitlines()) == 1

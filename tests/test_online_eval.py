@@ -193,8 +193,9 @@ def test_train_classifier_cli_writes_a_loadable_classifier(tmp_path, capsys):
     _write_idx(data / f"{prefix}-images-idx3-ubyte.gz", images)
     _write_idx(data / f"{prefix}-labels-idx1-ubyte.gz", labels)
   out = tmp_path / "cls"
-  assert train_classifier.main(["--out", str(out), "--data-dir", str(data), "--steps", "3", "--batch-size",
-                                "16", "--warmup", "1"]) == 0
+  config = ["--config", "configs/fashion_classifier.py", f"--config.data_dir={data}"]
+  assert train_classifier.main(["train_classifier", *config, "--out", str(out), "--config.steps=3",
+                                "--config.batch_size=16", "--config.warmup=1"]) == 0
   model, meta = classifier_lib.load_classifier(out)
   assert meta["recipe"]["steps"] == 3 and 0 <= meta["test_accuracy"] <= 1
   test_images, test_labels = online_eval.load_real_images("test", data)
@@ -205,5 +206,6 @@ def test_train_classifier_cli_writes_a_loadable_classifier(tmp_path, capsys):
   result = online_eval.classifier_metrics(test_images, test_labels, model=online_eval.Evaluator(out))
   assert result["agreement"] == pytest.approx(meta["test_accuracy"], abs=1e-4)
 
-  assert train_classifier.main(["--out", str(out), "--data-dir", str(tmp_path / "missing")]) == 1
+  assert train_classifier.main(["train_classifier", "--config", "configs/fashion_classifier.py", "--out", str(out),
+                                f"--config.data_dir={tmp_path / 'missing'}"]) == 1
   assert "does not exist" in capsys.readouterr().err

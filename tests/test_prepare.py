@@ -337,7 +337,7 @@ def test_cli_end_to_end_and_errors(tmp_path, tiny_vq):
   text = CLI_CONFIG.format(dir=str(root), vq_cfg=TINY_VQ, checkpoint=str(checkpoint))
   done = run_cli(tmp_path, text)
   assert done.returncode == 0, done.stderr
-  assert "encoded 3 images x 2 views" in done.stdout and "ignored 1 non-image files" in done.stdout
+  assert "encoded 3 images x 2 views" in done.stdout and "ignored 1 non-image files" in done.stderr  # result, log
   manifest = records.Manifest.read(tmp_path / "codes")
   assert manifest.num_images == 3 and manifest.shard_sizes == [2, 1] and manifest.grid == 8
   assert manifest.tokenizer_checksum == vq_checksum(model)

@@ -28,6 +28,7 @@ import time
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
+from absl import logging
 
 from npp_jax.data import augment
 from npp_jax.data import records
@@ -396,7 +397,7 @@ def skipped_details(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def prepare_from_config(config, out_dir: str, process_index: int = -1, process_count: int = -1):
-  """Builds the source and the tokenizer from `config`, prepares the codes, prints a summary."""
+  """Builds the source and the tokenizer from `config`, prepares the codes, logs a summary; returns it."""
   for section in ("data", "vq"):
     if section not in config:
       raise ValueError(f"the config has no `{section}` section (prepare needs `data` and `vq`)")
@@ -425,16 +426,16 @@ def prepare_from_config(config, out_dir: str, process_index: int = -1, process_c
       pad_value=int(data.get("pad_value", 0)), num_threads=int(data.get("num_threads", 0)),
       process_index=jax.process_index() if process_index < 0 else process_index,
       process_count=jax.process_count() if process_count < 0 else process_count)
-  print(f"encoded {summary.images} images x {summary.views} views in {summary.seconds:.1f} s "
-        f"({summary.images_per_s:.1f} images/s); shards written {summary.shards_written}, "
-        f"already done {summary.shards_reused}")
+  logging.info("encoded %d images x %d views in %.1f s (%.1f images/s); shards written %d, already done %d",
+               summary.images, summary.views, summary.seconds, summary.images_per_s, summary.shards_written,
+               summary.shards_reused)
   ignored = len(getattr(source, "ignored_files", []))
   if ignored:
-    print(f"ignored {ignored} non-image files (e.g. {source.ignored_files[0]})")
+    logging.info("ignored %d non-image files (e.g. %s)", ignored, source.ignored_files[0])
   if summary.manifest is not None:
     m = summary.manifest
-    print(f"{out_dir}: {m.num_images} images, {m.num_classes} classes, {m.views} views, {m.grid}x{m.grid} codes, "
-          f"{len(m.shards)} shards; {len(m.skipped)} unreadable files skipped")
+    logging.info("%s: %d images, %d classes, %d views, %dx%d codes, %d shards; %d unreadable files skipped", out_dir,
+                 m.num_images, m.num_classes, m.views, m.grid, m.grid, len(m.shards), len(m.skipped))
     for entry in skipped_details(out_dir)[:20]:
-      print(f"  skipped {entry['index']}: {entry['error']}")
+      logging.warning("skipped %s: %s", entry["index"], entry["error"])
   return summary
