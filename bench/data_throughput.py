@@ -85,6 +85,7 @@ def make_encoder(name: str, image_size: int, vq_checkpoint: str = ""):
       return blocks.reshape(b, grid * grid).astype(np.int64) * 61 % vocab
 
     return mean_codes, vocab, grid
+  from npp_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from npp_jax import convert  # pylint: disable=g-import-not-at-top
   from npp_jax.models import vq  # pylint: disable=g-import-not-at-top
 
@@ -96,7 +97,7 @@ def make_encoder(name: str, image_size: int, vq_checkpoint: str = ""):
   elif name == "vq16":
     if vq_checkpoint:
       cfg.checkpoint = vq_checkpoint
-      model = convert.load_vq(cfg)
+      model = checkpoint.load_vq(cfg)
     else:
       from flax import nnx  # pylint: disable=g-import-not-at-top
       model = vq.VQModel(cfg, rngs=nnx.Rngs(0))

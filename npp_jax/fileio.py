@@ -1,7 +1,8 @@
-"""Writing files so that a crash never leaves half of one behind."""
+"""Writing files so that a crash never leaves half of one behind, and their checksums."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
 import tempfile
@@ -20,3 +21,12 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> N
   except BaseException:
     os.unlink(tmp)
     raise
+
+
+def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
+  """The hex sha256 of a file's bytes, read in chunks (reference batches are gigabytes)."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    while block := f.read(chunk_bytes):
+      digest.update(block)
+  return digest.hexdigest()

@@ -23,6 +23,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from npp_jax import assets
+from npp_jax import checkpoint
 from npp_jax import evaluation
 from npp_jax.data import augment, sources
 from npp_jax.models import classifier as classifier_lib
@@ -79,10 +81,11 @@ def frechet_distance_to(features: np.ndarray, reference: tuple[np.ndarray, np.nd
 class Evaluator:
   """The classifier, its jitted forward and the reference statistics, loaded once and reused every call."""
 
-  def __init__(self, directory: str | os.PathLike = classifier_lib.DEFAULT_DIR, batch_size: int = DEFAULT_BATCH_SIZE):
-    self.model, self.meta = classifier_lib.load_classifier(directory)
+  def __init__(self, directory: str | os.PathLike = assets.FASHION_CLASSIFIER,
+               batch_size: int = DEFAULT_BATCH_SIZE):
+    self.model, self.meta = checkpoint.load_classifier(directory)
     self.apply_fn = classifier_lib.make_apply_fn(self.model)
-    self.reference = classifier_lib.load_reference_stats(directory)
+    self.reference = checkpoint.load_reference_stats(directory)
     self.batch_size = batch_size
 
   def __call__(self, images: Any, labels: Any) -> dict:
@@ -112,7 +115,7 @@ def classifier_metrics(images: Any, labels: Any, model: Evaluator | classifier_l
     reference = model.reference if reference is None else reference
   else:
     apply_fn, batch_size, num_classes = classifier_lib.make_apply_fn(model), DEFAULT_BATCH_SIZE, model.head.out_features
-    reference = classifier_lib.load_reference_stats() if reference is None else reference
+    reference = checkpoint.load_reference_stats() if reference is None else reference
   images = np.asarray(jax.device_get(images))
   labels = np.asarray(jax.device_get(labels)).astype(np.int64).reshape(-1)
   if len(labels) != len(images):

@@ -25,7 +25,6 @@ from tqdm import tqdm
 
 from npp_jax import checkpoint
 from npp_jax import cli
-from npp_jax import convert
 from npp_jax import images as image_io
 from npp_jax import sampling
 from npp_jax.models import vq as vq_lib
@@ -187,7 +186,7 @@ def run_from_flags(fv: flags.FlagValues) -> str:
       config.vq = vq_lib.default_config()
     config.vq.checkpoint = fv.vq
   check_tokenizer_fits(model.cfg, config.vq, vq_lib.grid_size(config.vq))
-  decode = vq_lib.make_decode_fn(convert.load_vq(config.vq))
+  decode = vq_lib.make_decode_fn(checkpoint.load_vq(config.vq))
   if labels is None:
     labels = make_labels(fv.num_images, model.cfg.num_classes, fv.label_mode, fv.seed)
   npz = run(model, decode, labels, settings, fv.out, progress=fv.progress)

@@ -253,9 +253,8 @@ def _load_tokenizer(config: ml_collections.ConfigDict):
   """(VQ model, its checksum), or None when the config names no tokenizer."""
   if "vq" not in config or not config.vq.checkpoint:
     return None
-  from npp_jax import convert  # pylint: disable=g-import-not-at-top
   from npp_jax.models import vq  # pylint: disable=g-import-not-at-top
-  model = convert.load_vq(config.vq)
+  model = checkpoint.load_vq(config.vq)
   if config.vq.codebook_size != config.model.vocab_size:
     raise ValueError(f"the tokenizer has {config.vq.codebook_size} codes but model.vocab_size="
                      f"{config.model.vocab_size}")

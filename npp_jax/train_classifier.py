@@ -26,7 +26,9 @@ from absl import flags
 from absl import logging
 from flax import nnx
 
+from npp_jax import checkpoint
 from npp_jax import cli
+from npp_jax import evaluation
 from npp_jax import online_eval
 from npp_jax.models import classifier as classifier_lib
 
@@ -110,13 +112,14 @@ def run(config: ml_collections.ConfigDict, out: str) -> dict:
   test_accuracy, per_class = online_eval.agreement(logits, test_labels, arch["num_classes"])
   train_logits, _ = online_eval.predict(train_images, apply_fn)
   train_accuracy, _ = online_eval.agreement(train_logits, train_labels, arch["num_classes"])
-  return classifier_lib.save_classifier(out, model, arch, {
+  stats = evaluation.compute_statistics(np.asarray(features, np.float64))
+  return checkpoint.save_classifier(out, model, arch, {
       "test_accuracy": round(test_accuracy, 4), "train_accuracy": round(train_accuracy, 4),
       "test_per_class_accuracy": [round(a, 4) for a in per_class], "recipe": recipe,
       "train_seconds": round(train_seconds), "jax_version": jax.__version__,
       "command": "python -m npp_jax.train_classifier --config configs/fashion_classifier.py " + " ".join(
           f"--config.{k}={v}" for k, v in recipe.items()) + " --out DIR",
-      "reference_stats": "features of the 10000 Fashion-MNIST test images"}, features)
+      "reference_stats": "features of the 10000 Fashion-MNIST test images"}, (stats.mu, stats.sigma, len(features)))
 
 
 def run_from_flags(fv: flags.FlagValues) -> str:

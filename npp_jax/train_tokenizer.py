@@ -23,7 +23,7 @@ set of images and `perplexity` the exponential of the entropy of their frequenci
 `data.val_images` training images (held out of training); the final evaluation uses the test split.
 
 Workdir: config.json, checkpoints/<step>/{state,meta} (Orbax; a rerun resumes from the newest), metrics.jsonl,
-tensorboard/, and at the end eval.json (test metrics) and tokenizer/ (a `convert.save_vq` directory).
+tensorboard/, and at the end eval.json (test metrics) and tokenizer/ (a `checkpoint.save_vq` directory).
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ from flax import nnx
 
 from npp_jax import checkpoint
 from npp_jax import cli
-from npp_jax import convert
 from npp_jax import images as images_lib
 from npp_jax import metrics as metrics_lib
 from npp_jax import npp
@@ -57,8 +56,6 @@ from npp_jax.data import prepare
 from npp_jax.data import sources
 from npp_jax.models import vq as vq_lib
 
-# The Fashion-MNIST tokenizer shipped with the package (written by this trainer, see its README.md).
-SHIPPED_FASHION_TOKENIZER = pathlib.Path(__file__).resolve().parent / "assets" / "vq_fashion"
 TOKENIZER_DIR = "tokenizer"
 EVAL_FILE = "eval.json"
 
@@ -264,23 +261,6 @@ def _log(message: str) -> None:
   print(message, flush=True)
 
 
-def _check_or_write_config(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:
-  """Writes config.json; a workdir that already has one must hold a run of the same tokenizer and data."""
-  path = workdir / checkpoint.CONFIG_FILE
-  if path.exists():
-    previous = json.loads(path.read_text())
-    current = json.loads(config.to_json_best_effort())
-    changed = [f"{section}.{k}" for section in ("vq", "data")
-               for k in sorted(set(previous.get(section, {})) | set(current[section]))
-               if k != "checkpoint" and previous.get(section, {}).get(k) != current[section].get(k)]
-    if changed:
-      raise ValueError(f"{workdir} holds a run with other settings ({', '.join(changed)} differ); use a new workdir")
-  workdir.mkdir(parents=True, exist_ok=True)
-  tmp = workdir / (checkpoint.CONFIG_FILE + ".tmp")
-  tmp.write_text(config.to_json_best_effort(indent=1, sort_keys=True))
-  tmp.replace(path)
-
-
 def _image_grid(originals: np.ndarray, recon: jax.Array) -> np.ndarray:
   """uint8 grid: originals on the top row, reconstructions below."""
   return images_lib.make_grid(np.concatenate([originals, images_lib.to_uint8(recon)]), rows=2, pad=2)
@@ -298,7 +278,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     raise ValueError(f"data.image_size={config.data.image_size} differs from vq.image_size={config.vq.image_size}")
   train_set, val_set, test_set, fingerprint = load_data(config.data)
   trainer = Trainer(config)
-  _check_or_write_config(workdir, config)
+  # A workdir resumes only a run of the same tokenizer on the same data (where the weights are read from may differ).
+  checkpoint.write_config(str(workdir), config, sections=("vq", "data"), ignore=("checkpoint",))
   mngr = checkpoint.manager(str(workdir), keep=train_cfg.keep_checkpoints)
   writer = metrics_lib.Writer(str(workdir))
   try:
@@ -373,14 +354,14 @@ def _finish(trainer: Trainer, params: dict, writer: metrics_lib.Writer, test_set
   model = trainer.model(params)
   out = workdir / TOKENIZER_DIR
   if (out / "config.json").exists():
-    _, checksum = convert.read_saved_vq(out)
+    _, checksum = checkpoint.read_saved_vq(out)
     if checksum != vq_lib.params_checksum(model):
       raise ValueError(f"{out} holds another tokenizer than this run's final step; move it away and rerun")
     _log(f"{out} already written (params checksum {checksum})")
   else:
     vq_cfg = trainer.config.vq.copy_and_resolve_references()
     vq_cfg.checkpoint = ""  # The directory itself is the checkpoint; read_saved_vq fills it in.
-    checksum = convert.save_vq(model, vq_cfg, out)
+    checksum = checkpoint.save_vq(model, vq_cfg, out)
     _log(f"wrote {out} (params checksum {checksum})")
   result = {**test, "checksum": checksum, "steps": trainer.steps}
   (workdir / EVAL_FILE).write_text(json.dumps(result, indent=1) + "\n")

@@ -99,7 +99,7 @@ def test_workdir_of_another_model(tmp_path):
   other.model.n_layer = 3
   checkpoint.write_config(str(tmp_path), other)
   result = run_cli("--config", TINY, "--workdir", str(tmp_path))
-  assert_one_line_error(result, "holds a run of another model (model.n_layer differ)")
+  assert_one_line_error(result, "holds a run with other settings (model.n_layer differ)")
   assert checkpoint.read_config(str(tmp_path)).model.n_layer == 3  # left as it was
 
 

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from npp_jax import evaluation, online_eval, train_classifier
+from npp_jax import assets, checkpoint, evaluation, online_eval, train_classifier
 from npp_jax import images as images_lib
 from npp_jax.data import augment, sources
 from npp_jax.models import classifier as classifier_lib
@@ -51,30 +51,30 @@ def _features(evaluator, images) -> np.ndarray:
 
 
 def test_shipped_files_match_their_checksums():
-  meta = json.loads((classifier_lib.DEFAULT_DIR / classifier_lib.META_FILE).read_text())
-  for name in (classifier_lib.PARAMS_FILE, classifier_lib.STATS_FILE):
-    digest = hashlib.sha256((classifier_lib.DEFAULT_DIR / name).read_bytes()).hexdigest()
+  meta = json.loads((assets.FASHION_CLASSIFIER / checkpoint.CLASSIFIER_META_FILE).read_text())
+  for name in (checkpoint.CLASSIFIER_PARAMS_FILE, checkpoint.CLASSIFIER_STATS_FILE):
+    digest = hashlib.sha256((assets.FASHION_CLASSIFIER / name).read_bytes()).hexdigest()
     assert digest == meta["sha256"][name]
-  size = sum(p.stat().st_size for p in classifier_lib.DEFAULT_DIR.iterdir())
+  size = sum(p.stat().st_size for p in assets.FASHION_CLASSIFIER.iterdir())
   assert size < 4 << 20
   assert 0.85 <= meta["test_accuracy"] <= 1.0
-  model, loaded_meta = classifier_lib.load_classifier()
+  model, loaded_meta = checkpoint.load_classifier()
   assert loaded_meta == meta
-  with np.load(classifier_lib.DEFAULT_DIR / classifier_lib.PARAMS_FILE) as npz:
+  with np.load(assets.FASHION_CLASSIFIER / checkpoint.CLASSIFIER_PARAMS_FILE) as npz:
     for key, value in classifier_lib.flat_params(model).items():
       np.testing.assert_array_equal(value, npz[key])
 
 
 def test_damaged_weights_are_refused(tmp_path):
   copy = tmp_path / "cls"
-  shutil.copytree(classifier_lib.DEFAULT_DIR, copy)
-  data = bytearray((copy / classifier_lib.PARAMS_FILE).read_bytes())
+  shutil.copytree(assets.FASHION_CLASSIFIER, copy)
+  data = bytearray((copy / checkpoint.CLASSIFIER_PARAMS_FILE).read_bytes())
   data[-100] ^= 1
-  (copy / classifier_lib.PARAMS_FILE).write_bytes(bytes(data))
+  (copy / checkpoint.CLASSIFIER_PARAMS_FILE).write_bytes(bytes(data))
   with pytest.raises(ValueError, match="sha256"):
-    classifier_lib.load_classifier(copy)
+    checkpoint.load_classifier(copy)
   with pytest.raises(FileNotFoundError, match="meta.json"):
-    classifier_lib.load_classifier(tmp_path)
+    checkpoint.load_classifier(tmp_path)
 
 
 def test_real_images_match_the_pad_augmentation(test_set):
@@ -196,11 +196,11 @@ def test_train_classifier_cli_writes_a_loadable_classifier(tmp_path, capsys):
   config = ["--config", "configs/fashion_classifier.py", f"--config.data_dir={data}"]
   assert train_classifier.main(["train_classifier", *config, "--out", str(out), "--config.steps=3",
                                 "--config.batch_size=16", "--config.warmup=1"]) == 0
-  model, meta = classifier_lib.load_classifier(out)
+  model, meta = checkpoint.load_classifier(out)
   assert meta["recipe"]["steps"] == 3 and 0 <= meta["test_accuracy"] <= 1
   test_images, test_labels = online_eval.load_real_images("test", data)
   features = np.asarray(model(test_images)[1], np.float64)
-  mu, sigma = classifier_lib.load_reference_stats(out)
+  mu, sigma = checkpoint.load_reference_stats(out)
   np.testing.assert_allclose(mu, features.mean(0), rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(sigma, np.cov(features, rowvar=False), rtol=1e-3, atol=1e-5)
   result = online_eval.classifier_metrics(test_images, test_labels, model=online_eval.Evaluator(out))

@@ -412,10 +412,10 @@ def prepare_from_config(config, out_dir: str, process_index: int = -1, process_c
   source = sources.make_source(data)  # first: a bad data path fails before the tokenizer loads
 
   import jax  # pylint: disable=g-import-not-at-top
-  from npp_jax import convert  # pylint: disable=g-import-not-at-top
+  from npp_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from npp_jax.models import vq  # pylint: disable=g-import-not-at-top
 
-  model = convert.load_vq(config.vq)
+  model = checkpoint.load_vq(config.vq)
   encoder = device_encoder(vq.make_encode_fn(model))
   batch_size = -(-int(data.get("encode_batch_size", 256)) // encoder.num_devices) * encoder.num_devices
   summary = prepare_codes(

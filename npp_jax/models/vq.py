@@ -350,6 +350,11 @@ def make_decode_fn(model: VQModel) -> Callable[[Array], Array]:
   return _make_jitted(model, VQModel.decode)
 
 
+def abstract_model(vq_cfg: ml_collections.ConfigDict) -> VQModel:
+  """The VQModel's structure, shapes and dtypes without initialising any weight."""
+  return nnx.eval_shape(lambda: VQModel(vq_cfg, rngs=nnx.Rngs(0)))
+
+
 def params_checksum(model: nnx.Module) -> str:
   """sha256 over every parameter (path, dtype, shape, little-endian bytes), in sorted path order.
 
