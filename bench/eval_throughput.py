@@ -13,7 +13,7 @@ import time
 import jax
 import numpy as np
 
-from npp_jax import evaluation
+from npp_jax.eval import adm
 from npp_jax.models import inception
 
 
@@ -47,14 +47,14 @@ def main():
   rng = np.random.default_rng(1)
   ref = rng.random((args.pr_points, 2048), np.float32)
   sample = rng.random((args.pr_points, 2048), np.float32)
-  evaluation.precision_recall(ref[:64], sample[:64])  # Warm-up (the full-size shapes still compile once).
+  adm.precision_recall(ref[:64], sample[:64])  # Warm-up (the full-size shapes still compile once).
   start = time.perf_counter()
-  evaluation.precision_recall(ref, sample)
+  adm.precision_recall(ref, sample)
   print(f"precision/recall, {args.pr_points} x {args.pr_points} points: {time.perf_counter() - start:.1f} s")
 
-  stats = evaluation.compute_statistics(ref[:4096])
+  stats = adm.compute_statistics(ref[:4096])
   start = time.perf_counter()
-  evaluation.frechet_distance(*stats, *evaluation.compute_statistics(sample[:4096]))
+  adm.frechet_distance(*stats, *adm.compute_statistics(sample[:4096]))
   print(f"one FID (2048-d sqrtm): {time.perf_counter() - start:.1f} s")
 
 

@@ -262,21 +262,14 @@ def save_classifier(directory: PathLike, model: classifier_lib.FashionClassifier
   (with both files' sha256, written last); returns meta."""
   directory = pathlib.Path(directory)
   mu, sigma, n = reference_stats
-  fileio.write_atomically(directory / CLASSIFIER_PARAMS_FILE,
-                          lambda tmp: _savez(tmp, **classifier_lib.flat_params(model)))
-  fileio.write_atomically(directory / CLASSIFIER_STATS_FILE,
-                          lambda tmp: _savez(tmp, mu=mu, sigma=sigma, n=np.int64(n)))
+  fileio.save_npz(directory / CLASSIFIER_PARAMS_FILE, **classifier_lib.flat_params(model))
+  fileio.save_npz(directory / CLASSIFIER_STATS_FILE, mu=mu, sigma=sigma, n=np.int64(n))
   meta = {"arch": arch, **extra_meta,
           "sha256": {name: fileio.file_sha256(directory / name)
                      for name in (CLASSIFIER_PARAMS_FILE, CLASSIFIER_STATS_FILE)}}
   fileio.write_atomically(directory / CLASSIFIER_META_FILE,
                           lambda tmp: pathlib.Path(tmp).write_text(json.dumps(meta, indent=1) + "\n"))
   return meta
-
-
-def _savez(path: str, **arrays: np.ndarray) -> None:
-  with open(path, "wb") as f:  # A file object: np.savez would append .npz to a temporary name.
-    np.savez(f, **arrays)
 
 
 def _read_classifier_meta(directory: pathlib.Path) -> dict:

@@ -17,7 +17,7 @@ import sys
 from absl import flags
 
 from npp_jax import cli
-from npp_jax import evaluation
+from npp_jax.eval import adm
 from npp_jax import fileio
 from npp_jax.models import inception
 
@@ -31,11 +31,11 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
   flags.DEFINE_integer("batch_size", 200, "Images per Inception batch (all devices).", flag_values=fv)
   flags.DEFINE_enum("preprocessing", "pytorch_fid", inception.PREPROCESSINGS,
                     "pytorch_fid (checked against pytorch-fid) or tf1 (ADM's TF graph, unverified).", flag_values=fv)
-  flags.DEFINE_enum("ref_stats", "images", evaluation.REF_STATS, "FID reference statistics: from the reference "
+  flags.DEFINE_enum("ref_stats", "images", adm.REF_STATS, "FID reference statistics: from the reference "
                     "images, or those stored in the file (ADM).", flag_values=fv)
-  flags.DEFINE_list("metrics", list(evaluation.METRICS), "Comma-separated subset of fid,sfid,is,pr (FID's matrix "
+  flags.DEFINE_list("metrics", list(adm.METRICS), "Comma-separated subset of fid,sfid,is,pr (FID's matrix "
                     "square root costs ~10 s of CPU).", flag_values=fv)
-  flags.DEFINE_integer("min_samples", evaluation.MIN_FID_SAMPLES, "Refuse fewer images than this (default: feature "
+  flags.DEFINE_integer("min_samples", adm.MIN_FID_SAMPLES, "Refuse fewer images than this (default: feature "
                        "dimension + 1).", flag_values=fv)
   flags.DEFINE_bool("progress", True, "Progress bars (--noprogress: none).", flag_values=fv)
 
@@ -43,12 +43,12 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
 def run(fv: flags.FlagValues) -> str:
   samples = pathlib.Path(fv.samples)
   out = pathlib.Path(fv.out) if fv.out else samples.with_name(samples.stem + ".eval.json")
-  report = evaluation.evaluate(samples, fv.ref, fv.inception, batch_size=fv.batch_size,
+  report = adm.evaluate(samples, fv.ref, fv.inception, batch_size=fv.batch_size,
                                preprocessing=fv.preprocessing, ref_stats=fv.ref_stats,
                                metrics=tuple(m.strip() for m in fv.metrics if m.strip()),
                                min_samples=fv.min_samples, progress=fv.progress)
   fileio.write_atomically(out, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
-  return f"{evaluation.report_summary(report)}\nreport written to {out}"
+  return f"{adm.report_summary(report)}\nreport written to {out}"
 
 
 def main(argv: list[str] | None = None) -> int:

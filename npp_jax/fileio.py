@@ -8,6 +8,8 @@ import pathlib
 import tempfile
 from typing import Callable
 
+import numpy as np
+
 
 def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> None:
   """Calls `write(tmp_path)` for a temporary file beside `path`, then renames it over `path`."""
@@ -21,6 +23,16 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> N
   except BaseException:
     os.unlink(tmp)
     raise
+
+
+def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+  """np.savez to `path`, atomically."""
+
+  def write(tmp: str) -> None:
+    with open(tmp, "wb") as f:  # A file object: given a name, np.savez would append .npz to it.
+      np.savez(f, **arrays)
+
+  write_atomically(path, write)
 
 
 def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:

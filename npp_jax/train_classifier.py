@@ -28,8 +28,8 @@ from flax import nnx
 
 from npp_jax import checkpoint
 from npp_jax import cli
-from npp_jax import evaluation
-from npp_jax import online_eval
+from npp_jax.eval import adm
+from npp_jax.eval import fashion
 from npp_jax.models import classifier as classifier_lib
 
 MAX_SHIFT = 2  # The `pad` canvas leaves 2 black pixels on each side of a 28x28 image in 32x32.
@@ -98,8 +98,8 @@ def run(config: ml_collections.ConfigDict, out: str) -> dict:
   """Trains on the config's recipe, evaluates, writes `out`; returns the saved meta."""
   if config.steps < 1 or config.batch_size < 1:
     raise ValueError(f"steps and batch_size must be positive, got {config.steps} and {config.batch_size}")
-  train_images, train_labels = online_eval.load_real_images("train", config.data_dir)
-  test_images, test_labels = online_eval.load_real_images("test", config.data_dir)
+  train_images, train_labels = fashion.load_real_images("train", config.data_dir)
+  test_images, test_labels = fashion.load_real_images("test", config.data_dir)
   if config.batch_size > len(train_images):
     raise ValueError(f"batch_size {config.batch_size} exceeds the {len(train_images)} training images")
   arch = dict(classifier_lib.DEFAULT_ARCH)
@@ -108,11 +108,11 @@ def run(config: ml_collections.ConfigDict, out: str) -> dict:
   model = train(train_images, train_labels, arch=arch, **recipe)
   train_seconds = time.time() - started
   apply_fn = classifier_lib.make_apply_fn(model)
-  logits, features = online_eval.predict(test_images, apply_fn)
-  test_accuracy, per_class = online_eval.agreement(logits, test_labels, arch["num_classes"])
-  train_logits, _ = online_eval.predict(train_images, apply_fn)
-  train_accuracy, _ = online_eval.agreement(train_logits, train_labels, arch["num_classes"])
-  stats = evaluation.compute_statistics(np.asarray(features, np.float64))
+  logits, features = fashion.predict(test_images, apply_fn)
+  test_accuracy, per_class = fashion.agreement(logits, test_labels, arch["num_classes"])
+  train_logits, _ = fashion.predict(train_images, apply_fn)
+  train_accuracy, _ = fashion.agreement(train_logits, train_labels, arch["num_classes"])
+  stats = adm.compute_statistics(np.asarray(features, np.float64))
   return checkpoint.save_classifier(out, model, arch, {
       "test_accuracy": round(test_accuracy, 4), "train_accuracy": round(train_accuracy, 4),
       "test_per_class_accuracy": [round(a, 4) for a in per_class], "recipe": recipe,

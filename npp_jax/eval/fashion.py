@@ -5,7 +5,7 @@ to a feature vector and logits. Two numbers follow:
 
   fd         the Frechet distance between the Gaussian of the images' features and that of the 10,000 real test
              images (statistics shipped beside the weights, so no dataset is needed at run time), with the ADM
-             arithmetic of `evaluation.frechet_distance`. Near 0 for real images, large for noise or shifted sets.
+             arithmetic of `adm.frechet_distance`. Near 0 for real images, large for noise or shifted sets.
              Like FID, it is biased upwards for small N; compare values at the same sample count.
   agreement  the fraction of images whose argmax class equals their conditioning label (also per class). Real test
              images score the classifier's test accuracy, which is the ceiling.
@@ -25,8 +25,8 @@ import numpy as np
 
 from npp_jax import assets
 from npp_jax import checkpoint
-from npp_jax import evaluation
 from npp_jax.data import augment, sources
+from npp_jax.eval import adm
 from npp_jax.models import classifier as classifier_lib
 
 DEFAULT_BATCH_SIZE = 500
@@ -73,9 +73,9 @@ def agreement(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple
 
 
 def frechet_distance_to(features: np.ndarray, reference: tuple[np.ndarray, np.ndarray]) -> float:
-  """FD between the Gaussian of (N, D) features and reference (mu, sigma), via `evaluation.frechet_distance`."""
-  mu, sigma = evaluation.compute_statistics(np.asarray(features, np.float64))
-  return evaluation.frechet_distance(mu, sigma, *reference)
+  """FD between the Gaussian of (N, D) features and reference (mu, sigma), via `adm.frechet_distance`."""
+  mu, sigma = adm.compute_statistics(np.asarray(features, np.float64))
+  return adm.frechet_distance(mu, sigma, *reference)
 
 
 class Evaluator:
