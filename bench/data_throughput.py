@@ -183,7 +183,8 @@ def bench_input(args) -> None:
   result = measure_input(config, args.codes_dir, args.batches)
   line = f"training input: {result['records_per_s']:,.0f} records/s over {args.batches} batches"
   if args.consumed_per_s:
-    line += f"; the train step consumes {args.consumed_per_s:,.0f} images/s: {result['records_per_s'] / args.consumed_per_s:.1f}x"
+    ratio = result["records_per_s"] / args.consumed_per_s
+    line += f"; the train step consumes {args.consumed_per_s:,.0f} images/s: {ratio:.1f}x"
   print(line)
 
 

@@ -36,6 +36,7 @@ from flax import nnx
 
 from npp_jax import assets
 from npp_jax import fileio
+from npp_jax import sharding
 from npp_jax.models import classifier as classifier_lib
 from npp_jax.models import gpt
 from npp_jax.models import vq as vq_lib
@@ -105,6 +106,7 @@ def write_config(directory: str, config: ml_collections.ConfigDict, *, sections:
   if jax.process_index() != 0:
     return
   path.mkdir(parents=True, exist_ok=True)
+  # Through epath, not fileio: a trainer's workdir may be gs://.
   tmp = path / (CONFIG_FILE + ".tmp")
   tmp.write_text(config.to_json_best_effort(indent=1, sort_keys=True))
   tmp.replace(path / CONFIG_FILE)
@@ -136,7 +138,7 @@ def load_model(directory: str, config: ml_collections.ConfigDict | None = None, 
   abstract = nnx.eval_shape(lambda: gpt.GPT(config.model, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract)
   devices = mesh.devices.flatten() if mesh is not None else jax.devices()
-  replicated = jax.sharding.NamedSharding(jax.sharding.Mesh(devices, ("d",)), jax.sharding.PartitionSpec())
+  replicated = jax.sharding.NamedSharding(sharding.one_axis_mesh("d", devices), jax.sharding.PartitionSpec())
   params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
                         nnx.to_pure_dict(abstract_state))
   params = restore_params(directory, params, ema=ema)
@@ -192,7 +194,7 @@ def save_vq(model: vq_lib.VQModel, vq_cfg: ml_collections.ConfigDict, directory:
   checkpointer.wait_until_finished()
   checksum = vq_lib.params_checksum(model)
   text = json.dumps({"vq": _vq_config_dict(vq_cfg), "checksum": checksum}, indent=1) + "\n"
-  fileio.write_atomically(directory / CONFIG_FILE, lambda tmp: pathlib.Path(tmp).write_text(text))
+  fileio.write_text(directory / CONFIG_FILE, text)
   return checksum
 
 
@@ -267,8 +269,7 @@ def save_classifier(directory: PathLike, model: classifier_lib.FashionClassifier
   meta = {"arch": arch, **extra_meta,
           "sha256": {name: fileio.file_sha256(directory / name)
                      for name in (CLASSIFIER_PARAMS_FILE, CLASSIFIER_STATS_FILE)}}
-  fileio.write_atomically(directory / CLASSIFIER_META_FILE,
-                          lambda tmp: pathlib.Path(tmp).write_text(json.dumps(meta, indent=1) + "\n"))
+  fileio.write_text(directory / CLASSIFIER_META_FILE, json.dumps(meta, indent=1) + "\n")
   return meta
 
 

@@ -47,7 +47,7 @@ def run(fv: flags.FlagValues) -> str:
                                preprocessing=fv.preprocessing, ref_stats=fv.ref_stats,
                                metrics=tuple(m.strip() for m in fv.metrics if m.strip()),
                                min_samples=fv.min_samples, progress=fv.progress)
-  fileio.write_atomically(out, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
+  fileio.write_text(out, json.dumps(report, indent=2) + "\n")
   return f"{adm.report_summary(report)}\nreport written to {out}"
 
 

@@ -25,6 +25,11 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> N
     raise
 
 
+def write_text(path: str | os.PathLike, text: str) -> None:
+  """Writes `text` to `path`, atomically."""
+  write_atomically(path, lambda tmp: pathlib.Path(tmp).write_text(text))
+
+
 def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
   """np.savez to `path`, atomically."""
 

@@ -40,7 +40,8 @@ def run(fv: flags.FlagValues) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-  return cli.main(run, define_flags, argv, doc=__doc__, required=("config",), errors=(distributed.StartupError, train.NonFiniteLossError))
+  return cli.main(run, define_flags, argv, doc=__doc__, required=("config",),
+                  errors=(distributed.StartupError, train.NonFiniteLossError))
 
 
 if __name__ == "__main__":

@@ -14,18 +14,21 @@ import ml_collections
 import numpy as np
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from npp_jax import fileio
 from npp_jax import images
 from npp_jax import sampling
+from npp_jax.eval import adm
+from npp_jax.eval import fashion
+from npp_jax.models import inception
+from npp_jax.models import vq as vq_lib
 
 
 class Monitor:
   """Called as monitor(step, params) by the trainer; only process 0 writes."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, writer, graphdef: Any, vq_model):
-    from npp_jax.models import vq as vq_lib  # pylint: disable=g-import-not-at-top
-
     self._config = config
     self._writer = writer
     self._graphdef = graphdef
@@ -40,7 +43,6 @@ class Monitor:
 
   def __call__(self, step: int, params: dict) -> dict[str, float]:
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       params = multihost_utils.process_allgather(params, tiled=True)  # sampling runs on local devices
     sampler = sampling.Sampler(nnx.merge(self._graphdef, params))
     classes, per_class = self._config.model.num_classes, self._config.eval.grid_columns
@@ -72,8 +74,6 @@ class Monitor:
 
 def _make_metric(eval_cfg: ml_collections.ConfigDict) -> Callable[[np.ndarray, np.ndarray], dict] | None:
   if eval_cfg.classifier == "fashion":
-    from npp_jax.eval import fashion  # pylint: disable=g-import-not-at-top
-
     evaluator = fashion.Evaluator()  # loaded and compiled once for the whole run
 
     def classifier_metric(samples: np.ndarray, labels: np.ndarray) -> dict:
@@ -90,9 +90,6 @@ def _make_metric(eval_cfg: ml_collections.ConfigDict) -> Callable[[np.ndarray, n
 
 def _inception_fid(eval_cfg: ml_collections.ConfigDict) -> Callable[[np.ndarray, np.ndarray], dict]:
   """FID of the samples against a reference batch's images (its activations cached next to it)."""
-  from npp_jax.eval import adm  # pylint: disable=g-import-not-at-top
-  from npp_jax.models import inception  # pylint: disable=g-import-not-at-top
-
   if not eval_cfg.reference:
     raise ValueError("eval.inception is set but eval.reference is empty: give a reference batch .npz")
   feature_fn = inception.make_feature_fn(inception.inception_from_torch(eval_cfg.inception), ("pool3",))

@@ -34,6 +34,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from npp_jax import sharding
+
 COMPUTE_DTYPES = ("float32", "bfloat16")
 _MIN_TEMPERATURE = 1e-5  # the reference's floor on the divisor
 _BATCH_AXIS = "batch"
@@ -242,7 +244,7 @@ class Sampler:
       graphdef = nnx.graphdef(nnx.eval_shape(lambda: type(model)(cfg, rngs=nnx.Rngs(0))))
     cast = lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
     devices = list(devices) if devices is not None else jax.local_devices()
-    self.mesh = Mesh(np.asarray(devices), (_BATCH_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+    self.mesh = sharding.one_axis_mesh(_BATCH_AXIS, devices)
     self._graphdef = graphdef
     self._state = jax.device_put(jax.tree.map(cast, state), NamedSharding(self.mesh, P()))
 

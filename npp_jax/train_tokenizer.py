@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import json
-import pathlib
 import sys
 import time
 from typing import Any, Sequence
@@ -41,6 +40,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import flags
+from absl import logging
 from clu import metrics as clu_metrics
 from etils import epath
 from flax import nnx
@@ -258,7 +258,7 @@ class Trainer:
 
 
 def _log(message: str) -> None:
-  print(message, flush=True)
+  logging.info("%s", message)
 
 
 def _image_grid(originals: np.ndarray, recon: jax.Array) -> np.ndarray:

@@ -175,7 +175,7 @@ def test_random_shift_is_an_exact_translation():
     expected = np.zeros_like(canvas)
     expected[top:top + 28, left:left + 28] = small
     np.testing.assert_array_equal(image, expected)
-  assert all(0 <= t <= 4 and 0 <= l <= 4 for t, l in offsets) and len(offsets) > 3
+  assert all(0 <= t <= 4 and 0 <= left <= 4 for t, left in offsets) and len(offsets) > 3
 
 
 def _write_idx(path: pathlib.Path, array: np.ndarray) -> None:

@@ -146,7 +146,7 @@ def test_training_lowers_the_loss_and_writes_the_tokenizer(tiny_run):
   assert vq.params_checksum(model) == checksum and vq_cfg.codebook_size == 16
 
 
-def test_resume_continues_from_the_checkpoint(tiny_run, tiny_fashion, tmp_path, capsys):
+def test_resume_continues_from_the_checkpoint(tiny_run, tiny_fashion, tmp_path, capsys, caplog):
   # An interrupted copy: the step-6 checkpoint survives, the end of the run does not.
   workdir = tmp_path / "resumed"
   shutil.copytree(tiny_run, workdir)
@@ -155,7 +155,7 @@ def test_resume_continues_from_the_checkpoint(tiny_run, tiny_fashion, tmp_path, 
   (workdir / "eval.json").unlink()
   capsys.readouterr()
   assert cli(workdir, *tiny_overrides(tiny_fashion)) == 0
-  assert "resumed from step 6" in capsys.readouterr().out
+  assert "resumed from step 6" in caplog.text  # absl logging
   # Batches, restarts and keys follow the step, so the resumed run ends with the same weights.
   assert (json.loads((workdir / "eval.json").read_text())["checksum"]
           == json.loads((tiny_run / "eval.json").read_text())["checksum"])

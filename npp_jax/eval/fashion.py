@@ -60,7 +60,7 @@ def predict(images: Any, apply_fn: Callable, batch_size: int = DEFAULT_BATCH_SIZ
     if len(batch) < batch_size:
       batch = np.concatenate([batch, np.zeros((batch_size - len(batch), *batch.shape[1:]), batch.dtype)])
     outputs.append(apply_fn(batch))  # Dispatched without waiting, read below.
-  logits = np.concatenate([np.asarray(l) for l, _ in outputs])[:n]
+  logits = np.concatenate([np.asarray(batch_logits) for batch_logits, _ in outputs])[:n]
   features = np.concatenate([np.asarray(f) for _, f in outputs])[:n]
   return logits, features
 
