@@ -53,10 +53,11 @@ def one_line(error: BaseException | str) -> str:
   return " ".join(str(error).split())
 
 
-def define_config(fv: flags.FlagValues, argv: Sequence[str], help_text: str) -> None:
+def define_config(fv: flags.FlagValues, argv: Sequence[str], help_text: str, default: str | None = None) -> None:
   """`--config FILE` (a Python file with get_config()) plus its `--config.key=value` overrides."""
   # sys_argv: config_flags finds the overrides there (it would read sys.argv otherwise, wrong when called in-process).
-  config_flags.DEFINE_config_file("config", None, help_text, flag_values=fv, sys_argv=list(argv), lock_config=True)
+  config_flags.DEFINE_config_file("config", default, help_text, flag_values=fv, sys_argv=list(argv),
+                                  lock_config=True)
 
 
 def _parse(fv: flags.FlagValues, argv: list[str], required: Sequence[str]) -> None:
