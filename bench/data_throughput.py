@@ -215,13 +215,7 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-  argv = list(sys.argv if argv is None else argv)
-  command = argv[1] if len(argv) > 1 and argv[1] in COMMANDS else None
-  if command is None and not any(a in cli.HELP_FLAGS for a in argv[1:]):
-    print(f"error: the first argument must be one of {', '.join(COMMANDS)} (see --help)", file=sys.stderr)
-    return 1
-  rest = [argv[0]] + argv[2:] if command else argv
-  return cli.main(lambda fv: COMMANDS[command](fv), define_flags, rest, doc=__doc__)
+  return cli.main_with_commands(COMMANDS, define_flags, argv, doc=__doc__)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging as std_logging
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from absl import flags
 from absl import logging
@@ -107,3 +107,17 @@ def main(body: Callable[[flags.FlagValues], str | None],
   if result:
     print(result, flush=True)
   return 0
+
+
+def main_with_commands(commands: Mapping[str, Callable[[flags.FlagValues], str | None]],
+                       define_flags: Callable[[flags.FlagValues, list[str]], None],
+                       argv: Sequence[str] | None = None, *, doc: str = "") -> int:
+  """`prog COMMAND [--flag ...]`: the first argument picks the body from `commands`; the flags are shared."""
+  argv = list(sys.argv if argv is None else argv)
+  command = argv[1] if len(argv) > 1 else None
+  if command in commands:
+    return main(commands[command], define_flags, [argv[0], *argv[2:]], doc=doc)
+  if any(a in HELP_FLAGS for a in argv[1:]):
+    return main(lambda fv: None, define_flags, argv, doc=doc)
+  print(f"error: the first argument must be one of {', '.join(commands)} (see --help)", file=sys.stderr)
+  return 1

@@ -12,6 +12,7 @@ This module holds that machinery, the GPT's and the VQ tokenizer's rules (`gpt_f
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 from typing import Any, Callable, Sequence
@@ -296,13 +297,8 @@ def _run(command: str, fv: flags.FlagValues) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """The CLI; argv as sys.argv (program name, then the subcommand). Returns the exit status."""
-  argv = list(sys.argv if argv is None else argv)
-  command = argv[1] if len(argv) > 1 and argv[1] in COMMANDS else None
-  if command is None and not any(a in cli.HELP_FLAGS for a in argv[1:]):
-    print(f"error: the first argument must be one of {', '.join(COMMANDS)}\n{USAGE}", file=sys.stderr)
-    return 1
-  rest = [argv[0]] + argv[2:] if command else argv
-  return cli.main(lambda fv: _run(command, fv), define_flags, rest, doc=__doc__ + "\n" + USAGE)
+  commands = {command: functools.partial(_run, command) for command in COMMANDS}
+  return cli.main_with_commands(commands, define_flags, argv, doc=__doc__ + "\n" + USAGE)
 
 
 if __name__ == "__main__":
