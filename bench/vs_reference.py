@@ -227,7 +227,8 @@ def main() -> None:
     print(f"| {label} | {ref:.4f} | {ours:.4f} | {ref / ours:.2f}x |")
   if "train_b_k1" in results:
     ref, ours = (median(results["train_b_k1"][s], "peak_rss_mib") for s in ("reference", "ours"))
-    print(f"| peak RSS, GPT-B width training, batch 2 (MiB) | {ref:,.0f} | {ours:,.0f} | {ours / ref:.2f}x the memory |")
+    print(f"| peak RSS, GPT-B width training, batch 2 (MiB) | {ref:,.0f} | {ours:,.0f} | "
+          f"{ours / ref:.2f}x the memory |")
   if "schedule_ntp" in results:
     for side in ("reference", "ours"):
       base = median(results["schedule_ntp"][side])

@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from npp_jax import sharding
 from npp_jax.models import gpt
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -259,7 +260,7 @@ class Sampler:
     self.cfg = model.cfg
     self.dtype = dtype
     devices = list(devices) if devices is not None else jax.local_devices()
-    self.mesh = Mesh(np.asarray(devices), (_BATCH_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+    self.mesh = sharding.one_axis_mesh(_BATCH_AXIS, devices)
     self._params = jax.device_put(_decode_params(*nnx.split(model), dtype), NamedSharding(self.mesh, P()))
 
   @property
