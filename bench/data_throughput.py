@@ -4,7 +4,8 @@
   python bench/data_throughput.py prepare --source=fashion_mnist --augmentation=pad_flip --image_size=32 \
       --encoder=tiny --num_images=2000
 
-  python bench/data_throughput.py input --config configs/fashion.py --codes_dir runs/fashion/codes --batches 200
+  python bench/data_throughput.py input --config configs/fashion.py --codes_dir runs/fashion/codes --batches 200 \
+      [--config.key=value ...]
 
 Measurements (one function each):
   measure_host_views  decode + crop/flip on the host thread pool only (the usual bottleneck), images/s
@@ -13,13 +14,12 @@ Measurements (one function each):
                       against what the config's train step consumes (the issue asks for at least 20x)
 
 Encoders: `mean` (block means: no model, isolates the host side), `tiny` (the reference's tiny VQ from
-../shared/fixtures, ch=32, downsample 2), `vq16` (the VQ-16 architecture; --vq_checkpoint for real weights,
+tests/fixtures/llamagen_tiny, ch=32, downsample 2), `vq16` (the VQ-16 architecture; --vq_checkpoint for real weights,
 otherwise random init).
 """
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import functools
 import os
@@ -29,15 +29,23 @@ import tempfile
 import time
 
 import numpy as np
+from absl import flags
+from flax import nnx
 from PIL import Image
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from npp_jax import checkpoint  # noqa: E402
+from npp_jax import cli  # noqa: E402
+from npp_jax import convert  # noqa: E402
 from npp_jax.data import augment  # noqa: E402
+from npp_jax.data import pipeline  # noqa: E402
 from npp_jax.data import prepare  # noqa: E402
 from npp_jax.data import sources  # noqa: E402
+from npp_jax.models import gpt  # noqa: E402
+from npp_jax.models import vq  # noqa: E402
 
-FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 
 
 class FirstN(sources.Source):
@@ -85,8 +93,6 @@ def make_encoder(name: str, image_size: int, vq_checkpoint: str = ""):
       return blocks.reshape(b, grid * grid).astype(np.int64) * 61 % vocab
 
     return mean_codes, vocab, grid
-  from npp_jax import convert  # pylint: disable=g-import-not-at-top
-  from npp_jax.models import vq  # pylint: disable=g-import-not-at-top
 
   cfg = vq.default_config()
   cfg.image_size = image_size
@@ -96,9 +102,8 @@ def make_encoder(name: str, image_size: int, vq_checkpoint: str = ""):
   elif name == "vq16":
     if vq_checkpoint:
       cfg.checkpoint = vq_checkpoint
-      model = convert.load_vq(cfg)
+      model = checkpoint.load_vq(cfg)
     else:
-      from flax import nnx  # pylint: disable=g-import-not-at-top
       model = vq.VQModel(cfg, rngs=nnx.Rngs(0))
   else:
     raise ValueError(f"unknown encoder {name!r}")
@@ -160,8 +165,6 @@ def bench_prepare(args) -> None:
 
 def measure_input(config, codes_dir: str, batches: int) -> dict:
   """Records/s of the training input, after one warm-up batch."""
-  from npp_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from npp_jax.models import gpt  # pylint: disable=g-import-not-at-top
 
   spec = pipeline.InputSpec(config.model.vocab_size, gpt.grid_side(config.model), config.model.num_classes)
   data = pipeline.TrainInput(config.data, spec, global_batch=config.train.global_batch_size, seed=config.seed,
@@ -176,42 +179,44 @@ def measure_input(config, codes_dir: str, batches: int) -> dict:
 
 
 def bench_input(args) -> None:
-  from npp_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-
-  config = config_lib.load_file(args.config)
-  result = measure_input(config, args.codes_dir, args.batches)
+  if args.config is None or args.codes_dir is None:
+    raise ValueError("input needs --config (the run's config) and --codes_dir (codes made by prepare)")
+  result = measure_input(args.config, args.codes_dir, args.batches)
   line = f"training input: {result['records_per_s']:,.0f} records/s over {args.batches} batches"
   if args.consumed_per_s:
-    line += f"; the train step consumes {args.consumed_per_s:,.0f} images/s: {result['records_per_s'] / args.consumed_per_s:.1f}x"
+    ratio = result["records_per_s"] / args.consumed_per_s
+    line += f"; the train step consumes {args.consumed_per_s:,.0f} images/s: {ratio:.1f}x"
   print(line)
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = parser.add_subparsers(dest="what", required=True)
-  p = sub.add_parser("prepare", help="images/s of python -m npp_jax.prepare")
-  p.add_argument("--source", default="synthetic", choices=["synthetic", "folder", "imagenet", "fashion_mnist"])
-  p.add_argument("--data_dir", default="")
-  p.add_argument("--split", default="train")
-  p.add_argument("--augmentation", default="tencrop", choices=sorted(augment.AUGMENTATIONS))
-  p.add_argument("--image_size", type=int, default=256)
-  p.add_argument("--extra_crop_range", type=float, default=0.0)
-  p.add_argument("--num_images", type=int, default=64)
-  p.add_argument("--encoder", default="mean", choices=["mean", "tiny", "vq16"])
-  p.add_argument("--vq_checkpoint", default="")
-  p.add_argument("--batch_size", type=int, default=64)
-  p.add_argument("--num_threads", type=int, default=0)
-  p.set_defaults(run=bench_prepare)
-  q = sub.add_parser("input", help="records/s of the training input pipeline")
-  q.add_argument("--config", default="configs/fashion.py")
-  q.add_argument("--codes_dir", required=True, help="codes made by prepare (e.g. runs/fashion/codes)")
-  q.add_argument("--batches", type=int, default=200)
-  q.add_argument("--consumed_per_s", type=float, default=0.0,
-                 help="images/s the train step consumes (from the trainer's progress line), for the ratio")
-  q.set_defaults(run=bench_input)
-  args = parser.parse_args()
-  args.run(args)
+COMMANDS = {"prepare": bench_prepare, "input": bench_input}
+
+
+def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
+  # prepare: images/s of python -m npp_jax.prepare
+  flags.DEFINE_enum("source", "synthetic", ["synthetic", "folder", "imagenet", "fashion_mnist"], "prepare: images.",
+                    flag_values=fv)
+  flags.DEFINE_string("data_dir", "", "prepare: the source's directory.", flag_values=fv)
+  flags.DEFINE_string("split", "train", "prepare: the source's split.", flag_values=fv)
+  flags.DEFINE_enum("augmentation", "tencrop", sorted(augment.AUGMENTATIONS), "prepare: views.", flag_values=fv)
+  flags.DEFINE_integer("image_size", 256, "prepare: view side.", flag_values=fv)
+  flags.DEFINE_float("extra_crop_range", 0.0, "prepare: the second ten-crop set's range (0: none).", flag_values=fv)
+  flags.DEFINE_integer("num_images", 64, "prepare: images timed.", flag_values=fv)
+  flags.DEFINE_enum("encoder", "mean", ["mean", "tiny", "vq16"], "prepare: the encoder (see above).", flag_values=fv)
+  flags.DEFINE_string("vq_checkpoint", "", "prepare: VQ-16 weights for --encoder=vq16.", flag_values=fv)
+  flags.DEFINE_integer("batch_size", 64, "prepare: encode batch.", flag_values=fv)
+  flags.DEFINE_integer("num_threads", 0, "prepare: host threads (0: one per core).", flag_values=fv)
+  # input: records/s of the training input pipeline
+  cli.define_config(fv, argv, "input: the run's config file (e.g. configs/fashion.py).")
+  flags.DEFINE_string("codes_dir", None, "input: codes made by prepare (e.g. runs/fashion/codes).", flag_values=fv)
+  flags.DEFINE_integer("batches", 200, "input: batches timed.", flag_values=fv)
+  flags.DEFINE_float("consumed_per_s", 0.0, "input: images/s the train step consumes (from the trainer's progress "
+                     "line), for the ratio.", flag_values=fv)
+
+
+def main(argv: list[str] | None = None) -> int:
+  return cli.main_with_commands(COMMANDS, define_flags, argv, doc=__doc__)
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -1,29 +1,31 @@
 """Sampling throughput: the jitted decode loop of `npp_jax.sampling` against per-token Python loops, in one run.
 
-  python bench/sample_throughput.py [--batch 16] [--cfg-scale 2.0] [--dtype float32] [--b-layers 2]
+  python bench/sample_throughput.py [--batch 16] [--cfg_scale 2.0] [--dtype float32] [--b_layers 2]
 
 For each model it prints images/s and tokens/s of
   - `generate`: the whole sampler (prefill + block_size-1 steps in one jitted lax.scan, guidance batched),
   - `jit-step loop`: a Python loop over a jitted single decode step (the usual first attempt),
   - `eager loop`: a Python loop calling model.decode op by op, nothing jitted,
 and the speed-up of `generate` over each. Models: the fixture-size GPT (2 layers, dim 128, 8x8 codes, vocab 512) and a
-GPT-B-width model (dim 768, 12 heads, 16x16 codes, vocab 16384) with --b-layers layers (GPT-B has 12; fewer keep
+GPT-B-width model (dim 768, 12 heads, 16x16 codes, vocab 16384) with --b_layers layers (GPT-B has 12; fewer keep
 the eager baseline affordable on a CPU). Weights are random; speed does not depend on them. Compilation is excluded
 (one warm-up call each, none for the eager loop, whose per-step cost includes re-tracing and compiling the layer
-scan on every call). The eager loop makes only --eager-tokens tokens and is scaled to a whole image: with a static
+scan on every call). The eager loop makes only --eager_tokens tokens and is scaled to a whole image: with a static
 KV cache every step costs the same. The first sample's tokens are compared between the three paths as a sanity check.
 """
 
 from __future__ import annotations
 
-import argparse
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from flax import nnx
 
+from npp_jax import cli
 from npp_jax import config as config_lib
 from npp_jax import sampling
 from npp_jax.models.gpt import GPT
@@ -117,19 +119,25 @@ def bench(name: str, args) -> None:
         f"equal to generate's: jit-step loop {same[0]:.0%}, eager loop {same[1]:.0%}")
 
 
-def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--batch", type=int, default=16)
-  p.add_argument("--cfg-scale", type=float, default=2.0)
-  p.add_argument("--dtype", default="float32", choices=sampling.COMPUTE_DTYPES)
-  p.add_argument("--b-layers", type=int, default=2, help="layers of the GPT-B-width model (GPT-B has 12)")
-  p.add_argument("--repeats", type=int, default=3)
-  p.add_argument("--eager-tokens", type=int, default=16, help="tokens per image the (slow) eager loop makes")
-  p.add_argument("--models", default="fixture,b_width")
-  args = p.parse_args()
-  for name in args.models.split(","):
-    bench(name, args)
+def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
+  del argv  # No config.
+  flags.DEFINE_integer("batch", 16, "Images per batch.", flag_values=fv)
+  flags.DEFINE_float("cfg_scale", 2.0, "Guidance scale.", flag_values=fv)
+  flags.DEFINE_enum("dtype", "float32", sampling.COMPUTE_DTYPES, "Compute dtype.", flag_values=fv)
+  flags.DEFINE_integer("b_layers", 2, "Layers of the GPT-B-width model (GPT-B has 12).", flag_values=fv)
+  flags.DEFINE_integer("repeats", 3, "Timed calls per path.", flag_values=fv)
+  flags.DEFINE_integer("eager_tokens", 16, "Tokens per image the (slow) eager loop makes.", flag_values=fv)
+  flags.DEFINE_list("models", ["fixture", "b_width"], "Models to time.", flag_values=fv)
+
+
+def run(fv: flags.FlagValues) -> None:
+  for name in fv.models:
+    bench(name, fv)
+
+
+def main(argv: list[str] | None = None) -> int:
+  return cli.main(run, define_flags, argv, doc=__doc__)
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

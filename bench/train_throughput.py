@@ -1,8 +1,8 @@
 """Train-step throughput, and the wall-clock saving of an NPP schedule over next-token prediction.
 
-  python bench/train_throughput.py --config configs/tiny.py [--set model.dim=768 --set train.global_batch_size=8]
-      [--steps 20] [--schedules '((2,0.5),(1,0.5))' '((4,0.25),(2,0.25),(1,0.5))'] [--total_steps 200]
-      [--external 'python other_impl.py ...']
+  python bench/train_throughput.py --config configs/tiny.py [--config.model.dim=768
+      --config.train.global_batch_size=8] [--steps 20] [--schedules '((2,0.5),(1,0.5))'
+      --schedules '((4,0.25),(2,0.25),(1,0.5))'] [--total_steps 200] [--external 'python other_impl.py ...']
 
 1. Steady state per patch side: steps/s, tokens/s and TFLOP/s per device (after compilation and warm-up).
 2. For each schedule, the wall-clock of a full run of --total_steps steps (all steps compiled ahead of time, the
@@ -15,35 +15,21 @@ Not a test: it prints figures.
 
 from __future__ import annotations
 
-import argparse
 import ast
-import importlib.util
 import subprocess
+import sys
 import time
 
 import jax
 import numpy as np
+from absl import flags
 
+from npp_jax import cli
 from npp_jax import metrics as metrics_lib
 from npp_jax import npp
 from npp_jax import sharding
 from npp_jax import train
 from npp_jax.models import gpt
-
-
-def load_config(path: str, overrides: list[str]):
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  for item in overrides:
-    key, value = item.split("=", 1)
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = type(node[leaf])(ast.literal_eval(value)) if not isinstance(node[leaf], str) else value
-  return config
 
 
 def synthetic_batch(config, mesh, seed: int = 0) -> dict:
@@ -107,41 +93,45 @@ def full_schedule(config, mesh, stages, total_steps: int) -> float:
   return (time.perf_counter() - start) * total_steps / (total_steps - 1)
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--config", default="configs/tiny.py")
-  parser.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
-  parser.add_argument("--steps", type=int, default=20, help="timed steps per patch side")
-  parser.add_argument("--total_steps", type=int, default=200, help="steps of each full schedule")
-  parser.add_argument("--schedules", nargs="*", default=["((2, 0.5), (1, 0.5))", "((4, 0.25), (2, 0.25), (1, 0.5))"])
-  parser.add_argument("--skip_schedules", action="store_true")
-  parser.add_argument("--external", default="", help="a command to time beside our full next-token run")
-  args = parser.parse_args()
+def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
+  cli.define_config(fv, argv, "Config file; --config.key=value overrides its fields.", default="configs/tiny.py")
+  flags.DEFINE_integer("steps", 20, "Timed steps per patch side.", flag_values=fv)
+  flags.DEFINE_integer("total_steps", 200, "Steps of each full schedule.", flag_values=fv)
+  flags.DEFINE_multi_string("schedules", ["((2, 0.5), (1, 0.5))", "((4, 0.25), (2, 0.25), (1, 0.5))"],
+                            "NPP schedules to time (repeatable).", flag_values=fv)
+  flags.DEFINE_bool("skip_schedules", False, "Only the steady state per patch side.", flag_values=fv)
+  flags.DEFINE_string("external", "", "A command to time beside our full next-token run.", flag_values=fv)
 
-  config = load_config(args.config, args.set)
+
+def run(fv: flags.FlagValues) -> None:
+  config = fv.config
   mesh = sharding.make_mesh(config.mesh.shape)
   print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, mesh {dict(mesh.shape)}, "
         f"parameters {gpt.num_parameters(config.model):,}, batch {config.train.global_batch_size}, "
         f"dtype {config.model.dtype}", flush=True)
-  schedules = [ast.literal_eval(s) for s in args.schedules]
+  schedules = [ast.literal_eval(s) for s in fv.schedules]
   sides = sorted({k for s in schedules for k, _ in s} | {1})
-  steady_state(config, mesh, args.steps, sides)
-  if args.skip_schedules:
+  steady_state(config, mesh, fv.steps, sides)
+  if fv.skip_schedules:
     return
-  baseline = full_schedule(config, mesh, ((1, 1.0),), args.total_steps)
-  print(f"next-token prediction, {args.total_steps} steps: {baseline:.2f} s", flush=True)
+  baseline = full_schedule(config, mesh, ((1, 1.0),), fv.total_steps)
+  print(f"next-token prediction, {fv.total_steps} steps: {baseline:.2f} s", flush=True)
   for stages in schedules:
-    seconds = full_schedule(config, mesh, stages, args.total_steps)
-    fraction = npp.tokens_per_step_fraction(npp.make_stages(stages, args.total_steps, gpt.grid_side(config.model)))
+    seconds = full_schedule(config, mesh, stages, fv.total_steps)
+    fraction = npp.tokens_per_step_fraction(npp.make_stages(stages, fv.total_steps, gpt.grid_side(config.model)))
     print(f"NPP {stages}: {seconds:.2f} s, wall-clock ratio {seconds / baseline:.3f} "
           f"(input-token ratio {fraction:.3f})", flush=True)
-  if args.external:
+  if fv.external:
     start = time.perf_counter()
-    subprocess.run(args.external, shell=True, check=True)
+    subprocess.run(fv.external, shell=True, check=True)
     external = time.perf_counter() - start
     print(f"external command: {external:.2f} s; ours (next-token, compiled steps only) {baseline:.2f} s; "
           f"ratio ours/external {baseline / external:.3f}", flush=True)
 
 
+def main(argv: list[str] | None = None) -> int:
+  return cli.main(run, define_flags, argv, doc=__doc__)
+
+
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

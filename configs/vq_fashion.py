@@ -11,9 +11,9 @@ cheap, which the demo pays for 60k images.
 
 import ml_collections
 
+from npp_jax import assets
 from npp_jax.data import sources
 from npp_jax.models import vq
-from npp_jax.train_tokenizer import SHIPPED_FASHION_TOKENIZER
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -23,7 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.vq = vq.default_config()
   c.vq.update(dict(codebook_size=512, codebook_embed_dim=8, codebook_l2_norm=True, commit_loss_beta=0.25,
                    ch=32, encoder_ch_mult=(1, 1, 2), decoder_ch_mult=(1, 1, 2), z_channels=32, num_res_blocks=0,
-                   image_size=32, checkpoint=str(SHIPPED_FASHION_TOKENIZER)))
+                   image_size=32, checkpoint=str(assets.FASHION_TOKENIZER)))
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "fashion_mnist"

@@ -2,7 +2,8 @@
 
   python docs/demo_screenshot.py [--checkpoint runs/fashion] [--vq npp_jax/assets/vq_fashion] [--label "9: Ankle boot"]
 
-Paths are relative to the repository root. Needs what tests/test_demo.py needs (Debian's chromium and chromium-driver, `pip install -e '.[test]'`).
+Paths are relative to the repository root. Needs what tests/test_demo.py needs (Debian's chromium and
+chromium-driver, `pip install -e '.[test]'`).
 """
 
 import argparse

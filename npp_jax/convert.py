@@ -5,16 +5,15 @@ transform between the two layouts (and its inverse, for export). Buffers the NNX
 `quantize.codebook_used`) are rules without a path. `import_params` checks a state dict against the rules and the
 config-built model and reports every problem in one ValueError; `export_params` is the exact inverse.
 
-This module holds that machinery and the VQ tokenizer's rules, loaders and savers (`vq_from_torch`, `vq_to_torch`,
-`load_vq`, `save_vq`, and the `vq` CLI subcommand `main_vq`).
+This module holds that machinery, the GPT's and the VQ tokenizer's rules (`gpt_from_torch`, `gpt_to_torch`,
+`vq_from_torch`, `vq_to_torch`) and the CLI. The native directories it writes belong to `npp_jax.checkpoint`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import os
-import pathlib
 import sys
 from typing import Any, Callable, Sequence
 
@@ -22,9 +21,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import flags
 from flax import nnx
 
+from npp_jax import checkpoint
+from npp_jax import cli
 from npp_jax import torch_io
+from npp_jax.models import gpt
 from npp_jax.models import vq as vq_lib
 
 PathLike = str | os.PathLike
@@ -186,8 +189,6 @@ def gpt_from_torch(path: PathLike, model_cfg: ml_collections.ConfigDict, *, key:
   `key` picks the container entry ("model" by default; "ema" for EMA weights); FSDP-consolidated raw state dicts
   and DeepSpeed "module" containers are recognised. Every key must be used and every shape must fit the config.
   """
-  from npp_jax.models import gpt  # pylint: disable=g-import-not-at-top
-
   state_dict = torch_io.load_state_dict(path, key=key)
   model = nnx.eval_shape(lambda: gpt.GPT(model_cfg, rngs=nnx.Rngs(0)))
   import_params(model, state_dict, gpt_rules(model_cfg), source=str(path))
@@ -199,30 +200,10 @@ def gpt_to_torch(model) -> dict[str, np.ndarray]:
   return export_params(model, gpt_rules(model.cfg))
 
 
-def save_gpt(model, config: ml_collections.ConfigDict, directory: PathLike) -> None:
-  """Writes a model directory (config.json + a step-0 checkpoint holding only the parameters) that
-  `python -m npp_jax.main --config.init_from=DIR` fine-tunes from and `python -m npp_jax.sample` loads."""
-  from npp_jax import checkpoint  # pylint: disable=g-import-not-at-top
-
-  directory = str(pathlib.Path(directory).absolute())
-  if pathlib.Path(directory, checkpoint.CONFIG_FILE).exists():
-    raise FileExistsError(f"{directory} already holds a model; choose a new directory")
-  checkpoint.write_config(directory, config)
-  mngr = checkpoint.manager(directory, keep=1, async_save=False)
-  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  checkpoint.save(mngr, 0, {"params": params}, {"step": 0, "converted_from": str(config.get("converted_from", ""))})
-  mngr.wait_until_finished()
-  mngr.close()
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # The VQ tokenizer.
 
 _CODEBOOK_USED_LEN = 65536  # LlamaGen's codebook-usage queue buffer (VectorQuantizer.codebook_used).
-# Fields that decide the parameter shapes; a saved tokenizer must agree with the config on these.
-_VQ_ARCH_FIELDS = ("codebook_size", "codebook_embed_dim", "encoder_ch_mult", "decoder_ch_mult", "z_channels", "ch",
-                   "num_res_blocks")
-_PARAMS_DIR, _CONFIG_FILE = "params", "config.json"
 
 
 def vq_rules(model: vq_lib.VQModel) -> list[Rule]:
@@ -246,15 +227,10 @@ def vq_rules(model: vq_lib.VQModel) -> list[Rule]:
   return rules
 
 
-def _abstract_vq(vq_cfg: ml_collections.ConfigDict) -> vq_lib.VQModel:
-  """The VQModel's structure, shapes and dtypes without initialising any weight."""
-  return nnx.eval_shape(lambda: vq_lib.VQModel(vq_cfg, rngs=nnx.Rngs(0)))
-
-
 def vq_from_torch(path: PathLike, vq_cfg: ml_collections.ConfigDict, *, key: str | None = None) -> vq_lib.VQModel:
   """A VQModel built from `vq_cfg` with weights from a LlamaGen .pt/.pth/.bin or .safetensors state dict."""
   state_dict = torch_io.load_state_dict(path, key=key)
-  model = _abstract_vq(vq_cfg)
+  model = vq_lib.abstract_model(vq_cfg)
   import_params(model, state_dict, vq_rules(model), source=str(path))
   return model
 
@@ -262,87 +238,6 @@ def vq_from_torch(path: PathLike, vq_cfg: ml_collections.ConfigDict, *, key: str
 def vq_to_torch(model: vq_lib.VQModel) -> dict[str, np.ndarray]:
   """A state dict that LlamaGen's `VQModel.load_state_dict` accepts strictly (codebook_used as zeros)."""
   return export_params(model, vq_rules(model))
-
-
-def _vq_config_dict(vq_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-  return json.loads(vq_cfg.to_json())
-
-
-def save_vq(model: vq_lib.VQModel, vq_cfg: ml_collections.ConfigDict, directory: PathLike) -> str:
-  """Writes `directory/params` (Orbax checkpoint of the parameters) and `directory/config.json`.
-
-  config.json is {"vq": <the vq config>, "checksum": params_checksum(model)}; it is written last, so a directory
-  with a config.json is complete. Returns the checksum.
-
-  Raises:
-    FileExistsError: the directory already holds a saved tokenizer (nothing is overwritten).
-  """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
-  directory = pathlib.Path(directory).absolute()
-  if (directory / _PARAMS_DIR).exists() or (directory / _CONFIG_FILE).exists():
-    raise FileExistsError(f"{directory} already holds a saved tokenizer; choose a new directory")
-  directory.mkdir(parents=True, exist_ok=True)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(directory / _PARAMS_DIR, nnx.state(model, nnx.Param))
-  checkpointer.wait_until_finished()
-  checksum = vq_lib.params_checksum(model)
-  tmp = directory / (_CONFIG_FILE + ".tmp")
-  tmp.write_text(json.dumps({"vq": _vq_config_dict(vq_cfg), "checksum": checksum}, indent=1) + "\n")
-  os.replace(tmp, directory / _CONFIG_FILE)
-  return checksum
-
-
-def read_saved_vq(directory: PathLike) -> tuple[ml_collections.ConfigDict, str]:
-  """The vq config (with `checkpoint` pointing at `directory`) and checksum stored by `save_vq`."""
-  directory = pathlib.Path(directory)
-  config_file = directory / _CONFIG_FILE
-  if not config_file.is_file() or not (directory / _PARAMS_DIR).is_dir():
-    raise FileNotFoundError(f"{directory} is not a tokenizer saved by save_vq (no {_CONFIG_FILE} and {_PARAMS_DIR}/)")
-  saved = json.loads(config_file.read_text())
-  # JSON has no tuples; the config uses them for the channel multipliers.
-  fields = {k: tuple(v) if isinstance(v, list) else v for k, v in saved["vq"].items()}
-  vq_cfg = ml_collections.ConfigDict(dict(fields, checkpoint=str(directory)))
-  return vq_cfg, saved["checksum"]
-
-
-def _load_vq_dir(directory: pathlib.Path, vq_cfg: ml_collections.ConfigDict) -> vq_lib.VQModel:
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
-  saved_cfg, checksum = read_saved_vq(directory)
-  differ = [f"{f} (saved {saved_cfg[f]}, config {vq_cfg[f]})" for f in _VQ_ARCH_FIELDS
-            if _normalise(saved_cfg[f]) != _normalise(vq_cfg[f])]
-  if differ:
-    raise ValueError(f"the tokenizer saved in {directory} does not match the vq config: {', '.join(differ)}")
-  model = _abstract_vq(vq_cfg)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                        nnx.state(model, nnx.Param))
-  restored = ocp.StandardCheckpointer().restore(directory.absolute() / _PARAMS_DIR, target)
-  nnx.update(model, restored)
-  if vq_lib.params_checksum(model) != checksum:
-    raise ValueError(f"the parameters in {directory / _PARAMS_DIR} do not match the checksum in its {_CONFIG_FILE}")
-  return model
-
-
-def _normalise(value: Any) -> Any:
-  return tuple(value) if isinstance(value, (list, tuple)) else value
-
-
-def load_vq(vq_cfg: ml_collections.ConfigDict) -> vq_lib.VQModel:
-  """The tokenizer described by `vq_cfg`, with weights from `vq_cfg.checkpoint`.
-
-  The checkpoint may be a torch .pt/.pth/.bin file (container "model" etc., see torch_io.load_state_dict), a
-  .safetensors file, or a directory written by `save_vq`.
-  """
-  if not vq_cfg.checkpoint:
-    raise ValueError("vq.checkpoint is empty: give the tokenizer weights (a .pt, .safetensors or save_vq directory)")
-  path = pathlib.Path(vq_cfg.checkpoint)
-  if path.is_dir():
-    return _load_vq_dir(path, vq_cfg)
-  if not path.exists():
-    raise FileNotFoundError(f"vq.checkpoint {path} does not exist")
-  return vq_from_torch(path, vq_cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -359,69 +254,52 @@ def _convert_gpt(src: str, config: ml_collections.ConfigDict, out: str, key: str
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.converted_from = str(src)
-  save_gpt(model, config, out)
+  checkpoint.save_gpt(model, config, out)
   return f"wrote {out}: {sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param))):,} parameters"
 
 
 def _convert_vq(src: str, config: ml_collections.ConfigDict, out: str, key: str | None) -> str:
-  checksum = save_vq(vq_from_torch(src, config.vq, key=key), config.vq, out)
+  checksum = checkpoint.save_vq(vq_from_torch(src, config.vq, key=key), config.vq, out)
   return f"wrote {out} (params checksum {checksum})"
 
 
 def _export(directory: str, out: str, raw: bool) -> str:
   """A trained or converted model directory back to a PyTorch state dict ({"model": sd} unless raw)."""
-  from npp_jax import checkpoint  # pylint: disable=g-import-not-at-top
-
   model, _ = checkpoint.load_model(directory, ema=False)
   torch_io.save_state_dict(gpt_to_torch(model), out, container=None if raw else "model")
   return f"wrote {out}"
 
 
-def main(argv: Sequence[str]) -> int:
-  """The CLI; argv as sys.argv. Returns the exit status; a user error prints one line to stderr."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+COMMANDS = ("gpt", "vq", "export")
 
-  argv = list(argv)
-  if len(argv) < 2 or argv[1] not in ("gpt", "vq", "export"):
-    print(USAGE, file=sys.stderr)
-    return 2
-  command, argv = argv[1], [argv[0]] + argv[2:]
-  fv = flags.FlagValues()
+
+def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
+  cli.define_config(fv, argv, "Config file (gpt, vq): its `model` or `vq` section builds the model.")
   flags.DEFINE_string("src", None, "LlamaGen/NPP checkpoint (.pt/.pth/.bin or .safetensors).", flag_values=fv)
   flags.DEFINE_string("out", None, "Directory (gpt, vq) or file (export) to write.", flag_values=fv)
   flags.DEFINE_string("key", None, "Checkpoint container entry to read (e.g. ema); default model.", flag_values=fv)
   flags.DEFINE_string("checkpoint", None, "Model directory to export.", flag_values=fv)
   flags.DEFINE_bool("raw", False, "Export a bare state dict instead of {'model': ...}.", flag_values=fv)
-  # sys_argv: config_flags finds the --config.* overrides there (it would read sys.argv otherwise).
-  config_flags.DEFINE_config_file("config", None, "Config file.", flag_values=fv, sys_argv=argv)
-  try:
-    try:
-      fv(argv)
-    except (KeyError, AttributeError) as e:  # ConfigDict's answer to an override of a field it does not have.
-      raise ValueError(f"unknown config field {str(e).strip(chr(34))} in a --config override") from None
-    required = ("checkpoint", "out") if command == "export" else ("src", "out", "config")
-    for name in required:
-      if fv[name].value is None:
-        raise ValueError(f"--{name} is required")
-    if command == "export":
-      message = _export(fv.checkpoint, fv.out, fv.raw)
-    else:
-      section = "model" if command == "gpt" else "vq"
-      if section not in fv.config:
-        raise ValueError(f"the config {fv['config'].config_filename} has no {section} section")
-      message = (_convert_gpt if command == "gpt" else _convert_vq)(fv.src, fv.config, fv.out, fv.key)
-  except (flags.Error, ValueError, OSError) as e:
-    print("error: " + " ".join(str(e).split()), file=sys.stderr)  # One line, even for multi-line messages.
-    return 1
-  print(message)
-  return 0
 
 
-def main_vq(argv: Sequence[str]) -> int:
-  """`python -m npp_jax.convert vq ...` with argv as sys.argv (program name first)."""
-  return main([argv[0], "vq", *argv[1:]])
+def _run(command: str, fv: flags.FlagValues) -> str:
+  required = ("checkpoint", "out") if command == "export" else ("src", "out", "config")
+  for name in required:
+    if fv[name].value is None:
+      raise ValueError(f"--{name} is required for `convert {command}`")
+  if command == "export":
+    return _export(fv.checkpoint, fv.out, fv.raw)
+  section = "model" if command == "gpt" else "vq"
+  if section not in fv.config:
+    raise ValueError(f"the config {fv['config'].config_filename} has no {section} section")
+  return (_convert_gpt if command == "gpt" else _convert_vq)(fv.src, fv.config, fv.out, fv.key)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """The CLI; argv as sys.argv (program name, then the subcommand). Returns the exit status."""
+  commands = {command: functools.partial(_run, command) for command in COMMANDS}
+  return cli.main_with_commands(commands, define_flags, argv, doc=__doc__ + "\n" + USAGE)
 
 
 if __name__ == "__main__":
-  sys.exit(main(sys.argv))
+  sys.exit(main())

@@ -12,6 +12,7 @@ settings: each sample's key is fold_in(sample_key(seed), i), whatever the batch.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import pathlib
@@ -197,9 +198,7 @@ def main(argv: list[str]) -> None:
     _fail(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required, e.g. "
           "--checkpoint runs/fashion --vq npp_jax/assets/vq_fashion")
   os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no version check or telemetry calls home
-  try:
-    import gradio  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
+  if importlib.util.find_spec("gradio") is None:
     _fail(f"the demo needs Gradio, an optional extra: {INSTALL_HINT}")
 
   try:

@@ -12,17 +12,14 @@ import importlib.util
 import ml_collections
 
 import jax
+from jax.experimental import topologies
 
+from npp_jax import chips
 from npp_jax import metrics as metrics_lib
 from npp_jax import npp
 from npp_jax import sharding
 from npp_jax import train
 from npp_jax.models import gpt
-
-# HBM per chip in GiB (vendor figures).
-HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
-GPU_HBM_GIB = {"NVIDIA H100": 80, "NVIDIA H200": 141, "NVIDIA A100": 80}
-
 
 # Generations whose slice names count TensorCores (two per chip, driven as one "megacore" device) and whose chips
 # form a 3D torus; the others count chips on a 2D torus.
@@ -53,8 +50,9 @@ def topology_name(accelerator: str) -> tuple[str, str]:
     raise ValueError(f"mesh.topology must look like v5p-64 or v5e-16, got {accelerator!r}") from None
   if generation in ("v5litepod", "v5lite"):
     generation = "v5e"
-  if generation not in HBM_GIB:
-    raise ValueError(f"unknown TPU generation {generation!r} in {accelerator!r}; known: {sorted(HBM_GIB)}")
+  if generation not in chips.TPU_GENERATIONS:
+    raise ValueError(f"unknown TPU generation {generation!r} in {accelerator!r}; known: "
+                     f"{sorted(chips.TPU_GENERATIONS)}")
   if generation in _MEGACORE_3D:
     shape = _torus(max(count // 2, 1), 3)
     return f"{generation}:{'x'.join(map(str, shape))}", "megacore"
@@ -65,14 +63,13 @@ def topology_devices(accelerator: str) -> tuple[list, float | None]:
   """The devices of a TPU slice named as gcloud names it, compiled against libtpu on any host."""
   name, chip_config = topology_name(accelerator)
   try:
-    from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
     desc = topologies.get_topology_desc(platform="tpu", topology_name=name, chip_config_name=chip_config,
                                         chips_per_host_bounds=(2, 2, 1), num_slices=1)
   except Exception as e:  # noqa: BLE001  (missing libtpu, unknown name: one sentence for the user)
     hint = "" if importlib.util.find_spec("libtpu") else "; it needs libtpu: pip install -e '.[tpu]'"
     raise ValueError(f"cannot compile for TPU topology {accelerator!r} = {name} "
                      f"({str(e).strip().splitlines()[0][:200]}){hint}") from None
-  return list(desc.devices), HBM_GIB[name.split(":")[0]]
+  return list(desc.devices), chips.TPU_GENERATIONS[name.split(":")[0]].hbm_gib
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
@@ -80,7 +77,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
     devices, hbm_gib = topology_devices(config.mesh.topology)
   else:
     devices = jax.devices()
-    hbm_gib = metrics_lib.chip_value(GPU_HBM_GIB, devices[0].device_kind)
+    entry = chips.chip(devices[0].device_kind)
+    hbm_gib = entry.hbm_gib if entry else None
   mesh = sharding.make_mesh(config.mesh.shape, devices)
   setup = train.build(config, mesh, config.train.num_images)
   where = config.mesh.topology or f"{len(devices)} x {devices[0].device_kind}"

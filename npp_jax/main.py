@@ -10,61 +10,39 @@ from __future__ import annotations
 
 import sys
 
-from absl import app
 from absl import flags
-from absl import logging
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and samples go (local path or gs://).")
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the train step from the abstract state and exit.")
-_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0, for multi-process runs "
-                                   "outside Cloud TPU / SLURM (which are detected automatically).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Process count (with --coordinator).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator).")
-_INIT_TIMEOUT = flags.DEFINE_integer("init_timeout", 300, "Seconds to wait for every process to join.")
+from npp_jax import cli
+from npp_jax import distributed
+from npp_jax import dry_run
+from npp_jax import train
 
 
-def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr, flush=True)
-  sys.exit(1)
+def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
+  cli.define_config(fv, argv, "Config file (configs/*.py).")
+  flags.DEFINE_string("workdir", None, "Where checkpoints, logs and samples go (local path or gs://).", flag_values=fv)
+  flags.DEFINE_bool("dry_run", False, "Compile the train step from the abstract state and exit.", flag_values=fv)
+  flags.DEFINE_string("coordinator", None, "host:port of process 0, for multi-process runs outside Cloud TPU / "
+                      "SLURM (which are detected automatically).", flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "Process count (with --coordinator).", flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator).", flag_values=fv)
+  flags.DEFINE_integer("init_timeout", 300, "Seconds to wait for every process to join.", flag_values=fv)
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    _fail(f"unexpected arguments {argv[1:]}; options are --config, --workdir, --dry_run, --config.key=value")
-  config = _CONFIG.value
-  if config is None:
-    _fail("--config is required, e.g. --config configs/tiny.py")
-  if not _DRY_RUN.value and not _WORKDIR.value:
-    _fail("--workdir is required")
-  # Imported after flag parsing, so absl's --jax_* flags take effect first.
-  from npp_jax import distributed, dry_run, train  # pylint: disable=g-import-not-at-top
-
-  try:
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _INIT_TIMEOUT.value)
-    if _DRY_RUN.value:
-      dry_run.run(config)
-    else:
-      train.run(config, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, NotADirectoryError, distributed.StartupError,
-          train.NonFiniteLossError) as e:
-    _fail(str(e))
+def run(fv: flags.FlagValues) -> None:
+  if not fv.dry_run and not fv.workdir:
+    raise ValueError("--workdir is required")
+  distributed.initialize(fv.coordinator, fv.num_processes, fv.process_id, fv.init_timeout)
+  if fv.dry_run:
+    dry_run.run(fv.config)
+  else:
+    train.run(fv.config, fv.workdir)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl parsing, but a bad flag or config key ends with one sentence instead of a traceback."""
-  try:
-    return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    message = str(e).strip("'\"")
-    _fail(f"bad command line (unknown flag or config key, or a bad value): {message}")
-
-
-def run_main() -> None:
-  logging.set_verbosity(logging.WARNING)  # Orbax and XLA log every step at INFO
-  app.run(main, flags_parser=parse_flags)
+def main(argv: list[str] | None = None) -> int:
+  return cli.main(run, define_flags, argv, doc=__doc__, required=("config",),
+                  errors=(distributed.StartupError, train.NonFiniteLossError))
 
 
 if __name__ == "__main__":
-  run_main()
+  sys.exit(main())

@@ -14,23 +14,10 @@ from typing import Any
 import jax
 import ml_collections
 from etils import epath
+from tensorboardX import SummaryWriter
 
+from npp_jax import chips
 from npp_jax.models import gpt
-
-# Dense bf16 peak FLOP/s per chip, from the vendors' spec sheets.
-PEAK_FLOPS = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,  # v5e reports itself as "TPU v5 lite"
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,  # v6e (Trillium)
-    "TPU v6e": 918e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA H200": 989e12,
-    "NVIDIA A100": 312e12,
-}
-
 
 def train_flops_per_sequence(model: ml_collections.ConfigDict, seq_len: int) -> float:
   """Training FLOPs (forward + backward) of one sequence of `seq_len` positions."""
@@ -41,17 +28,10 @@ def train_flops_per_sequence(model: ml_collections.ConfigDict, seq_len: int) -> 
   return dense + attention
 
 
-def chip_value(table: dict[str, float], device_kind: str) -> float | None:
-  """The entry of the longest table name that `device_kind` starts with ("NVIDIA H100 80GB HBM3" -> H100)."""
-  for name, value in sorted(table.items(), key=lambda kv: -len(kv[0])):
-    if device_kind.startswith(name):
-      return value
-  return None
-
-
 def peak_flops(device: jax.Device) -> float | None:
   """The chip's peak, or None where it is unknown (CPUs): then only FLOP/s is reported."""
-  return chip_value(PEAK_FLOPS, getattr(device, "device_kind", ""))
+  entry = chips.chip(getattr(device, "device_kind", ""))
+  return entry.peak_flops if entry else None
 
 
 class Writer:
@@ -62,8 +42,6 @@ class Writer:
     self._tb = None
     self._jsonl = None
     if self._active:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-
       path = epath.Path(workdir)
       path.mkdir(parents=True, exist_ok=True)
       self._tb = SummaryWriter(str(path / "tensorboard"))

@@ -14,17 +14,21 @@ import ml_collections
 import numpy as np
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 
+from npp_jax import fileio
 from npp_jax import images
 from npp_jax import sampling
+from npp_jax.eval import adm
+from npp_jax.eval import fashion
+from npp_jax.models import inception
+from npp_jax.models import vq as vq_lib
 
 
 class Monitor:
   """Called as monitor(step, params) by the trainer; only process 0 writes."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, writer, graphdef: Any, vq_model):
-    from npp_jax.models import vq as vq_lib  # pylint: disable=g-import-not-at-top
-
     self._config = config
     self._writer = writer
     self._graphdef = graphdef
@@ -39,7 +43,6 @@ class Monitor:
 
   def __call__(self, step: int, params: dict) -> dict[str, float]:
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       params = multihost_utils.process_allgather(params, tiled=True)  # sampling runs on local devices
     sampler = sampling.Sampler(nnx.merge(self._graphdef, params))
     classes, per_class = self._config.model.num_classes, self._config.eval.grid_columns
@@ -71,9 +74,7 @@ class Monitor:
 
 def _make_metric(eval_cfg: ml_collections.ConfigDict) -> Callable[[np.ndarray, np.ndarray], dict] | None:
   if eval_cfg.classifier == "fashion":
-    from npp_jax import online_eval  # pylint: disable=g-import-not-at-top
-
-    evaluator = online_eval.Evaluator()  # loaded and compiled once for the whole run
+    evaluator = fashion.Evaluator()  # loaded and compiled once for the whole run
 
     def classifier_metric(samples: np.ndarray, labels: np.ndarray) -> dict:
       result = evaluator(samples, labels)
@@ -89,23 +90,20 @@ def _make_metric(eval_cfg: ml_collections.ConfigDict) -> Callable[[np.ndarray, n
 
 def _inception_fid(eval_cfg: ml_collections.ConfigDict) -> Callable[[np.ndarray, np.ndarray], dict]:
   """FID of the samples against a reference batch's images (its activations cached next to it)."""
-  from npp_jax import evaluation  # pylint: disable=g-import-not-at-top
-  from npp_jax.models import inception  # pylint: disable=g-import-not-at-top
-
   if not eval_cfg.reference:
     raise ValueError("eval.inception is set but eval.reference is empty: give a reference batch .npz")
   feature_fn = inception.make_feature_fn(inception.inception_from_torch(eval_cfg.inception), ("pool3",))
-  reference, _ = evaluation.reference_activations(
-      feature_fn, eval_cfg.reference, ref_sha256=evaluation.file_sha256(eval_cfg.reference),
-      weights_sha256=evaluation.file_sha256(eval_cfg.inception), preprocessing="pytorch_fid",
+  reference, _ = adm.reference_activations(
+      feature_fn, eval_cfg.reference, ref_sha256=fileio.file_sha256(eval_cfg.reference),
+      weights_sha256=fileio.file_sha256(eval_cfg.inception), preprocessing="pytorch_fid",
       batch_size=eval_cfg.batch_size, progress=False)
-  ref_stats = evaluation.compute_statistics(reference["pool3"])
+  ref_stats = adm.compute_statistics(reference["pool3"])
 
   def inception_metric(samples: np.ndarray, labels: np.ndarray) -> dict:
     del labels
     pool = np.concatenate([np.asarray(feature_fn(samples[i:i + eval_cfg.batch_size])["pool3"])
                            for i in range(0, len(samples), eval_cfg.batch_size)])
-    stats = evaluation.compute_statistics(pool)
-    return {"fid_subset": float(evaluation.frechet_distance(stats.mu, stats.sigma, ref_stats.mu, ref_stats.sigma))}
+    stats = adm.compute_statistics(pool)
+    return {"fid_subset": float(adm.frechet_distance(stats.mu, stats.sigma, ref_stats.mu, ref_stats.sigma))}
 
   return inception_metric

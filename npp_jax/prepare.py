@@ -10,32 +10,32 @@ from __future__ import annotations
 
 import sys
 
-from absl import app
 from absl import flags
-from ml_collections import config_flags
 
+from npp_jax import cli
 from npp_jax.data import prepare as prepare_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with `data` and `vq` sections.",
-                                          lock_config=True)
-_OUT = flags.DEFINE_string("out", None, "Output directory for the code shards and manifest.json.")
-_PROCESS_INDEX = flags.DEFINE_integer(
-    "process_index", -1, "This process's share of the shards (i % process_count == process_index); -1: jax's.")
-_PROCESS_COUNT = flags.DEFINE_integer(
-    "process_count", -1, "How many processes share the work; -1: jax.process_count(). Processes need no "
-    "jax.distributed: each encodes its own shards on its local devices, and process 0 writes the manifest.")
-flags.mark_flags_as_required(["config", "out"])
+
+def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
+  cli.define_config(fv, argv, "Config file with `data` and `vq` sections.")
+  flags.DEFINE_string("out", None, "Output directory for the code shards and manifest.json.", flag_values=fv)
+  flags.DEFINE_integer("process_index", -1, "This process's share of the shards (i % process_count == "
+                       "process_index); -1: jax's.", flag_values=fv)
+  flags.DEFINE_integer("process_count", -1, "How many processes share the work; -1: jax.process_count(). Processes "
+                       "need no jax.distributed: each encodes its own shards on its local devices, and process 0 "
+                       "writes the manifest.", flag_values=fv)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  try:
-    prepare_lib.prepare_from_config(_CONFIG.value, _OUT.value, _PROCESS_INDEX.value, _PROCESS_COUNT.value)
-  except (ValueError, FileNotFoundError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+def run(fv: flags.FlagValues) -> str:
+  summary = prepare_lib.prepare_from_config(fv.config, fv.out, fv.process_index, fv.process_count)
+  return (f"encoded {summary.images} images x {summary.views} views in {summary.seconds:.1f} s "
+          f"({summary.images_per_s:.1f} images/s); shards written {summary.shards_written}, "
+          f"already done {summary.shards_reused}")
+
+
+def main(argv: list[str] | None = None) -> int:
+  return cli.main(run, define_flags, argv, doc=__doc__, required=("config", "out"))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(main())

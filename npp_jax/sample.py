@@ -1,6 +1,6 @@
 """Samples class-conditional images from a GPT checkpoint: PNGs, a grid and an ADM-style samples.npz.
 
-  python -m npp_jax.sample --checkpoint WORKDIR --vq vq_ds16_c2i.pt --num-images 50000 --cfg-scale 2.0 --out OUT
+  python -m npp_jax.sample --checkpoint WORKDIR --vq vq_ds16_c2i.pt --num_images 50000 --cfg_scale 2.0 --out OUT
 
 Writes OUT/images/{i:06d}.png, OUT/grid.png (the first 64 images) and OUT/samples.npz (`arr_0` uint8 images,
 `labels`, and every setting that decides the output). Sample i uses key fold_in(fold_in(key(seed), 0), i), so the
@@ -10,7 +10,6 @@ class order; the default) or `uniform` (drawn at random from the seed, LlamaGen'
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import pathlib
 import sys
@@ -19,12 +18,15 @@ from typing import Any, Callable, Iterator
 import jax
 import ml_collections
 import numpy as np
+from absl import flags
 from flax import nnx
 from tqdm import tqdm
 
-from npp_jax import config as config_lib
+from npp_jax import checkpoint
+from npp_jax import cli
 from npp_jax import images as image_io
 from npp_jax import sampling
+from npp_jax.models import vq as vq_lib
 
 SAMPLE_STREAM, LABEL_STREAM = 0, 1  # fold_in tags under the seed's key
 GRID_IMAGES = 64
@@ -60,7 +62,7 @@ def make_labels(num_images: int, num_classes: int, mode: str, seed: int = 0) -> 
     one more. uniform: label i drawn from fold_in(label key, i), so a longer run extends a shorter one.
   """
   if num_images < 1:
-    raise ValueError(f"--num-images must be at least 1, got {num_images}")
+    raise ValueError(f"--num_images must be at least 1, got {num_images}")
   if mode == "balanced":
     return np.sort(np.arange(num_images) % num_classes).astype(np.int32)
   if mode == "uniform":
@@ -141,81 +143,71 @@ def load_model_and_tokenizer(checkpoint_dir: str, vq_path: str, config: ml_colle
   for name, path in (("checkpoint", checkpoint_dir), ("VQ checkpoint", vq_path)):
     if not pathlib.Path(path).exists():
       raise FileNotFoundError(f"{name} {path} does not exist")
-  # Heavy imports only once the arguments are known to be sane.
-  from npp_jax import checkpoint, convert  # pylint: disable=g-import-not-at-top
-  from npp_jax.models import vq as vq_lib  # pylint: disable=g-import-not-at-top
-
   model, config = checkpoint.load_model(checkpoint_dir, config)
   with config.unlocked():
     if "vq" not in config:
       config.vq = vq_lib.default_config()
     config.vq.checkpoint = vq_path
   check_tokenizer_fits(model.cfg, config.vq, vq_lib.grid_size(config.vq))
-  return model, config, vq_lib.make_decode_fn(convert.load_vq(config.vq))
+  return model, config, vq_lib.make_decode_fn(checkpoint.load_vq(config.vq))
 
 
-def _parse_labels(text: str) -> list[int]:
+def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
+  cli.define_config(fv, argv, "Config file with get_config() (default: the one stored with the checkpoint); "
+                    "--config.key=value overrides its fields.")
+  flags.DEFINE_string("checkpoint", None, "Trainer workdir or converted checkpoint directory.", flag_values=fv)
+  flags.DEFINE_string("vq", None, "VQ tokenizer weights (.pt/.safetensors or a converted directory).", flag_values=fv)
+  flags.DEFINE_list("labels", None, "Comma-separated class ids, one image each (or --num_images).", flag_values=fv)
+  flags.DEFINE_integer("num_images", None, "Number of images, labels from --label_mode (or --labels).",
+                       flag_values=fv)
+  flags.DEFINE_enum("label_mode", "balanced", LABEL_MODES, "How --num_images draws its labels.", flag_values=fv)
+  flags.DEFINE_float("cfg_scale", None, "1 = no guidance, > 1 guides.", flag_values=fv)
+  flags.DEFINE_integer("cfg_interval", -1, "-1 guides every token; k guides tokens 0..k+1.", flag_values=fv)
+  flags.DEFINE_float("temperature", 1.0, "Sampling temperature.", flag_values=fv)
+  flags.DEFINE_integer("top_k", 0, "0 keeps every token.", flag_values=fv)
+  flags.DEFINE_float("top_p", 1.0, "1 keeps every token.", flag_values=fv)
+  flags.DEFINE_bool("greedy", False, "Argmax decoding.", flag_values=fv)
+  flags.DEFINE_integer("speculative_window", 0, "Speculative Jacobi decoding with this many draft tokens per forward "
+                       "pass (0 = off): the same output distribution in fewer passes.", flag_values=fv)
+  flags.DEFINE_enum("draft_init", sampling.SamplingSettings.draft_init, sampling.DRAFT_INITS,
+                    "How speculative drafts entering the window are first drawn.", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Seed of the sample and label keys.", flag_values=fv)
+  flags.DEFINE_integer("batch_size", 32, "Images per sampling batch (all devices).", flag_values=fv)
+  flags.DEFINE_enum("dtype", "bfloat16", sampling.COMPUTE_DTYPES, "Compute dtype.", flag_values=fv)
+  flags.DEFINE_string("out", None, "Output directory.", flag_values=fv)
+  flags.DEFINE_bool("progress", True, "Progress bar (--noprogress: none).", flag_values=fv)
+
+
+def _labels(text: list[str]) -> list[int]:
   try:
-    return [int(x) for x in text.split(",") if x.strip()]
+    return [int(x) for x in text if x.strip()]
   except ValueError:
-    raise argparse.ArgumentTypeError(f"--labels takes comma-separated class ids, got {text!r}") from None
+    raise ValueError(f"--labels takes comma-separated class ids, got {','.join(text)!r}") from None
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m npp_jax.sample", description=__doc__.split("\n")[0])
-  p.add_argument("--config", help="config file with get_config() (default: the one stored with the checkpoint)")
-  p.add_argument("--checkpoint", required=True, help="trainer workdir or converted checkpoint directory")
-  p.add_argument("--vq", required=True, help="VQ tokenizer weights (.pt/.safetensors or a converted directory)")
-  which = p.add_mutually_exclusive_group(required=True)
-  which.add_argument("--labels", type=_parse_labels, help="comma-separated class ids, one image each")
-  which.add_argument("--num-images", type=int, help="number of images, labels from --label-mode")
-  p.add_argument("--label-mode", choices=LABEL_MODES, default="balanced")
-  p.add_argument("--cfg-scale", type=float, required=True, help="1 = no guidance, > 1 guides")
-  p.add_argument("--cfg-interval", type=int, default=-1, help="-1 guides every token; k guides tokens 0..k+1")
-  p.add_argument("--temperature", type=float, default=1.0)
-  p.add_argument("--top-k", type=int, default=0, help="0 keeps every token")
-  p.add_argument("--top-p", type=float, default=1.0, help="1 keeps every token")
-  p.add_argument("--greedy", action="store_true", help="argmax decoding")
-  p.add_argument("--speculative-window", "--speculative_window", type=int, default=0, dest="speculative_window",
-                 help="speculative Jacobi decoding with this many draft tokens per forward pass (0 = off); same "
-                      "output distribution, fewer forward passes")
-  p.add_argument("--draft-init", "--draft_init", choices=sampling.DRAFT_INITS,
-                 default=sampling.SamplingSettings.draft_init,
-                 dest="draft_init", help="how speculative drafts entering the window are first drawn")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--batch-size", type=int, default=32)
-  p.add_argument("--dtype", choices=sampling.COMPUTE_DTYPES, default="bfloat16")
-  p.add_argument("--out", required=True, help="output directory")
-  p.add_argument("--no-progress", action="store_true", help="no progress bar")
-  return p.parse_args(argv)
+def run_from_flags(fv: flags.FlagValues) -> str:
+  if (fv.labels is None) == (fv.num_images is None):
+    raise ValueError("give exactly one of --labels and --num_images")
+  settings = RunSettings(
+      sampling=sampling.SamplingSettings(cfg_scale=fv.cfg_scale, cfg_interval=fv.cfg_interval,
+                                         temperature=fv.temperature, top_k=fv.top_k, top_p=fv.top_p,
+                                         greedy=fv.greedy, speculative_window=fv.speculative_window,
+                                         draft_init=fv.draft_init).validate(),
+      seed=fv.seed, batch_size=fv.batch_size, dtype=fv.dtype,
+      checkpoint=str(pathlib.Path(fv.checkpoint).resolve()), vq=str(pathlib.Path(fv.vq).resolve()),
+      label_mode="given" if fv.labels is not None else fv.label_mode)
+  if settings.batch_size < 1:
+    raise ValueError(f"--batch_size must be at least 1, got {settings.batch_size}")
+  labels = _labels(fv.labels) if fv.labels is not None else None
+  model, _, decode = load_model_and_tokenizer(fv.checkpoint, fv.vq, fv.config)
+  if labels is None:
+    labels = make_labels(fv.num_images, model.cfg.num_classes, fv.label_mode, fv.seed)
+  npz = run(model, decode, labels, settings, fv.out, progress=fv.progress)
+  return f"wrote {len(labels)} images to {fv.out} ({npz.name})"
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = parse_args(argv)
-  try:
-    settings = RunSettings(
-        sampling=sampling.SamplingSettings(cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval,
-                                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                           greedy=args.greedy,
-                                           speculative_window=args.speculative_window,
-                                           draft_init=args.draft_init).validate(),
-        seed=args.seed, batch_size=args.batch_size, dtype=args.dtype,
-        checkpoint=str(pathlib.Path(args.checkpoint).resolve()), vq=str(pathlib.Path(args.vq).resolve()),
-        label_mode="given" if args.labels is not None else args.label_mode)
-    if settings.batch_size < 1:
-      raise ValueError(f"--batch-size must be at least 1, got {settings.batch_size}")
-    config = config_lib.load_file(args.config) if args.config else None
-    model, _, decode = load_model_and_tokenizer(args.checkpoint, args.vq, config)
-    if args.labels is not None:
-      labels = args.labels
-    else:
-      labels = make_labels(args.num_images, model.cfg.num_classes, args.label_mode, args.seed)
-    npz = run(model, decode, labels, settings, args.out, progress=not args.no_progress)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  print(f"wrote {len(labels)} images to {args.out} ({npz.name})")
-  return 0
+  return cli.main(run_from_flags, define_flags, argv, doc=__doc__, required=("checkpoint", "vq", "cfg_scale", "out"))
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from npp_jax import sharding
 from npp_jax.models import gpt
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -354,6 +355,11 @@ def _speculative_loop(params, cfg, labels, sample_keys, target, *, window, guide
   return state[2][:, :seq_len], state[6]
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "dtype"))
+def _decode_params(graphdef, state, dtype: str) -> dict:
+  return nnx.merge(graphdef, state).decode_params(dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("static",))
 def _generate(params, labels, sample_ids, key, cfg_scale, cfg_interval, temperature, top_p, *, static: _Static):
   """(tokens (B, S) int32, SpeculativeStats or None for plain decoding)."""
@@ -404,10 +410,8 @@ class Sampler:
     self.cfg = model.cfg
     self.dtype = dtype
     devices = list(devices) if devices is not None else jax.local_devices()
-    self.mesh = Mesh(np.asarray(devices), (_BATCH_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
-    graphdef, state = nnx.split(model)
-    params = jax.jit(lambda state: nnx.merge(graphdef, state).decode_params(dtype))(state)
-    self._params = jax.device_put(params, NamedSharding(self.mesh, P()))
+    self.mesh = sharding.one_axis_mesh(_BATCH_AXIS, devices)
+    self._params = jax.device_put(_decode_params(*nnx.split(model), dtype), NamedSharding(self.mesh, P()))
 
   @property
   def num_devices(self) -> int:

@@ -60,6 +60,13 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
 
 
+def one_axis_mesh(axis: str, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A 1-D mesh (Auto axis) over `devices`, default this process's: for replicating a model over them and
+  splitting a batch across them (sampling, encoding, feature extraction, restoring a model to sample with)."""
+  devices = list(devices if devices is not None else jax.local_devices())
+  return Mesh(np.asarray(devices), (axis,), axis_types=(jax.sharding.AxisType.Auto,))
+
+
 def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
   """The PartitionSpec of an array with logical `axes`; mesh axes that do not divide a dimension are dropped."""
   spec, used = [], set()

@@ -18,17 +18,22 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 from clu import metrics as clu_metrics
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from npp_jax import checkpoint
 from npp_jax import metrics as metrics_lib
+from npp_jax import monitor
 from npp_jax import npp
 from npp_jax import optim
 from npp_jax import sharding
 from npp_jax.data import pipeline
+from npp_jax.data import prepare
 from npp_jax.models import gpt
+from npp_jax.models import vq
 
 DONE_FILE = "DONE"
 
@@ -196,13 +201,13 @@ class _Preemption:
     """All processes must stop at the same step, so the flag is shared (one tiny collective)."""
     if jax.process_count() == 1:
       return self.requested
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
 
 
 def log(message: str) -> None:
+  """Progress for the user, from process 0 only (absl logging: stderr from `python -m npp_jax.main`)."""
   if jax.process_index() == 0:
-    print(message, flush=True)
+    logging.info("%s", message)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding.Mesh | None = None) -> dict:
@@ -232,7 +237,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding.M
   writer = metrics_lib.Writer(workdir)
   watcher = None
   if tokenizer:
-    from npp_jax import monitor  # pylint: disable=g-import-not-at-top
     watcher = monitor.Monitor(config, workdir, writer, setup.graphdef, tokenizer[0])
   preemption = _Preemption()
   try:
@@ -253,9 +257,7 @@ def _load_tokenizer(config: ml_collections.ConfigDict):
   """(VQ model, its checksum), or None when the config names no tokenizer."""
   if "vq" not in config or not config.vq.checkpoint:
     return None
-  from npp_jax import convert  # pylint: disable=g-import-not-at-top
-  from npp_jax.models import vq  # pylint: disable=g-import-not-at-top
-  model = convert.load_vq(config.vq)
+  model = checkpoint.load_vq(config.vq)
   if config.vq.codebook_size != config.model.vocab_size:
     raise ValueError(f"the tokenizer has {config.vq.codebook_size} codes but model.vocab_size="
                      f"{config.model.vocab_size}")
@@ -271,7 +273,6 @@ def _codes_dir(config: ml_collections.ConfigDict, workdir: str, tokenizer) -> st
     return codes
   if tokenizer is None:
     raise ValueError("data.source is set but vq.checkpoint is empty: preparing codes needs the tokenizer")
-  from npp_jax.data import prepare  # pylint: disable=g-import-not-at-top
   log(f"preparing {config.data.source} codes into {codes} (once; later runs reuse them)")
   prepare.prepare_from_config(config, codes)
   return codes

@@ -1,12 +1,12 @@
 """Trains the Fashion-MNIST classifier of the online metric and writes it as a shippable directory.
 
-  python -m npp_jax.train_classifier --out npp_jax/assets/fashion_classifier
+  python -m npp_jax.train_classifier --config configs/fashion_classifier.py --out npp_jax/assets/fashion_classifier
 
 Recipe: the 60,000 real training images as the pipeline makes them (28x28 centred on a black 32x32 canvas, gray
 replicated to RGB, [-1, 1]); each batch shifted by a random -2..2 pixels per axis (a roll, exact because the
 canvas has a 2-pixel black border); no flips (Fashion-MNIST's shoes all face left, and generated ones should too).
 AdamW with a linear warm-up and cosine decay, cross-entropy, batches drawn from per-epoch permutations. Every
-random choice comes from --seed. It takes a few minutes on 2 CPU cores.
+random choice comes from the config's seed. It takes a few minutes on 2 CPU cores.
 
 The directory gets params.npz, meta.json (architecture, checksums, recipe, accuracies) and test_stats.npz (the
 mean and covariance of the features over the 10,000 test images, the online FD's reference).
@@ -14,18 +14,22 @@ mean and covariance of the features over the 10,000 test images, the online FD's
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
+from absl import flags
+from absl import logging
 from flax import nnx
 
-from npp_jax import online_eval
-from npp_jax.data import sources
+from npp_jax import checkpoint
+from npp_jax import cli
+from npp_jax.eval import adm
+from npp_jax.eval import fashion
 from npp_jax.models import classifier as classifier_lib
 
 MAX_SHIFT = 2  # The `pad` canvas leaves 2 black pixels on each side of a 28x28 image in 32x32.
@@ -75,59 +79,57 @@ def train(images: np.ndarray, labels: np.ndarray, *, steps: int, batch_size: int
     running.append((loss, acc))
     if (i + 1) % log_every == 0 or i + 1 == steps:
       loss_avg, acc_avg = np.mean(np.asarray(jax.device_get(running)), axis=0)
-      print(f"[{i + 1}/{steps}] loss={loss_avg:.4f} train_acc={acc_avg:.4f} ({time.time() - started:.0f} s)",
-            flush=True)
+      logging.info("[%d/%d] loss=%.4f train_acc=%.4f (%.0f s)", i + 1, steps, loss_avg, acc_avg,
+                   time.time() - started)
       running = []
   nnx.update(model, params)
   return model
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m npp_jax.train_classifier", description=__doc__.split("\n")[0])
-  p.add_argument("--out", required=True, help="directory to write the classifier to")
-  p.add_argument("--data-dir", default=sources.FASHION_MNIST_DIR, help="Fashion-MNIST IDX files")
-  p.add_argument("--steps", type=int, default=3000)
-  p.add_argument("--batch-size", type=int, default=128)
-  p.add_argument("--lr", type=float, default=2e-3)
-  p.add_argument("--weight-decay", type=float, default=1e-4)
-  p.add_argument("--warmup", type=int, default=100)
-  p.add_argument("--seed", type=int, default=0)
-  return p.parse_args(argv)
+RECIPE_FIELDS = ("steps", "batch_size", "lr", "weight_decay", "warmup", "seed")
+
+
+def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
+  cli.define_config(fv, argv, "Config file (configs/fashion_classifier.py).")
+  flags.DEFINE_string("out", None, "Directory to write the classifier to.", flag_values=fv)
+
+
+def run(config: ml_collections.ConfigDict, out: str) -> dict:
+  """Trains on the config's recipe, evaluates, writes `out`; returns the saved meta."""
+  if config.steps < 1 or config.batch_size < 1:
+    raise ValueError(f"steps and batch_size must be positive, got {config.steps} and {config.batch_size}")
+  train_images, train_labels = fashion.load_real_images("train", config.data_dir)
+  test_images, test_labels = fashion.load_real_images("test", config.data_dir)
+  if config.batch_size > len(train_images):
+    raise ValueError(f"batch_size {config.batch_size} exceeds the {len(train_images)} training images")
+  arch = dict(classifier_lib.DEFAULT_ARCH)
+  recipe = {k: config[k] for k in RECIPE_FIELDS}
+  started = time.time()
+  model = train(train_images, train_labels, arch=arch, **recipe)
+  train_seconds = time.time() - started
+  apply_fn = classifier_lib.make_apply_fn(model)
+  logits, features = fashion.predict(test_images, apply_fn)
+  test_accuracy, per_class = fashion.agreement(logits, test_labels, arch["num_classes"])
+  train_logits, _ = fashion.predict(train_images, apply_fn)
+  train_accuracy, _ = fashion.agreement(train_logits, train_labels, arch["num_classes"])
+  stats = adm.compute_statistics(np.asarray(features, np.float64))
+  return checkpoint.save_classifier(out, model, arch, {
+      "test_accuracy": round(test_accuracy, 4), "train_accuracy": round(train_accuracy, 4),
+      "test_per_class_accuracy": [round(a, 4) for a in per_class], "recipe": recipe,
+      "train_seconds": round(train_seconds), "jax_version": jax.__version__,
+      "command": "python -m npp_jax.train_classifier --config configs/fashion_classifier.py " + " ".join(
+          f"--config.{k}={v}" for k, v in recipe.items()) + " --out DIR",
+      "reference_stats": "features of the 10000 Fashion-MNIST test images"}, (stats.mu, stats.sigma, len(features)))
+
+
+def run_from_flags(fv: flags.FlagValues) -> str:
+  meta = run(fv.config, fv.out)
+  return (f"test accuracy {meta['test_accuracy']:.4f}, train accuracy {meta['train_accuracy']:.4f}, "
+          f"{meta['train_seconds']} s of training; wrote {fv.out}")
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = parse_args(argv)
-  try:
-    if args.steps < 1 or args.batch_size < 1:
-      raise ValueError(f"--steps and --batch-size must be positive, got {args.steps} and {args.batch_size}")
-    train_images, train_labels = online_eval.load_real_images("train", args.data_dir)
-    test_images, test_labels = online_eval.load_real_images("test", args.data_dir)
-    if args.batch_size > len(train_images):
-      raise ValueError(f"--batch-size {args.batch_size} exceeds the {len(train_images)} training images")
-    arch = dict(classifier_lib.DEFAULT_ARCH)
-    started = time.time()
-    model = train(train_images, train_labels, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                  weight_decay=args.weight_decay, warmup=args.warmup, seed=args.seed, arch=arch)
-    train_seconds = time.time() - started
-    apply_fn = classifier_lib.make_apply_fn(model)
-    logits, features = online_eval.predict(test_images, apply_fn)
-    test_accuracy, per_class = online_eval.agreement(logits, test_labels, arch["num_classes"])
-    train_logits, _ = online_eval.predict(train_images, apply_fn)
-    train_accuracy, _ = online_eval.agreement(train_logits, train_labels, arch["num_classes"])
-    recipe = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "weight_decay", "warmup", "seed")}
-    meta = classifier_lib.save_classifier(args.out, model, arch, {
-        "test_accuracy": round(test_accuracy, 4), "train_accuracy": round(train_accuracy, 4),
-        "test_per_class_accuracy": [round(a, 4) for a in per_class], "recipe": recipe,
-        "train_seconds": round(train_seconds), "jax_version": jax.__version__,
-        "command": "python -m npp_jax.train_classifier " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in recipe.items()) + " --out DIR",
-        "reference_stats": "features of the 10000 Fashion-MNIST test images"}, features)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  print(f"test accuracy {meta['test_accuracy']:.4f}, train accuracy {meta['train_accuracy']:.4f}, "
-        f"{train_seconds:.0f} s of training; wrote {args.out}")
-  return 0
+  return cli.main(run_from_flags, define_flags, argv, doc=__doc__, required=("config", "out"))
 
 
 if __name__ == "__main__":

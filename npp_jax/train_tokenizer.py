@@ -23,14 +23,13 @@ set of images and `perplexity` the exponential of the entropy of their frequenci
 `data.val_images` training images (held out of training); the final evaluation uses the test split.
 
 Workdir: config.json, checkpoints/<step>/{state,meta} (Orbax; a rerun resumes from the newest), metrics.jsonl,
-tensorboard/, and at the end eval.json (test metrics) and tokenizer/ (a `convert.save_vq` directory).
+tensorboard/, and at the end eval.json (test metrics) and tokenizer/ (a `checkpoint.save_vq` directory).
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import pathlib
 import sys
 import time
 from typing import Any, Sequence
@@ -40,12 +39,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import flags
+from absl import logging
 from clu import metrics as clu_metrics
 from etils import epath
 from flax import nnx
 
 from npp_jax import checkpoint
-from npp_jax import convert
+from npp_jax import cli
 from npp_jax import images as images_lib
 from npp_jax import metrics as metrics_lib
 from npp_jax import npp
@@ -55,8 +56,6 @@ from npp_jax.data import prepare
 from npp_jax.data import sources
 from npp_jax.models import vq as vq_lib
 
-# The Fashion-MNIST tokenizer shipped with the package (written by this trainer, see its README.md).
-SHIPPED_FASHION_TOKENIZER = pathlib.Path(__file__).resolve().parent / "assets" / "vq_fashion"
 TOKENIZER_DIR = "tokenizer"
 EVAL_FILE = "eval.json"
 
@@ -259,24 +258,7 @@ class Trainer:
 
 
 def _log(message: str) -> None:
-  print(message, flush=True)
-
-
-def _check_or_write_config(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:
-  """Writes config.json; a workdir that already has one must hold a run of the same tokenizer and data."""
-  path = workdir / checkpoint.CONFIG_FILE
-  if path.exists():
-    previous = json.loads(path.read_text())
-    current = json.loads(config.to_json_best_effort())
-    changed = [f"{section}.{k}" for section in ("vq", "data")
-               for k in sorted(set(previous.get(section, {})) | set(current[section]))
-               if k != "checkpoint" and previous.get(section, {}).get(k) != current[section].get(k)]
-    if changed:
-      raise ValueError(f"{workdir} holds a run with other settings ({', '.join(changed)} differ); use a new workdir")
-  workdir.mkdir(parents=True, exist_ok=True)
-  tmp = workdir / (checkpoint.CONFIG_FILE + ".tmp")
-  tmp.write_text(config.to_json_best_effort(indent=1, sort_keys=True))
-  tmp.replace(path)
+  logging.info("%s", message)
 
 
 def _image_grid(originals: np.ndarray, recon: jax.Array) -> np.ndarray:
@@ -296,7 +278,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     raise ValueError(f"data.image_size={config.data.image_size} differs from vq.image_size={config.vq.image_size}")
   train_set, val_set, test_set, fingerprint = load_data(config.data)
   trainer = Trainer(config)
-  _check_or_write_config(workdir, config)
+  # A workdir resumes only a run of the same tokenizer on the same data (where the weights are read from may differ).
+  checkpoint.write_config(str(workdir), config, sections=("vq", "data"), ignore=("checkpoint",))
   mngr = checkpoint.manager(str(workdir), keep=train_cfg.keep_checkpoints)
   writer = metrics_lib.Writer(str(workdir))
   try:
@@ -371,14 +354,14 @@ def _finish(trainer: Trainer, params: dict, writer: metrics_lib.Writer, test_set
   model = trainer.model(params)
   out = workdir / TOKENIZER_DIR
   if (out / "config.json").exists():
-    _, checksum = convert.read_saved_vq(out)
+    _, checksum = checkpoint.read_saved_vq(out)
     if checksum != vq_lib.params_checksum(model):
       raise ValueError(f"{out} holds another tokenizer than this run's final step; move it away and rerun")
     _log(f"{out} already written (params checksum {checksum})")
   else:
     vq_cfg = trainer.config.vq.copy_and_resolve_references()
     vq_cfg.checkpoint = ""  # The directory itself is the checkpoint; read_saved_vq fills it in.
-    checksum = convert.save_vq(model, vq_cfg, out)
+    checksum = checkpoint.save_vq(model, vq_cfg, out)
     _log(f"wrote {out} (params checksum {checksum})")
   result = {**test, "checksum": checksum, "steps": trainer.steps}
   (workdir / EVAL_FILE).write_text(json.dumps(result, indent=1) + "\n")
@@ -389,38 +372,19 @@ def _finish(trainer: Trainer, params: dict, writer: metrics_lib.Writer, test_set
 # CLI.
 
 
-def main(argv: Sequence[str]) -> int:
-  """python -m npp_jax.train_tokenizer --config FILE --workdir DIR [--config.key=value ...]; returns the status."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-
-  argv = list(argv)
-  fv = flags.FlagValues()
+def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
+  cli.define_config(fv, argv, "Config file (configs/vq_fashion.py).")
   flags.DEFINE_string("workdir", None, "Where checkpoints, logs and the final tokenizer go.", flag_values=fv)
-  # sys_argv: config_flags finds the --config.* overrides there (it would read sys.argv otherwise).
-  config_flags.DEFINE_config_file("config", None, "Config file (configs/vq_fashion.py).", flag_values=fv,
-                                  sys_argv=argv)
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
-  try:
-    try:
-      rest = fv(argv)
-    except (KeyError, AttributeError, TypeError) as e:  # ConfigDict's answer to a bad override.
-      detail = e
-      while isinstance(detail, Exception) and detail.args:  # AttributeError(KeyError("'x'\nDid you mean ...")).
-        detail = detail.args[0]
-      raise ValueError(f"bad --config override (unknown field or wrong type): {detail}") from None
-    if len(rest) > 1:
-      raise ValueError(f"unexpected arguments {rest[1:]}; options are --config, --workdir, --config.key=value")
-    for name in ("config", "workdir"):
-      if fv[name].value is None:
-        raise ValueError(f"--{name} is required")
-    run(fv.config, fv.workdir)
-  except (flags.Error, ValueError, OSError) as e:
-    print("error: " + " ".join(str(e).split()), file=sys.stderr)  # One line, even for multi-line messages.
-    return 1
-  return 0
+
+
+def run_from_flags(fv: flags.FlagValues) -> None:
+  run(fv.config, fv.workdir)  # It logs its own results.
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """python -m npp_jax.train_tokenizer --config FILE --workdir DIR [--config.key=value ...]; returns the status."""
+  return cli.main(run_from_flags, define_flags, argv, doc=__doc__, required=("config", "workdir"))
 
 
 if __name__ == "__main__":
-  sys.exit(main(sys.argv))
+  sys.exit(main())

@@ -1,4 +1,4 @@
-"""Test set-up: 8 forced CPU devices (so sharding is tested for real), shared fixtures."""
+"""Test set-up: 8 forced CPU devices (so sharding is tested for real) and the reference fixtures in tests/fixtures."""
 import os
 
 # Must happen before jax is imported anywhere.
@@ -11,16 +11,12 @@ import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED = pathlib.Path(os.environ.get("NPP_SHARED", REPO.parent / "shared"))
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> pathlib.Path:
-  """`../shared/fixtures`; CI always has it, so there a missing copy fails."""
-  path = SHARED / "fixtures"
-  if not path.is_dir():
-    if os.environ.get("CI"):
-      pytest.fail(f"reference fixtures not found at {path}")
-    pytest.skip(f"reference fixtures not found at {path} (set NPP_SHARED)")
-  return path
+  """tests/fixtures (see its README.md). It is part of the repository, so a missing copy is a failure."""
+  if not (FIXTURES / "llamagen_tiny").is_dir() or not (FIXTURES / "fid").is_dir():
+    pytest.fail(f"the reference fixtures are missing from {FIXTURES}; they are part of the repository")
+  return FIXTURES

@@ -6,7 +6,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from npp_jax import convert, torch_io
+from npp_jax import checkpoint, convert, torch_io
 from npp_jax.models import vq
 from test_vq import tiny_config
 
@@ -35,7 +35,7 @@ def ref(fixtures_dir):
 
 
 def _import_error(state_dict) -> str:
-  model = convert._abstract_vq(tiny_config())  # pylint: disable=protected-access
+  model = vq.abstract_model(tiny_config())
   with pytest.raises(ValueError) as info:
     convert.import_params(model, state_dict, convert.vq_rules(model), source="ckpt.pt")
   return str(info.value)
@@ -75,7 +75,7 @@ def test_wrong_config_is_refused(vq_pt):
 
 def test_codebook_used_is_optional(original, model):
   sd = {k: v for k, v in original.items() if k != "quantize.codebook_used"}
-  again = convert._abstract_vq(tiny_config())  # pylint: disable=protected-access
+  again = vq.abstract_model(tiny_config())
   convert.import_params(again, sd, convert.vq_rules(again))
   assert vq.params_checksum(again) == vq.params_checksum(model)
 
@@ -106,38 +106,38 @@ def test_exported_files_load_back(tmp_path, model, name, key):
 
 def test_save_and_load_directory(tmp_path, model, ref):
   directory = tmp_path / "tok"
-  checksum = convert.save_vq(model, tiny_config(), directory)
+  checksum = checkpoint.save_vq(model, tiny_config(), directory)
   assert checksum == vq.params_checksum(model)
   saved = json.loads((directory / "config.json").read_text())
   assert saved["checksum"] == checksum and saved["vq"]["ch"] == 32
   cfg = tiny_config()
   cfg.checkpoint = str(directory)
-  loaded = convert.load_vq(cfg)
+  loaded = checkpoint.load_vq(cfg)
   assert vq.params_checksum(loaded) == checksum
   np.testing.assert_array_equal(loaded.encode(ref["images"]), ref["codes"])
-  saved_cfg, saved_checksum = convert.read_saved_vq(directory)
+  saved_cfg, saved_checksum = checkpoint.read_saved_vq(directory)
   assert saved_checksum == checksum and saved_cfg.encoder_ch_mult == (1, 2)
   assert saved_cfg.checkpoint == str(directory)
   with pytest.raises(FileExistsError):
-    convert.save_vq(model, tiny_config(), directory)
+    checkpoint.save_vq(model, tiny_config(), directory)
   cfg.z_channels = 64
   with pytest.raises(ValueError, match=r"z_channels \(saved 32, config 64\)"):
-    convert.load_vq(cfg)
+    checkpoint.load_vq(cfg)
 
 
 def test_load_vq_sources_and_errors(tmp_path, vq_pt, model):
   cfg = tiny_config()
   cfg.checkpoint = str(vq_pt)
-  assert vq.params_checksum(convert.load_vq(cfg)) == vq.params_checksum(model)
+  assert vq.params_checksum(checkpoint.load_vq(cfg)) == vq.params_checksum(model)
   cfg.checkpoint = ""
   with pytest.raises(ValueError, match="empty"):
-    convert.load_vq(cfg)
+    checkpoint.load_vq(cfg)
   cfg.checkpoint = str(tmp_path / "absent.pt")
   with pytest.raises(FileNotFoundError, match="absent.pt"):
-    convert.load_vq(cfg)
+    checkpoint.load_vq(cfg)
   cfg.checkpoint = str(tmp_path)  # a directory, but not one save_vq wrote
   with pytest.raises(FileNotFoundError, match="save_vq"):
-    convert.load_vq(cfg)
+    checkpoint.load_vq(cfg)
 
 
 def test_main_vq(tmp_path, vq_pt, ref, capsys):
@@ -145,16 +145,16 @@ def test_main_vq(tmp_path, vq_pt, ref, capsys):
   argv = ["convert", "--src", str(vq_pt), "--out", str(out), "--config", VQ16_CONFIG,
           "--config.vq.ch=32", "--config.vq.encoder_ch_mult=(1,2)", "--config.vq.decoder_ch_mult=(1,2)",
           "--config.vq.z_channels=32", "--config.vq.codebook_size=64", "--config.vq.image_size=32"]
-  assert convert.main_vq(argv) == 0
-  saved_cfg, _ = convert.read_saved_vq(out)
-  np.testing.assert_array_equal(convert.load_vq(saved_cfg).encode(ref["images"]), ref["codes"])
+  assert convert.main([argv[0], "vq", *argv[1:]]) == 0
+  saved_cfg, _ = checkpoint.read_saved_vq(out)
+  np.testing.assert_array_equal(checkpoint.load_vq(saved_cfg).encode(ref["images"]), ref["codes"])
   capsys.readouterr()
   # Without the overrides the VQ-16 config does not fit the tiny checkpoint: one line, non-zero status.
-  assert convert.main_vq(["convert", "--src", str(vq_pt), "--out", str(tmp_path / "x"),
+  assert convert.main(["convert", "vq", "--src", str(vq_pt), "--out", str(tmp_path / "x"),
                           "--config", VQ16_CONFIG]) == 1
   err = capsys.readouterr().err
   assert err.startswith("error: ") and "mis-shaped keys" in err and err.count("\n") == 1
   assert not (tmp_path / "x").exists()
-  assert convert.main_vq(["convert", "--src", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "y"),
+  assert convert.main(["convert", "vq", "--src", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "y"),
                           "--config", VQ16_CONFIG]) == 1
   assert "nope.pt" in capsys.readouterr().err

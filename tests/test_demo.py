@@ -24,7 +24,6 @@ from PIL import Image
 
 from npp_jax import convert
 from npp_jax import demo
-from npp_jax import images as image_io
 from npp_jax import sample as sample_cli
 from npp_jax import sampling
 from npp_jax import sharding

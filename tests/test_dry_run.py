@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from npp_jax import chips
 from npp_jax import dry_run
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -45,10 +46,10 @@ def test_compiles_the_tiny_config_for_a_v5e_slice():
   assert result.stdout.count("of 16 GiB: fits") == 2  # one line per stage (patch sides 1 and 2)
 
 
-def test_chip_tables_match_full_device_kinds():
-  from npp_jax import metrics  # pylint: disable=g-import-not-at-top
-  assert metrics.chip_value(dry_run.GPU_HBM_GIB, "NVIDIA H100 80GB HBM3") == 80
-  assert metrics.chip_value(dry_run.GPU_HBM_GIB, "NVIDIA H200") == 141
-  assert metrics.chip_value(metrics.PEAK_FLOPS, "TPU v5 lite") == 197e12  # v5e, not v5p's "TPU v5"
-  assert metrics.chip_value(metrics.PEAK_FLOPS, "TPU v5") == 459e12
-  assert metrics.chip_value(metrics.PEAK_FLOPS, "cpu") is None
+def test_chip_table_matches_full_device_kinds():
+  assert chips.chip("NVIDIA H100 80GB HBM3").hbm_gib == 80
+  assert chips.chip("NVIDIA H200").hbm_gib == 141
+  assert chips.chip("TPU v5 lite").peak_flops == 197e12  # v5e, not v5p's "TPU v5"
+  assert chips.chip("TPU v5").peak_flops == 459e12
+  assert chips.chip("cpu") is None
+  assert chips.TPU_GENERATIONS["v5e"].hbm_gib == 16 and chips.TPU_GENERATIONS["v5p"].hbm_gib == 95

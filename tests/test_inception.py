@@ -8,27 +8,7 @@ import pytest
 
 from npp_jax import torch_io
 from npp_jax.models import inception
-
-
-def fid_state_dict(spec: dict) -> dict[str, np.ndarray]:
-  """pytorch-fid's state dict with the fixture's random weights, rebuilt by the rule in fixtures/fid/README.md."""
-  sd = {}
-  for entry in spec["keys"]:
-    kind = entry["kind"]
-    if kind == "bn_num_batches_tracked":
-      sd[entry["key"]] = np.zeros((), np.int64)  # No draw, but its index still counts.
-      continue
-    n = np.random.default_rng(1000 + entry["index"]).standard_normal(tuple(entry["shape"]))
-    if kind in ("conv_weight", "fc_weight"):
-      value = n * np.sqrt(2.0 / entry["fan_in"])
-    elif kind == "bn_weight":
-      value = 1.0 + 0.1 * n
-    elif kind == "bn_running_var":
-      value = 1.0 + 0.1 * np.abs(n)
-    else:  # bn_bias, bn_running_mean, fc_bias
-      value = 0.1 * n
-    sd[entry["key"]] = value.astype(np.float32)
-  return sd
+from fixture_rules import fid_state_dict  # pylint: disable=g-bad-import-order
 
 
 @pytest.fixture(scope="module")

@@ -99,7 +99,7 @@ def test_workdir_of_another_model(tmp_path):
   other.model.n_layer = 3
   checkpoint.write_config(str(tmp_path), other)
   result = run_cli("--config", TINY, "--workdir", str(tmp_path))
-  assert_one_line_error(result, "holds a run of another model (model.n_layer differ)")
+  assert_one_line_error(result, "holds a run with other settings (model.n_layer differ)")
   assert checkpoint.read_config(str(tmp_path)).model.n_layer == 3  # left as it was
 
 
@@ -122,30 +122,31 @@ def test_sigterm_saves_exits_zero_and_resumes(tmp_path):
   args = ["--config", TINY, "--workdir", str(workdir), "--config.train.total_steps=30",
           "--config.train.log_every=1", "--config.train.checkpoint_every=25"]
   with open(tmp_path / "stderr.txt", "w") as stderr:
+    # Progress is absl logging on stderr ("I... train.py:NNN] [3/30] ..."); stdout would hold only results.
     proc = subprocess.Popen([sys.executable, "-m", "npp_jax.main", *args], cwd=REPO, env=cli_env(),
-                            stdout=subprocess.PIPE, stderr=stderr, text=True)
+                            stdout=stderr, stderr=subprocess.PIPE, text=True)
     output = []
     deadline = time.time() + 300
     try:
-      for line in proc.stdout:
+      for line in proc.stderr:
         output.append(line)
-        if line.startswith("[3/30]"):
+        if "] [3/30]" in line:
           proc.send_signal(signal.SIGTERM)
         assert time.time() < deadline, "".join(output)
-      assert proc.wait(timeout=120) == 0, (tmp_path / "stderr.txt").read_text()
+      assert proc.wait(timeout=120) == 0, "".join(output)
     finally:
       if proc.poll() is None:
         proc.kill()
-  saved = [line for line in output if line.startswith("SIGTERM: saved step")]
+  saved = [line for line in output if "] SIGTERM: saved step" in line]
   assert len(saved) == 1, "".join(output)
-  stopped = int(re.match(r"SIGTERM: saved step (\d+)", saved[0]).group(1))
+  stopped = int(re.search(r"SIGTERM: saved step (\d+)", saved[0]).group(1))
   assert 3 <= stopped < 25
   assert (workdir / "checkpoints" / str(stopped)).is_dir()
   assert not (workdir / "DONE").exists()
 
   resumed = run_cli(*args)
   assert resumed.returncode == 0, resumed.stderr
-  assert f"resumed from step {stopped}" in resumed.stdout
+  assert f"resumed from step {stopped}" in resumed.stderr
   steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert steps == list(range(1, 31))  # every step once: the resumed run went on from the saved step
   assert (workdir / "DONE").read_text().strip() == "30"
@@ -158,7 +159,7 @@ def _check_dry_run(result: subprocess.CompletedProcess, parameters: int, sides: 
   assert result.returncode == 0, result.stderr
   assert f"parameters: {parameters:,}" in result.stdout.splitlines()
   for side, seq in sides:
-    line = [l for l in result.stdout.splitlines() if l.startswith(f"patch side {side} (sequence {seq})")]
+    line = [text for text in result.stdout.splitlines() if text.startswith(f"patch side {side} (sequence {seq})")]
     assert len(line) == 1, result.stdout
     assert "TFLOPs per step" in line[0] and "per device: arguments" in line[0] and "total" in line[0]
     total_gib = float(line[0].split("total ")[1].split(" GiB")[0])

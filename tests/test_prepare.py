@@ -326,18 +326,18 @@ def get_config():
 
 def test_cli_end_to_end_and_errors(tmp_path, tiny_vq):
   import runpy
-  from npp_jax import convert
+  from npp_jax import checkpoint
   from npp_jax.data import prepare as prepare_lib
 
   cfg, model = tiny_vq
-  checkpoint = tmp_path / "vq"
-  convert.save_vq(model, cfg, checkpoint)
+  vq_dir = tmp_path / "vq"
+  checkpoint.save_vq(model, cfg, vq_dir)
   root = make_folder(tmp_path / "images", counts=(2, 1))
   (root / "class0" / "readme.txt").write_text("ignored")
-  text = CLI_CONFIG.format(dir=str(root), vq_cfg=TINY_VQ, checkpoint=str(checkpoint))
+  text = CLI_CONFIG.format(dir=str(root), vq_cfg=TINY_VQ, checkpoint=str(vq_dir))
   done = run_cli(tmp_path, text)
   assert done.returncode == 0, done.stderr
-  assert "encoded 3 images x 2 views" in done.stdout and "ignored 1 non-image files" in done.stdout
+  assert "encoded 3 images x 2 views" in done.stdout and "ignored 1 non-image files" in done.stderr  # result, log
   manifest = records.Manifest.read(tmp_path / "codes")
   assert manifest.num_images == 3 and manifest.shard_sizes == [2, 1] and manifest.grid == 8
   assert manifest.tokenizer_checksum == vq_checksum(model)

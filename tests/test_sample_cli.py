@@ -107,25 +107,25 @@ def paths(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--cfg-scale", "2", "--temperature", "0"], "use greedy decoding"),
-    (["--cfg-scale", "2", "--temperature", "-1"], "temperature must be"),
-    (["--cfg-scale", "0.5"], "treats any value <= 1 as no guidance"),
-    (["--cfg-scale", "-1"], "cfg_scale must be"),
-    (["--cfg-scale", "2", "--top-p", "0"], "top_p must be in"),
-    (["--cfg-scale", "2", "--top-k", "-5"], "top_k must be"),
-    (["--cfg-scale", "2", "--batch-size", "0"], "--batch-size must be"),
-    (["--cfg-scale", "2", "--speculative_window", "-2"], "speculative_window must be"),
+    (["--cfg_scale", "2", "--temperature", "0"], "use greedy decoding"),
+    (["--cfg_scale", "2", "--temperature", "-1"], "temperature must be"),
+    (["--cfg_scale", "0.5"], "treats any value <= 1 as no guidance"),
+    (["--cfg_scale", "-1"], "cfg_scale must be"),
+    (["--cfg_scale", "2", "--top_p", "0"], "top_p must be in"),
+    (["--cfg_scale", "2", "--top_k", "-5"], "top_k must be"),
+    (["--cfg_scale", "2", "--batch_size", "0"], "--batch_size must be"),
+    (["--cfg_scale", "2", "--speculative_window", "-2"], "speculative_window must be"),
 ])
 def test_cli_refuses_invalid_settings(paths, capsys, flags, message):
-  assert sample_cli.main(paths + ["--labels", "1,2"] + flags) == 1
+  assert sample_cli.main(["sample", *paths, "--labels", "1,2", *flags]) == 1
   err = capsys.readouterr().err
   assert message in err and err.count("\n") == 1
 
 
 def test_cli_reports_a_missing_checkpoint(tmp_path, capsys):
-  argv = ["--checkpoint", str(tmp_path / "nope"), "--vq", "vq.pt", "--out", str(tmp_path), "--num-images", "4",
-          "--cfg-scale", "2"]
-  assert sample_cli.main(argv) == 1
+  argv = ["--checkpoint", str(tmp_path / "nope"), "--vq", "vq.pt", "--out", str(tmp_path), "--num_images", "4",
+          "--cfg_scale", "2"]
+  assert sample_cli.main(["sample", *argv]) == 1
   assert f"checkpoint {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
 
 
@@ -143,8 +143,8 @@ def test_tokenizer_must_fit_the_gpt(tiny_gpt):
 
 def test_cli_exits_with_one_line_and_no_traceback(paths):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, "-m", "npp_jax.sample", *paths, "--num-images", "4", "--cfg-scale", "2",
-                         "--top-p", "1.5"], capture_output=True, text=True, env=env, timeout=120)
+  proc = subprocess.run([sys.executable, "-m", "npp_jax.sample", *paths, "--num_images", "4", "--cfg_scale", "2",
+                         "--top_p", "1.5"], capture_output=True, text=True, env=env, timeout=120)
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines() == ["error: top_p must be in (0, 1] (1 keeps every token), got 1.5"]
 

@@ -152,7 +152,7 @@ def test_workdir_of_another_model_is_refused(uninterrupted):
   workdir, _, _ = uninterrupted
   config = tiny_config()
   config.model.dim = 32
-  with pytest.raises(ValueError, match=r"holds a run of another model \(model.dim differ\); use a new workdir"):
+  with pytest.raises(ValueError, match=r"holds a run with other settings \(model.dim differ\); use a new workdir"):
     train.run(config, str(workdir), mesh=single_device_mesh())
 
 

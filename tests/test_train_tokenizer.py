@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from npp_jax import convert
+from npp_jax import assets
+from npp_jax import checkpoint
 from npp_jax import train_tokenizer as tt
 from npp_jax.data import sources
 from npp_jax.models import vq
@@ -139,13 +140,13 @@ def test_training_lowers_the_loss_and_writes_the_tokenizer(tiny_run):
   assert [m["step"] for m in read_metrics(tiny_run) if "restarted_codes" in m] == [4, 8]
   result = json.loads((tiny_run / "eval.json").read_text())
   assert result["images"] == 16 and 0 < result["usage"] <= 1
-  vq_cfg, checksum = convert.read_saved_vq(tiny_run / "tokenizer")
+  vq_cfg, checksum = checkpoint.read_saved_vq(tiny_run / "tokenizer")
   assert checksum == result["checksum"]
-  model = convert.load_vq(vq_cfg)  # Checks the parameters against the stored checksum.
+  model = checkpoint.load_vq(vq_cfg)  # Checks the parameters against the stored checksum.
   assert vq.params_checksum(model) == checksum and vq_cfg.codebook_size == 16
 
 
-def test_resume_continues_from_the_checkpoint(tiny_run, tiny_fashion, tmp_path, capsys):
+def test_resume_continues_from_the_checkpoint(tiny_run, tiny_fashion, tmp_path, capsys, caplog):
   # An interrupted copy: the step-6 checkpoint survives, the end of the run does not.
   workdir = tmp_path / "resumed"
   shutil.copytree(tiny_run, workdir)
@@ -154,7 +155,7 @@ def test_resume_continues_from_the_checkpoint(tiny_run, tiny_fashion, tmp_path, 
   (workdir / "eval.json").unlink()
   capsys.readouterr()
   assert cli(workdir, *tiny_overrides(tiny_fashion)) == 0
-  assert "resumed from step 6" in capsys.readouterr().out
+  assert "resumed from step 6" in caplog.text  # absl logging
   # Batches, restarts and keys follow the step, so the resumed run ends with the same weights.
   assert (json.loads((workdir / "eval.json").read_text())["checksum"]
           == json.loads((tiny_run / "eval.json").read_text())["checksum"])
@@ -173,10 +174,10 @@ def test_missing_dataset_is_one_clear_error(tmp_path, capsys):
 
 def test_shipped_tokenizer_loads_and_reconstructs():
   config = load_config()
-  assert pathlib.Path(config.vq.checkpoint) == tt.SHIPPED_FASHION_TOKENIZER
-  saved_cfg, checksum = convert.read_saved_vq(config.vq.checkpoint)
+  assert pathlib.Path(config.vq.checkpoint) == assets.FASHION_TOKENIZER
+  saved_cfg, checksum = checkpoint.read_saved_vq(config.vq.checkpoint)
   assert checksum == SHIPPED_CHECKSUM
-  model = convert.load_vq(config.vq)
+  model = checkpoint.load_vq(config.vq)
   assert vq.params_checksum(model) == SHIPPED_CHECKSUM
   assert {k: saved_cfg[k] for k in config.vq if k != "checkpoint"} == {
       k: config.vq[k] for k in config.vq if k != "checkpoint"}

@@ -19,6 +19,8 @@ from typing import Iterator
 import grain
 import ml_collections
 import numpy as np
+from array_record.python import array_record_module
+from etils import epath  # also understands gs:// paths
 
 from npp_jax.data import records
 from npp_jax.data import synthetic
@@ -58,7 +60,6 @@ class _RecordSource(grain.sources.RandomAccessDataSource):
 
   def _readers(self) -> list:
     if not hasattr(self._thread, "readers"):
-      from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
       self._thread.readers = [array_record_module.ArrayRecordReader(p, "readahead_buffer_size:0")
                               for p in self._paths]
     return self._thread.readers
@@ -91,7 +92,6 @@ class _RecordSource(grain.sources.RandomAccessDataSource):
 
 
 def _exists(path: str) -> bool:
-  from etils import epath  # pylint: disable=g-import-not-at-top  (also understands gs:// paths)
   return epath.Path(path).exists()
 
 

@@ -27,12 +27,23 @@ import pathlib
 import time
 from typing import Any, Callable, Iterator, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from absl import logging
+from array_record.python import array_record_module
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from npp_jax import checkpoint
+from npp_jax import fileio
+from npp_jax import sharding
 
 from npp_jax.data import augment
 from npp_jax.data import records
 from npp_jax.data import sources
 from npp_jax.data.sources import Source, UnreadableImageError
+from npp_jax.models import vq
 
 STATE = "prepare_state.json"
 PROGRESS_DIR = "progress"
@@ -47,8 +58,6 @@ def shard_name(index: int, num_shards: int) -> str:
 
 def to_model_input(images_uint8):
   """uint8 pixels -> float32 in [-1, 1] exactly as the reference (ToTensor, then Normalize(0.5, 0.5))."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
   return (images_uint8.astype(jnp.float32) / 255.0 - 0.5) / 0.5
 
 
@@ -62,11 +71,8 @@ def device_encoder(encode_fn: Callable, devices: Sequence[Any] | None = None) ->
   pure jitted function over the model state) gets its state replicated over the devices once, rather than
   copied on every call.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
-
   devices = list(devices if devices is not None else jax.local_devices())
-  mesh = Mesh(np.asarray(devices), ("data",))
+  mesh = sharding.one_axis_mesh("data", devices)
   batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
   if isinstance(encode_fn, functools.partial) and len(encode_fn.args) == 1 and not encode_fn.keywords:
     state = jax.device_put(encode_fn.args[0], NamedSharding(mesh, PartitionSpec()))
@@ -142,7 +148,6 @@ def prepare_codes(source: Source, encode_fn: BatchEncoder, out_dir: str | os.Pat
   if len(source) == 0:
     raise ValueError("the data source has no images")
   if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
     process_index, process_count = jax.process_index(), jax.process_count()
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} is not in [0, process_count={process_count})")
@@ -166,8 +171,6 @@ def prepare_codes(source: Source, encode_fn: BatchEncoder, out_dir: str | os.Pat
                               extra_crop_range=extra_crop_range, crop_range=crop_range, pad_value=pad_value)
   skipped: list[dict[str, Any]] = []
   images = 0
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-
   threads = num_threads or os.cpu_count() or 1
   with concurrent.futures.ThreadPoolExecutor(threads) as pool, \
       tqdm(total=sum(b - a for a, b in bounds.values()), unit="img", disable=not progress,
@@ -277,9 +280,7 @@ def _encode_shard(loaded: Iterator[tuple[int, np.ndarray | None, int, str]], enc
 
 
 def _write_json(path: pathlib.Path, content: Any) -> None:
-  tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-  tmp.write_text(json.dumps(content, indent=1))
-  os.replace(tmp, path)
+  fileio.write_text(path, json.dumps(content, indent=1))
 
 
 def _progress_path(out: pathlib.Path, shard: int, num_shards: int) -> pathlib.Path:
@@ -308,8 +309,6 @@ def _read_progress(out: pathlib.Path, shard: int, num_shards: int) -> dict[str, 
     return None
   if path.stat().st_size != entry.get("bytes"):
     return None
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-
   reader = array_record_module.ArrayRecordReader(str(path))
   try:
     count = reader.num_records()
@@ -396,7 +395,7 @@ def skipped_details(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def prepare_from_config(config, out_dir: str, process_index: int = -1, process_count: int = -1):
-  """Builds the source and the tokenizer from `config`, prepares the codes, prints a summary."""
+  """Builds the source and the tokenizer from `config`, prepares the codes, logs a summary; returns it."""
   for section in ("data", "vq"):
     if section not in config:
       raise ValueError(f"the config has no `{section}` section (prepare needs `data` and `vq`)")
@@ -410,11 +409,7 @@ def prepare_from_config(config, out_dir: str, process_index: int = -1, process_c
                      "with 0 <= process_index < process_count")
   source = sources.make_source(data)  # first: a bad data path fails before the tokenizer loads
 
-  import jax  # pylint: disable=g-import-not-at-top
-  from npp_jax import convert  # pylint: disable=g-import-not-at-top
-  from npp_jax.models import vq  # pylint: disable=g-import-not-at-top
-
-  model = convert.load_vq(config.vq)
+  model = checkpoint.load_vq(config.vq)
   encoder = device_encoder(vq.make_encode_fn(model))
   batch_size = -(-int(data.get("encode_batch_size", 256)) // encoder.num_devices) * encoder.num_devices
   summary = prepare_codes(
@@ -425,16 +420,16 @@ def prepare_from_config(config, out_dir: str, process_index: int = -1, process_c
       pad_value=int(data.get("pad_value", 0)), num_threads=int(data.get("num_threads", 0)),
       process_index=jax.process_index() if process_index < 0 else process_index,
       process_count=jax.process_count() if process_count < 0 else process_count)
-  print(f"encoded {summary.images} images x {summary.views} views in {summary.seconds:.1f} s "
-        f"({summary.images_per_s:.1f} images/s); shards written {summary.shards_written}, "
-        f"already done {summary.shards_reused}")
+  logging.info("encoded %d images x %d views in %.1f s (%.1f images/s); shards written %d, already done %d",
+               summary.images, summary.views, summary.seconds, summary.images_per_s, summary.shards_written,
+               summary.shards_reused)
   ignored = len(getattr(source, "ignored_files", []))
   if ignored:
-    print(f"ignored {ignored} non-image files (e.g. {source.ignored_files[0]})")
+    logging.info("ignored %d non-image files (e.g. %s)", ignored, source.ignored_files[0])
   if summary.manifest is not None:
     m = summary.manifest
-    print(f"{out_dir}: {m.num_images} images, {m.num_classes} classes, {m.views} views, {m.grid}x{m.grid} codes, "
-          f"{len(m.shards)} shards; {len(m.skipped)} unreadable files skipped")
+    logging.info("%s: %d images, %d classes, %d views, %dx%d codes, %d shards; %d unreadable files skipped", out_dir,
+                 m.num_images, m.num_classes, m.views, m.grid, m.grid, len(m.shards), len(m.skipped))
     for entry in skipped_details(out_dir)[:20]:
-      print(f"  skipped {entry['index']}: {entry['error']}")
+      logging.warning("skipped %s: %s", entry["index"], entry["error"])
   return summary

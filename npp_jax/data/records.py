@@ -21,6 +21,9 @@ import struct
 from typing import Any, Sequence
 
 import numpy as np
+from array_record.python import array_record_module
+
+from npp_jax import fileio
 
 MAGIC = b"NPPC"
 VERSION = 1
@@ -83,16 +86,14 @@ class Manifest:
 
   def write(self, directory: str | os.PathLike) -> None:
     """Writes atomically (temp file + rename), so a reader never sees half a manifest."""
-    path = pathlib.Path(directory) / MANIFEST
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(self.to_json())
-    os.replace(tmp, path)
+    fileio.write_text(pathlib.Path(directory) / MANIFEST, self.to_json())
 
   @classmethod
   def read(cls, directory: str | os.PathLike) -> "Manifest":
     path = pathlib.Path(directory) / MANIFEST
     if not path.is_file():
-      raise FileNotFoundError(f"no {MANIFEST} in {directory}: not a prepared code directory (see `python -m npp_jax.prepare`)")
+      raise FileNotFoundError(f"no {MANIFEST} in {directory}: not a prepared code directory "
+                              "(see `python -m npp_jax.prepare`)")
     try:
       fields = json.loads(path.read_text())
       return cls(**fields)
@@ -123,12 +124,10 @@ def check_compatible(manifest: Manifest, *, vocab_size: int, grid: int, num_clas
 
 def write_shard(path: str | os.PathLike, records: Sequence[bytes]) -> None:
   """Writes one ArrayRecord shard atomically (temp file + rename)."""
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  def write(tmp: str) -> None:
+    writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
+    for record in records:
+      writer.write(record)
+    writer.close()
 
-  path = str(path)
-  tmp = path + ".tmp"
-  writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
-  for record in records:
-    writer.write(record)
-  writer.close()
-  os.replace(tmp, path)
+  fileio.write_atomically(path, write)

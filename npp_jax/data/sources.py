@@ -38,6 +38,7 @@ import re
 import struct
 from typing import Any, Iterator, NamedTuple, Sequence
 
+import ml_collections
 import numpy as np
 from PIL import Image
 
@@ -401,8 +402,6 @@ SOURCES = ("imagenet", "folder", "fashion_mnist")
 
 def default_data_config():
   """The `data` section `python -m npp_jax.prepare` reads (override what differs in a config file)."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-
   d = ml_collections.ConfigDict()
   d.source = "folder"  # imagenet | folder | fashion_mnist
   d.dir = ""

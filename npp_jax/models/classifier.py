@@ -11,18 +11,13 @@ stages of 3x3 convs with ReLU, each stage ending in a 2x2 max pool (16 -> 8 -> 4
 features are taken before the ReLU so that no unit is stuck at zero on every image, which would make their
 covariance (and the Frechet distance's square root) singular.
 
-Weights ship as `npp_jax/assets/fashion_classifier/`: `params.npz` (the flat parameter dict, keys joined by '/'),
-`meta.json` (architecture, sha256 of both .npz files, test accuracy, training recipe) and `test_stats.npz` (mean and
-covariance of the features of the 10,000 Fashion-MNIST test images), written by `npp_jax.train_classifier`.
+Weights ship as `npp_jax/assets/fashion_classifier/`, a directory that `npp_jax.checkpoint.save_classifier` writes
+and `load_classifier` reads (written by `npp_jax.train_classifier`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
-import os
-import pathlib
 from typing import Any, Callable
 
 import jax
@@ -34,10 +29,6 @@ IMAGE_SIZE = 32
 NUM_CLASSES = 10
 DEFAULT_ARCH = {"space_to_depth": 2, "stages": [[32], [64, 64]], "feature_dim": 128, "num_classes": NUM_CLASSES,
                 "image_size": IMAGE_SIZE}
-DEFAULT_DIR = pathlib.Path(__file__).resolve().parents[1] / "assets" / "fashion_classifier"
-PARAMS_FILE = "params.npz"
-META_FILE = "meta.json"
-STATS_FILE = "test_stats.npz"
 
 
 def to_model_input(images: Any) -> jax.Array:
@@ -99,71 +90,6 @@ def flat_params(model: FashionClassifier) -> dict[str, np.ndarray]:
   """{'convs/0/kernel': array, ...}: the parameters as one flat dict of numpy arrays."""
   flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
   return {"/".join(str(k) for k in path): np.asarray(var[...]) for path, var in flat}
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-  return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
-
-
-def save_classifier(directory: str | os.PathLike, model: FashionClassifier, arch: dict, extra_meta: dict,
-                    test_features: np.ndarray) -> dict:
-  """Writes params.npz, test_stats.npz (mean/cov of `test_features`) and meta.json (with checksums); returns meta."""
-  from npp_jax import evaluation  # pylint: disable=g-import-not-at-top
-
-  directory = pathlib.Path(directory)
-  directory.mkdir(parents=True, exist_ok=True)
-  np.savez(directory / PARAMS_FILE, **flat_params(model))
-  stats = evaluation.compute_statistics(np.asarray(test_features, np.float64))
-  np.savez(directory / STATS_FILE, mu=stats.mu, sigma=stats.sigma, n=np.int64(len(test_features)))
-  meta = {"arch": arch, **extra_meta,
-          "sha256": {PARAMS_FILE: file_sha256(directory / PARAMS_FILE),
-                     STATS_FILE: file_sha256(directory / STATS_FILE)}}
-  tmp = directory / (META_FILE + ".tmp")
-  tmp.write_text(json.dumps(meta, indent=1) + "\n")
-  tmp.replace(directory / META_FILE)
-  return meta
-
-
-def _read_meta(directory: pathlib.Path) -> dict:
-  path = directory / META_FILE
-  if not path.is_file():
-    raise FileNotFoundError(f"{directory} holds no classifier: {META_FILE} not found "
-                            "(train one with `python -m npp_jax.train_classifier --out DIR`)")
-  return json.loads(path.read_text())
-
-
-def _checked_file(directory: pathlib.Path, name: str, meta: dict) -> pathlib.Path:
-  """The path of `name`, after checking that its sha256 is the one meta.json records."""
-  path = directory / name
-  if not path.is_file():
-    raise FileNotFoundError(f"classifier file {path} not found")
-  expected = meta.get("sha256", {}).get(name)
-  if expected != file_sha256(path):
-    raise ValueError(f"{path} does not match the sha256 in {directory / META_FILE}; the file is damaged or stale")
-  return path
-
-
-def load_classifier(directory: str | os.PathLike = DEFAULT_DIR) -> tuple[FashionClassifier, dict]:
-  """The classifier stored in `directory` (default: the shipped one) and its meta.json dict; checks checksums."""
-  directory = pathlib.Path(directory)
-  meta = _read_meta(directory)
-  with np.load(_checked_file(directory, PARAMS_FILE, meta)) as npz:
-    stored = {k: npz[k] for k in npz.files}
-  model = build(meta["arch"])
-  expected = flat_params(model)
-  if set(stored) != set(expected) or any(stored[k].shape != v.shape for k, v in expected.items()):
-    raise ValueError(f"{directory / PARAMS_FILE} does not hold the parameters of the architecture in {META_FILE}")
-  flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-  nnx.update(model, nnx.from_flat_state({path: var.replace(jnp.asarray(stored["/".join(map(str, path))]))
-                                         for path, var in flat}))
-  return model, meta
-
-
-def load_reference_stats(directory: str | os.PathLike = DEFAULT_DIR) -> tuple[np.ndarray, np.ndarray]:
-  """(mu, sigma) of the classifier's features over the Fashion-MNIST test set, as shipped beside the weights."""
-  directory = pathlib.Path(directory)
-  with np.load(_checked_file(directory, STATS_FILE, _read_meta(directory))) as npz:
-    return npz["mu"], npz["sigma"]
 
 
 def make_apply_fn(model: FashionClassifier) -> Callable[[Any], tuple[jax.Array, jax.Array]]:

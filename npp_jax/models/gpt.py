@@ -226,8 +226,7 @@ class GPT(nnx.Module):
       h = _rms_norm(x, p["attention_norm"], cfg.norm_eps)
       q, k, v = _qkv(h, p["wqkv"], rotary)
       impl = None if cfg.attention_impl == "auto" else cfg.attention_impl
-      h = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
-      h = h.reshape(*h.shape[:2], -1) @ p["wo"].reshape(-1, p["wo"].shape[-1])
+      h = _attention_output(jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl), p["wo"])
       x = x + _dropout(h, cfg.resid_dropout_p, keys[0])
       x = x + _dropout(_feed_forward(x, p, cfg.norm_eps), cfg.ffn_dropout_p, keys[1])
       return x, None
@@ -243,23 +242,36 @@ class GPT(nnx.Module):
     return x
 
 
+def _dense(x, w, **kwargs):
+  """x (..., K) times a (K, ...) weight as one 2-D (rows, K) x (K, N) matmul, reshaped back.
+
+  Flat rows matter on XLA:CPU: with (B, T) leading axes the weight gradient contracts two axes, and XLA then
+  materialises a transposed copy of the activations on every step; a 2-D contraction over rows needs none.
+  """
+  out = jnp.dot(x.reshape(-1, x.shape[-1]), w.reshape(w.shape[0], -1), **kwargs)
+  return out.reshape(*x.shape[:-1], *w.shape[1:])
+
+
 def _qkv(h, wqkv, rotary):
   """(B, T, D) normed activations -> q, k, v (B, T, N, H), q and k rotated."""
-  # One plain (B*T, D) x (D, 3*N*H) matmul: an einsum that puts the q/k/v axis first makes XLA:CPU transpose the
-  # weight on every call.
-  qkv = (h @ wqkv.reshape(wqkv.shape[0], -1)).reshape(*h.shape[:2], *wqkv.shape[1:])
+  qkv = _dense(h, wqkv)  # (B, T, 3, N, H): one matmul for the three, like the reference's fused wqkv
   return rope.apply_rope(qkv[:, :, 0], *rotary), rope.apply_rope(qkv[:, :, 1], *rotary), qkv[:, :, 2]
+
+
+def _attention_output(out, wo):
+  """Attention output (B, T, N, H) through wo (N, H, D)."""
+  return _dense(out.reshape(*out.shape[:2], -1), wo.reshape(-1, wo.shape[-1]))
 
 
 def _feed_forward(x, p, eps):
   h = _rms_norm(x, p["ffn_norm"], eps)
-  return jnp.einsum("btf,fd->btd", jax.nn.silu(h @ p["w1"]) * (h @ p["w3"]), p["w2"])
+  return _dense(jax.nn.silu(_dense(h, p["w1"])) * _dense(h, p["w3"]), p["w2"])
 
 
 def _head(x, norm, output, eps):
   x = _rms_norm(x, norm, eps)
   # Logits in float32 whatever the compute dtype (the reference's `.float()`), accumulated in float32.
-  return jnp.einsum("btd,dv->btv", x, output.astype(x.dtype), preferred_element_type=jnp.float32)
+  return _dense(x, output.astype(x.dtype), preferred_element_type=jnp.float32)
 
 
 def decode(params: dict[str, Any], cfg: ml_collections.ConfigDict, x: jnp.ndarray, cache: KVCache, pos: jnp.ndarray,
@@ -317,7 +329,7 @@ def _decode_layers(params, cfg, x, rotary, cache, write, attend):
     q, k, v = _qkv(_rms_norm(x, p["attention_norm"], cfg.norm_eps), p["wqkv"], rotary)
     k_chunks, v_chunks = write(k_chunks, k), write(v_chunks, v)
     out = attend(q, k_chunks, v_chunks)
-    x = x + out.reshape(*out.shape[:2], -1) @ p["wo"].reshape(-1, p["wo"].shape[-1])
+    x = x + _attention_output(out, p["wo"])
     x = x + _feed_forward(x, p, cfg.norm_eps)
     keys.append(k_chunks)
     values.append(v_chunks)

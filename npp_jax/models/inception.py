@@ -32,6 +32,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from npp_jax import sharding
+from npp_jax import torch_io
+
 IMAGE_SIZE = 299
 POOL_DIM = 2048
 NUM_CLASSES = 1008
@@ -350,8 +353,6 @@ def inception_from_torch(source: str | os.PathLike | Mapping[str, np.ndarray], *
   if isinstance(source, Mapping):
     state_dict, where = source, "the state dict"
   else:
-    from npp_jax import torch_io  # pylint: disable=g-import-not-at-top
-
     state_dict, where = torch_io.load_state_dict(source), f"Inception weight file {source}"
   state_dict = {k: v for k, v in state_dict.items() if not k.endswith(".num_batches_tracked")}
   model = nnx.eval_shape(lambda: InceptionV3(**kwargs))  # Shapes only: the values come from the state dict.
@@ -391,8 +392,7 @@ def inception_from_torch(source: str | os.PathLike | Mapping[str, np.ndarray], *
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
   """A 1-D mesh named "data" over `devices` (default: all devices)."""
-  devices = list(devices if devices is not None else jax.devices())
-  return jax.sharding.Mesh(np.asarray(devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  return sharding.one_axis_mesh("data", devices if devices is not None else jax.devices())
 
 
 def make_feature_fn(model: InceptionV3, outputs: Sequence[str] = ("pool3", "spatial", "logits"),

@@ -16,7 +16,8 @@ import numpy as np
 
 
 @functools.lru_cache(maxsize=64)
-def rope_table(grid: int, head_dim: int, base: float = 10000.0, cls_token_num: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def rope_table(grid: int, head_dim: int, base: float = 10000.0,
+               cls_token_num: int = 1) -> tuple[np.ndarray, np.ndarray]:
   """Returns (cos, sin), each (cls_token_num + grid*grid, head_dim // 2) float32, rows in sequence order.
 
   Row s is the angle table of sequence position s: the class token(s) first, then grid cells in raster order.

@@ -17,6 +17,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from npp_jax import sharding
+
 Array = jax.Array
 
 _NORM_GROUPS = 32
@@ -329,8 +331,7 @@ def _make_jitted(model: VQModel, method: Callable[[VQModel, Array], Array]) -> C
   and `.args[0]` the state, for callers that place the state themselves.
   """
   graphdef, state = nnx.split(model)
-  replicated = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(jax.local_devices()), ("devices",)),
-                                          jax.sharding.PartitionSpec())
+  replicated = jax.sharding.NamedSharding(sharding.one_axis_mesh("devices"), jax.sharding.PartitionSpec())
   state = jax.device_put(state, replicated)
 
   @jax.jit
@@ -348,6 +349,11 @@ def make_encode_fn(model: VQModel) -> Callable[[Array], Array]:
 def make_decode_fn(model: VQModel) -> Callable[[Array], Array]:
   """Jitted codes -> images (see `_make_jitted` for the pure function inside)."""
   return _make_jitted(model, VQModel.decode)
+
+
+def abstract_model(vq_cfg: ml_collections.ConfigDict) -> VQModel:
+  """The VQModel's structure, shapes and dtypes without initialising any weight."""
+  return nnx.eval_shape(lambda: VQModel(vq_cfg, rngs=nnx.Rngs(0)))
 
 
 def params_checksum(model: nnx.Module) -> str:

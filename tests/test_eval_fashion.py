@@ -13,7 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from npp_jax import evaluation, online_eval, train_classifier
+from npp_jax import assets, checkpoint, train_classifier
+from npp_jax.eval import adm, fashion
 from npp_jax import images as images_lib
 from npp_jax.data import augment, sources
 from npp_jax.models import classifier as classifier_lib
@@ -22,8 +23,8 @@ ACCURACY_MARGIN = 0.03  # 1000 test images: the binomial standard error is ~1%.
 
 
 @pytest.fixture(scope="module")
-def evaluator() -> online_eval.Evaluator:
-  return online_eval.Evaluator(batch_size=250)
+def evaluator() -> fashion.Evaluator:
+  return fashion.Evaluator(batch_size=250)
 
 
 def _require_dataset() -> None:
@@ -36,45 +37,45 @@ def _require_dataset() -> None:
 @pytest.fixture(scope="module")
 def test_set() -> tuple[np.ndarray, np.ndarray]:
   _require_dataset()
-  return online_eval.load_real_images("test", limit=1000)
+  return fashion.load_real_images("test", limit=1000)
 
 
 @pytest.fixture(scope="module")
 def train_halves() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
   _require_dataset()
-  images, labels = online_eval.load_real_images("train", limit=4000)
+  images, labels = fashion.load_real_images("train", limit=4000)
   return (images[:2000], labels[:2000]), (images[2000:], labels[2000:])
 
 
 def _features(evaluator, images) -> np.ndarray:
-  return online_eval.predict(images, evaluator.apply_fn, evaluator.batch_size)[1]
+  return fashion.predict(images, evaluator.apply_fn, evaluator.batch_size)[1]
 
 
 def test_shipped_files_match_their_checksums():
-  meta = json.loads((classifier_lib.DEFAULT_DIR / classifier_lib.META_FILE).read_text())
-  for name in (classifier_lib.PARAMS_FILE, classifier_lib.STATS_FILE):
-    digest = hashlib.sha256((classifier_lib.DEFAULT_DIR / name).read_bytes()).hexdigest()
+  meta = json.loads((assets.FASHION_CLASSIFIER / checkpoint.CLASSIFIER_META_FILE).read_text())
+  for name in (checkpoint.CLASSIFIER_PARAMS_FILE, checkpoint.CLASSIFIER_STATS_FILE):
+    digest = hashlib.sha256((assets.FASHION_CLASSIFIER / name).read_bytes()).hexdigest()
     assert digest == meta["sha256"][name]
-  size = sum(p.stat().st_size for p in classifier_lib.DEFAULT_DIR.iterdir())
+  size = sum(p.stat().st_size for p in assets.FASHION_CLASSIFIER.iterdir())
   assert size < 4 << 20
   assert 0.85 <= meta["test_accuracy"] <= 1.0
-  model, loaded_meta = classifier_lib.load_classifier()
+  model, loaded_meta = checkpoint.load_classifier()
   assert loaded_meta == meta
-  with np.load(classifier_lib.DEFAULT_DIR / classifier_lib.PARAMS_FILE) as npz:
+  with np.load(assets.FASHION_CLASSIFIER / checkpoint.CLASSIFIER_PARAMS_FILE) as npz:
     for key, value in classifier_lib.flat_params(model).items():
       np.testing.assert_array_equal(value, npz[key])
 
 
 def test_damaged_weights_are_refused(tmp_path):
   copy = tmp_path / "cls"
-  shutil.copytree(classifier_lib.DEFAULT_DIR, copy)
-  data = bytearray((copy / classifier_lib.PARAMS_FILE).read_bytes())
+  shutil.copytree(assets.FASHION_CLASSIFIER, copy)
+  data = bytearray((copy / checkpoint.CLASSIFIER_PARAMS_FILE).read_bytes())
   data[-100] ^= 1
-  (copy / classifier_lib.PARAMS_FILE).write_bytes(bytes(data))
+  (copy / checkpoint.CLASSIFIER_PARAMS_FILE).write_bytes(bytes(data))
   with pytest.raises(ValueError, match="sha256"):
-    classifier_lib.load_classifier(copy)
+    checkpoint.load_classifier(copy)
   with pytest.raises(FileNotFoundError, match="meta.json"):
-    classifier_lib.load_classifier(tmp_path)
+    checkpoint.load_classifier(tmp_path)
 
 
 def test_real_images_match_the_pad_augmentation(test_set):
@@ -87,7 +88,7 @@ def test_real_images_match_the_pad_augmentation(test_set):
 
 def test_accuracy_and_agreement_on_real_test_images(evaluator, test_set):
   images, labels = test_set
-  result = online_eval.classifier_metrics(images, labels, model=evaluator)
+  result = fashion.classifier_metrics(images, labels, model=evaluator)
   # Independent: the unjitted model on float inputs, argmax by hand.
   logits, _ = evaluator.model(images.astype(np.float32) / 127.5 - 1)
   accuracy = float(np.mean(np.argmax(np.asarray(logits), -1) == labels))
@@ -97,7 +98,7 @@ def test_accuracy_and_agreement_on_real_test_images(evaluator, test_set):
   per_class = [np.mean(np.argmax(np.asarray(logits), -1)[labels == c] == c) for c in range(10)]
   np.testing.assert_allclose(result["per_class_agreement"], per_class, atol=1e-3)
   shuffled = np.random.default_rng(0).permutation(labels)
-  assert 0.05 <= online_eval.classifier_metrics(images, shuffled, model=evaluator)["agreement"] <= 0.15
+  assert 0.05 <= fashion.classifier_metrics(images, shuffled, model=evaluator)["agreement"] <= 0.15
 
 
 def test_uint8_and_float_images_give_the_same_features(evaluator, test_set):
@@ -113,22 +114,22 @@ def test_uint8_and_float_images_give_the_same_features(evaluator, test_set):
 def test_fd_of_a_set_with_itself_is_zero(evaluator, test_set):
   images, labels = test_set
   features = _features(evaluator, images)
-  reference = evaluation.compute_statistics(features.astype(np.float64))
-  fd = online_eval.classifier_metrics(images, labels, model=evaluator, reference=reference)["fd"]
+  reference = adm.compute_statistics(features.astype(np.float64))
+  fd = fashion.classifier_metrics(images, labels, model=evaluator, reference=reference)["fd"]
   scale = np.trace(reference.sigma)
   assert abs(fd) < 1e-6 * scale
 
 
 def test_fd_separates_real_from_noise_and_shifted_sets(evaluator, train_halves, test_set):
   (first, first_labels), (second, _) = train_halves
-  reference = evaluation.compute_statistics(_features(evaluator, second).astype(np.float64))
+  reference = adm.compute_statistics(_features(evaluator, second).astype(np.float64))
   noise = np.random.default_rng(0).integers(0, 256, first.shape, dtype=np.uint8)
   fds = {
-      "halves": online_eval.classifier_metrics(first, first_labels, model=evaluator, reference=reference)["fd"],
-      "noise": online_eval.classifier_metrics(noise, first_labels, model=evaluator, reference=reference)["fd"],
-      "rolled": online_eval.classifier_metrics(np.roll(first, 8, axis=(1, 2)), first_labels, model=evaluator,
+      "halves": fashion.classifier_metrics(first, first_labels, model=evaluator, reference=reference)["fd"],
+      "noise": fashion.classifier_metrics(noise, first_labels, model=evaluator, reference=reference)["fd"],
+      "rolled": fashion.classifier_metrics(np.roll(first, 8, axis=(1, 2)), first_labels, model=evaluator,
                                                reference=reference)["fd"],
-      "inverted": online_eval.classifier_metrics(255 - first, first_labels, model=evaluator, reference=reference)["fd"],
+      "inverted": fashion.classifier_metrics(255 - first, first_labels, model=evaluator, reference=reference)["fd"],
   }
   print("FD:", {k: round(v, 3) for k, v in fds.items()})
   assert fds["halves"] > 0
@@ -136,25 +137,25 @@ def test_fd_separates_real_from_noise_and_shifted_sets(evaluator, train_halves, 
   assert fds["rolled"] > 10 * fds["halves"]
   assert fds["inverted"] > 10 * fds["halves"]
   # Against the shipped test-set statistics, real train images are as close as the other train half is.
-  shipped = online_eval.classifier_metrics(first, first_labels, model=evaluator)["fd"]
+  shipped = fashion.classifier_metrics(first, first_labels, model=evaluator)["fd"]
   assert shipped < 2 * fds["halves"] + 0.1 * fds["rolled"]
 
 
 def test_per_class_agreement_marks_absent_classes(evaluator, test_set):
   images, labels = test_set
   keep = labels < 3
-  result = online_eval.classifier_metrics(images[keep], labels[keep], model=evaluator)
+  result = fashion.classifier_metrics(images[keep], labels[keep], model=evaluator)
   assert all(math.isnan(a) for a in result["per_class_agreement"][3:])
   assert all(0.5 < a <= 1 for a in result["per_class_agreement"][:3])
   with pytest.raises(ValueError, match="labels"):
-    online_eval.classifier_metrics(images[:4], np.array([0, 1, 2, 10]), model=evaluator)
+    fashion.classifier_metrics(images[:4], np.array([0, 1, 2, 10]), model=evaluator)
   with pytest.raises(ValueError, match="labels"):
-    online_eval.classifier_metrics(images[:4], np.array([0, 1]), model=evaluator)
+    fashion.classifier_metrics(images[:4], np.array([0, 1]), model=evaluator)
 
 
 def test_predict_pads_the_last_batch(evaluator, test_set):
   images = test_set[0][:7]
-  logits, features = online_eval.predict(images, evaluator.apply_fn, batch_size=4)
+  logits, features = fashion.predict(images, evaluator.apply_fn, batch_size=4)
   direct_logits, direct_features = evaluator.model(images)
   np.testing.assert_allclose(logits, np.asarray(direct_logits), atol=1e-4)
   np.testing.assert_allclose(features, np.asarray(direct_features), atol=1e-4)
@@ -174,7 +175,7 @@ def test_random_shift_is_an_exact_translation():
     expected = np.zeros_like(canvas)
     expected[top:top + 28, left:left + 28] = small
     np.testing.assert_array_equal(image, expected)
-  assert all(0 <= t <= 4 and 0 <= l <= 4 for t, l in offsets) and len(offsets) > 3
+  assert all(0 <= t <= 4 and 0 <= left <= 4 for t, left in offsets) and len(offsets) > 3
 
 
 def _write_idx(path: pathlib.Path, array: np.ndarray) -> None:
@@ -193,17 +194,19 @@ def test_train_classifier_cli_writes_a_loadable_classifier(tmp_path, capsys):
     _write_idx(data / f"{prefix}-images-idx3-ubyte.gz", images)
     _write_idx(data / f"{prefix}-labels-idx1-ubyte.gz", labels)
   out = tmp_path / "cls"
-  assert train_classifier.main(["--out", str(out), "--data-dir", str(data), "--steps", "3", "--batch-size",
-                                "16", "--warmup", "1"]) == 0
-  model, meta = classifier_lib.load_classifier(out)
+  config = ["--config", "configs/fashion_classifier.py", f"--config.data_dir={data}"]
+  assert train_classifier.main(["train_classifier", *config, "--out", str(out), "--config.steps=3",
+                                "--config.batch_size=16", "--config.warmup=1"]) == 0
+  model, meta = checkpoint.load_classifier(out)
   assert meta["recipe"]["steps"] == 3 and 0 <= meta["test_accuracy"] <= 1
-  test_images, test_labels = online_eval.load_real_images("test", data)
+  test_images, test_labels = fashion.load_real_images("test", data)
   features = np.asarray(model(test_images)[1], np.float64)
-  mu, sigma = classifier_lib.load_reference_stats(out)
+  mu, sigma = checkpoint.load_reference_stats(out)
   np.testing.assert_allclose(mu, features.mean(0), rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(sigma, np.cov(features, rowvar=False), rtol=1e-3, atol=1e-5)
-  result = online_eval.classifier_metrics(test_images, test_labels, model=online_eval.Evaluator(out))
+  result = fashion.classifier_metrics(test_images, test_labels, model=fashion.Evaluator(out))
   assert result["agreement"] == pytest.approx(meta["test_accuracy"], abs=1e-4)
 
-  assert train_classifier.main(["--out", str(out), "--data-dir", str(tmp_path / "missing")]) == 1
+  assert train_classifier.main(["train_classifier", "--config", "configs/fashion_classifier.py", "--out", str(out),
+                                f"--config.data_dir={tmp_path / 'missing'}"]) == 1
   assert "does not exist" in capsys.readouterr().err

@@ -5,7 +5,7 @@ to a feature vector and logits. Two numbers follow:
 
   fd         the Frechet distance between the Gaussian of the images' features and that of the 10,000 real test
              images (statistics shipped beside the weights, so no dataset is needed at run time), with the ADM
-             arithmetic of `evaluation.frechet_distance`. Near 0 for real images, large for noise or shifted sets.
+             arithmetic of `adm.frechet_distance`. Near 0 for real images, large for noise or shifted sets.
              Like FID, it is biased upwards for small N; compare values at the same sample count.
   agreement  the fraction of images whose argmax class equals their conditioning label (also per class). Real test
              images score the classifier's test accuracy, which is the ceiling.
@@ -23,8 +23,10 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from npp_jax import evaluation
+from npp_jax import assets
+from npp_jax import checkpoint
 from npp_jax.data import augment, sources
+from npp_jax.eval import adm
 from npp_jax.models import classifier as classifier_lib
 
 DEFAULT_BATCH_SIZE = 500
@@ -58,7 +60,7 @@ def predict(images: Any, apply_fn: Callable, batch_size: int = DEFAULT_BATCH_SIZ
     if len(batch) < batch_size:
       batch = np.concatenate([batch, np.zeros((batch_size - len(batch), *batch.shape[1:]), batch.dtype)])
     outputs.append(apply_fn(batch))  # Dispatched without waiting, read below.
-  logits = np.concatenate([np.asarray(l) for l, _ in outputs])[:n]
+  logits = np.concatenate([np.asarray(batch_logits) for batch_logits, _ in outputs])[:n]
   features = np.concatenate([np.asarray(f) for _, f in outputs])[:n]
   return logits, features
 
@@ -71,18 +73,19 @@ def agreement(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple
 
 
 def frechet_distance_to(features: np.ndarray, reference: tuple[np.ndarray, np.ndarray]) -> float:
-  """FD between the Gaussian of (N, D) features and reference (mu, sigma), via `evaluation.frechet_distance`."""
-  mu, sigma = evaluation.compute_statistics(np.asarray(features, np.float64))
-  return evaluation.frechet_distance(mu, sigma, *reference)
+  """FD between the Gaussian of (N, D) features and reference (mu, sigma), via `adm.frechet_distance`."""
+  mu, sigma = adm.compute_statistics(np.asarray(features, np.float64))
+  return adm.frechet_distance(mu, sigma, *reference)
 
 
 class Evaluator:
   """The classifier, its jitted forward and the reference statistics, loaded once and reused every call."""
 
-  def __init__(self, directory: str | os.PathLike = classifier_lib.DEFAULT_DIR, batch_size: int = DEFAULT_BATCH_SIZE):
-    self.model, self.meta = classifier_lib.load_classifier(directory)
+  def __init__(self, directory: str | os.PathLike = assets.FASHION_CLASSIFIER,
+               batch_size: int = DEFAULT_BATCH_SIZE):
+    self.model, self.meta = checkpoint.load_classifier(directory)
     self.apply_fn = classifier_lib.make_apply_fn(self.model)
-    self.reference = classifier_lib.load_reference_stats(directory)
+    self.reference = checkpoint.load_reference_stats(directory)
     self.batch_size = batch_size
 
   def __call__(self, images: Any, labels: Any) -> dict:
@@ -112,7 +115,7 @@ def classifier_metrics(images: Any, labels: Any, model: Evaluator | classifier_l
     reference = model.reference if reference is None else reference
   else:
     apply_fn, batch_size, num_classes = classifier_lib.make_apply_fn(model), DEFAULT_BATCH_SIZE, model.head.out_features
-    reference = classifier_lib.load_reference_stats() if reference is None else reference
+    reference = checkpoint.load_reference_stats() if reference is None else reference
   images = np.asarray(jax.device_get(images))
   labels = np.asarray(jax.device_get(labels)).astype(np.int64).reshape(-1)
   if len(labels) != len(images):

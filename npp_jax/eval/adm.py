@@ -34,7 +34,6 @@ import json
 import math
 import os
 import pathlib
-import tempfile
 import warnings
 import zipfile
 from typing import Callable, Iterator, Mapping, NamedTuple
@@ -43,6 +42,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy import linalg
+from tqdm import tqdm
+
+from npp_jax import fileio
+from npp_jax.models import inception
 
 PathLike = str | os.PathLike
 
@@ -212,14 +215,6 @@ def precision_recall(ref: np.ndarray, sample: np.ndarray, k: int = PR_NEIGHBOURH
 # Image batches in .npz files.
 
 
-def file_sha256(path: PathLike, chunk: int = 1 << 24) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    while block := f.read(chunk):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def _require_file(path: PathLike, what: str) -> pathlib.Path:
   path = pathlib.Path(path)
   if not path.is_file():
@@ -303,7 +298,6 @@ def read_sampling_settings(path: PathLike) -> dict:
 def compute_activations(feature_fn: Callable, path: PathLike, batch_size: int, *, desc: str = "",
                         progress: bool = True) -> dict[str, np.ndarray]:
   """pool3 (N, 2048) and spatial (N, 2023) float32 features of every image in an .npz, with a progress bar."""
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
 
   num = image_array_shape(path)[0]
   out = {"pool3": [], "spatial": []}
@@ -327,17 +321,6 @@ def compute_activations(feature_fn: Callable, path: PathLike, batch_size: int, *
       collect(*pending)
       bar.update(pending[1])
   return {name: np.concatenate(parts) for name, parts in out.items()}
-
-
-def _atomic_savez(path: pathlib.Path, **arrays) -> None:
-  fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp.npz", dir=path.parent)
-  os.close(fd)
-  try:
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
 
 
 def activation_cache_path(ref_path: PathLike, ref_sha256: str, weights_sha256: str, preprocessing: str) -> pathlib.Path:
@@ -364,7 +347,7 @@ def reference_activations(feature_fn: Callable, ref_path: PathLike, *, ref_sha25
       pass  # A damaged or foreign cache is recomputed.
   acts = compute_activations(feature_fn, ref_path, batch_size, desc="reference", progress=progress)
   try:
-    _atomic_savez(cache, key=np.asarray(json.dumps(key, sort_keys=True)), **acts)
+    fileio.save_npz(cache, key=np.asarray(json.dumps(key, sort_keys=True)), **acts)
   except OSError as e:
     warnings.warn(f"could not cache reference features at {cache}: {e}")
     cache = None
@@ -428,8 +411,6 @@ def evaluate(samples_path: PathLike, ref_path: PathLike, weights_path: PathLike,
     FileNotFoundError: a file does not exist.
     ValueError: unreadable or mismatched inputs (resolution, too few images, wrong weights, bad option).
   """
-  from npp_jax.models import inception  # pylint: disable=g-import-not-at-top
-
   samples_path = _require_file(samples_path, "samples file")
   ref_path = _require_file(ref_path, "reference batch")
   weights_path = _require_file(weights_path, "Inception weight file")
@@ -448,11 +429,11 @@ def evaluate(samples_path: PathLike, ref_path: PathLike, weights_path: PathLike,
   _check_counts(samples_path, sample_shape, ref_path, ref_shape, metrics, ref_stats, min_samples)
   stored = _stored_statistics(ref_path) if ref_stats == "stored" else None  # Checked before the long part.
 
-  weights_sha = file_sha256(weights_path)
+  weights_sha = fileio.file_sha256(weights_path)
   model = inception.inception_from_torch(weights_path, preprocessing=preprocessing)
   fc_kernel = np.asarray(model.fc_kernel[...])
   feature_fn = inception.make_feature_fn(model, outputs=("pool3", "spatial"))
-  ref_sha = file_sha256(ref_path)
+  ref_sha = fileio.file_sha256(ref_path)
   ref_acts, cache = reference_activations(feature_fn, ref_path, ref_sha256=ref_sha, weights_sha256=weights_sha,
                                           preprocessing=preprocessing, batch_size=batch_size, progress=progress)
   sample_acts = compute_activations(feature_fn, samples_path, batch_size, desc="samples", progress=progress)
@@ -490,7 +471,7 @@ def evaluate(samples_path: PathLike, ref_path: PathLike, weights_path: PathLike,
       "num_samples": sample_shape[0],
       "num_reference_images": ref_shape[0],
       "image_size": list(sample_shape[1:3]),
-      "samples": {"path": str(samples_path), "sha256": file_sha256(samples_path)},
+      "samples": {"path": str(samples_path), "sha256": fileio.file_sha256(samples_path)},
       "reference": {"path": str(ref_path), "sha256": ref_sha, "statistics": ref_stats,
                     "activation_cache": str(cache) if cache else None},
       "inception": {"weights": str(weights_path), "sha256": weights_sha, "sha256_matches_released_name": released,

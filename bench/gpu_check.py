@@ -1,0 +1,160 @@
+"""One-GPU check: train MFU per size and remat choice at the largest batch that fits, sampling images/s with
+guidance, and the NPP/NTP wall-clock ratio at GPT-B. Run through bench/gpu_check.sh (one command, <= 8 minutes).
+
+  python bench/gpu_check.py [--sizes B L XL] [--budget_s 450] [--dry_run]
+
+--dry_run shrinks every model to 2 layers at a small width and batches to a few sequences, so the whole script
+runs on a CPU in a minute or two: it checks the code paths, not the speed. Figures go to stdout, one line each,
+and a JSON summary last. bf16 compute, float32 parameters and optimizer state, random weights and codes.
+Anchor for sampling: LlamaGen on one A100 at 256 px, about 118 / 47 / 24 images/s for B / L / XL at its largest
+batch (as reported in the NAR paper).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from npp_jax import config as config_lib
+from npp_jax import metrics as metrics_lib
+from npp_jax import npp
+from npp_jax import sampling
+from npp_jax import sharding
+from npp_jax import train
+from npp_jax.models import gpt
+
+TRAIN_BATCHES = (256, 128, 64, 32, 16)  # tried largest first; the first that compiles and runs is reported
+SAMPLE_BATCHES = (64, 256)
+
+
+def size_config(size: str, dry_run: bool):
+  config = config_lib.base_config()
+  config.model = config_lib.model_config(size)
+  config.model.dtype = "bfloat16"
+  if dry_run:
+    config.model.update(n_layer=2, dim=128, n_head=4, vocab_size=512, num_classes=10, block_size=64)
+  config.optim.warmup_steps = 0
+  return config
+
+
+def _is_out_of_memory(error: Exception) -> bool:
+  return "RESOURCE_EXHAUSTED" in str(error) or "out of memory" in str(error).lower()
+
+
+def compiled_state(config, patch_sides: list[int]):
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  config.npp.stages = tuple((k, 1.0 / len(patch_sides)) for k in patch_sides)
+  config.train.total_steps = 1000
+  setup = train.build(config, mesh, config.train.global_batch_size)
+  abstract_batch = train.abstract_batch(setup)
+  steps = {s.patch_side: train.make_train_step(setup, s.patch_side).lower(setup.abstract_state, abstract_batch)
+           .compile() for s in setup.stages}
+  state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)()
+  rng = np.random.default_rng(0)
+  batch = config.train.global_batch_size
+  local = {"tokens": rng.integers(0, config.model.vocab_size, (batch, config.model.block_size), np.int32),
+           "labels": rng.integers(0, config.model.num_classes, (batch,), np.int32)}
+  return steps, state, sharding.global_batch(local, mesh)
+
+
+def train_mfu(size: str, remat: str, dry_run: bool, steps: int) -> dict:
+  for batch in (TRAIN_BATCHES if not dry_run else (4, 2)):
+    config = size_config(size, dry_run)
+    config.model.remat = remat
+    config.train.global_batch_size = batch
+    try:
+      fns, state, data = compiled_state(config, [1])
+      state, m = fns[1](state, data)
+      jax.block_until_ready(m)
+      start = time.perf_counter()
+      for _ in range(steps):
+        state, m = fns[1](state, data)
+      jax.block_until_ready(m)
+    except Exception as e:  # pylint: disable=broad-except
+      if _is_out_of_memory(e):
+        continue
+      raise
+    seconds = (time.perf_counter() - start) / steps
+    flops = metrics_lib.train_flops_per_sequence(config.model, config.model.block_size) * batch / seconds
+    peak = metrics_lib.peak_flops(jax.devices()[0])
+    return {"size": size, "remat": remat, "batch": batch, "step_s": seconds, "tflops": flops / 1e12,
+            "mfu": flops / peak if peak else None}
+  return {"size": size, "remat": remat, "batch": None, "note": "no batch fits"}
+
+
+def sampling_speed(size: str, batch: int, dry_run: bool) -> dict:
+  config = size_config(size, dry_run)
+  model = gpt.GPT(config.model, rngs=nnx.Rngs(0))
+  model.output[...] = np.random.default_rng(0).normal(0, 0.02, model.output.shape).astype(np.float32)
+  sampler = sampling.Sampler(model, dtype="bfloat16", devices=jax.devices()[:1])
+  labels = np.arange(batch) % config.model.num_classes
+  settings = sampling.SamplingSettings(cfg_scale=2.0)
+  sampler(labels, jax.random.key(0), settings).block_until_ready()
+  start = time.perf_counter()
+  sampler(labels, jax.random.key(1), settings).block_until_ready()
+  seconds = time.perf_counter() - start
+  return {"size": size, "batch": batch, "images_per_s": batch / seconds}
+
+
+def schedule_ratio(dry_run: bool, total_steps: int) -> dict:
+  """Wall-clock of NPP's two-stage schedule over that of next-token prediction, GPT-B, same images."""
+  config = size_config("B", dry_run)
+  config.model.remat = "full"
+  config.train.global_batch_size = 64 if not dry_run else 4
+  fns, state, data = compiled_state(config, [2, 1])
+  seconds = {}
+  for name, stages in (("ntp", ((1, 1.0),)), ("npp", ((2, 0.5), (1, 0.5)))):
+    plan = npp.make_stages(stages, total_steps, gpt.grid_side(config.model))
+    jax.block_until_ready(state)
+    start = time.perf_counter()
+    for step in range(total_steps):
+      state, m = fns[npp.stage_at(plan, step).patch_side](state, data)
+    jax.block_until_ready(m)
+    seconds[name] = time.perf_counter() - start
+  return {"ntp_s": seconds["ntp"], "npp_s": seconds["npp"], "ratio": seconds["npp"] / seconds["ntp"]}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--sizes", nargs="*", default=["B", "L", "XL"])
+  parser.add_argument("--remat", nargs="*", default=["none", "full"])
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--schedule_steps", type=int, default=20)
+  parser.add_argument("--budget_s", type=float, default=450, help="skip what remains once this much time has gone")
+  parser.add_argument("--dry_run", action="store_true", help="tiny models: check the script on a CPU")
+  args = parser.parse_args()
+  started = time.monotonic()
+  print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
+  summary = {"train": [], "sampling": [], "schedule": None}
+
+  def in_budget(what: str) -> bool:
+    if time.monotonic() - started < args.budget_s:
+      return True
+    print(f"skipped (over the {args.budget_s:.0f} s budget): {what}", flush=True)
+    return False
+
+  for size in args.sizes:
+    for remat in args.remat:
+      if in_budget(f"train {size} remat={remat}"):
+        row = train_mfu(size, remat, args.dry_run, args.steps)
+        summary["train"].append(row)
+        print("train", json.dumps(row), flush=True)
+  for size in args.sizes:
+    for batch in (SAMPLE_BATCHES if not args.dry_run else (2,)):
+      if in_budget(f"sampling {size} batch {batch}"):
+        row = sampling_speed(size, batch, args.dry_run)
+        summary["sampling"].append(row)
+        print("sampling", json.dumps(row), flush=True)
+  if in_budget("NPP/NTP schedule ratio"):
+    summary["schedule"] = schedule_ratio(args.dry_run, args.schedule_steps)
+    print("schedule", json.dumps(summary["schedule"]), flush=True)
+  print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,241 @@
+"""npp-jax against the original PyTorch code, side by side on this machine: sampling, train steps, peak memory,
+torch.compile, and the NPP/NTP wall-clock ratio of whole schedules.
+
+  python -m venv /tmp/torch && /tmp/torch/bin/pip install torch numpy einops
+  python bench/vs_reference.py --torch_python /tmp/torch/bin/python \
+      --npp_repo CHECKOUT_OF_Next-Patch-Prediction [--llamagen_repo CHECKOUT_OF_LlamaGen] [--rounds 2] [--only NAMES]
+
+Every measurement runs in a fresh process (ours: this interpreter; the reference: --torch_python over the checkouts,
+through bench/vs_reference_torch.py), the two sides interleaved round by round so that both see the same machine.
+Float32 on both sides, the same shapes, random weights. While a measurement runs, the CPU time of everything else on
+the machine is read from /proc/stat: a run during which other processes used more than --max_other_cores cores is
+discarded and repeated (up to --max_tries), since the machine's speed drifts between hours and neighbours. Reported
+figures are medians over the accepted rounds; "speed" is reference seconds / our seconds (above 1: we are faster).
+Compilation and warm-up are excluded on both sides (torch.compile's too).
+
+Widths: tiny = 4 layers, 4 heads, dim 256, vocab 512, 8x8 codes, 10 classes; GPT-B width = 12 x 768, 12 heads,
+vocab 16384, 16x16 codes, 1000 classes. Not a test: it prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+WIDTHS = {
+    "tiny": dict(dim=256, n_layer=4, n_head=4, vocab_size=512, block_size=64, num_classes=10),
+    "b": dict(dim=768, n_layer=12, n_head=12, vocab_size=16384, block_size=256, num_classes=1000),
+}
+
+# name -> (what is measured, spec). Specs are shared by both sides; "unit" is what one second figure refers to.
+MEASUREMENTS = {
+    "sample_tiny": ("sampling, tiny, batch 16, CFG 2.0 (s/batch)",
+                    dict(kind="sample", width="tiny", batch=16, cfg_scale=2.0, repeats=3)),
+    "sample_b": ("sampling, GPT-B width, batch 16, CFG 2.0 (s/batch)",
+                 dict(kind="sample", width="b", batch=16, cfg_scale=2.0, repeats=1)),
+    "train_tiny_k1": ("train step, tiny, batch 64, next-token (s/step)",
+                      dict(kind="train", width="tiny", batch=64, patch_side=1, warmup=2, steps=10)),
+    "train_tiny_k2": ("train step, tiny, batch 64, 2x2 patches (s/step)",
+                      dict(kind="train", width="tiny", batch=64, patch_side=2, warmup=2, steps=20)),
+    "train_tiny_k4": ("train step, tiny, batch 64, 4x4 patches (s/step)",
+                      dict(kind="train", width="tiny", batch=64, patch_side=4, warmup=2, steps=40)),
+    "train_b_k1": ("train step, GPT-B width, batch 2, next-token (s/step)",
+                   dict(kind="train", width="b", batch=2, patch_side=1, warmup=2, steps=5)),
+    "train_b_k2": ("train step, GPT-B width, batch 8, 2x2 patches (s/step)",
+                   dict(kind="train", width="b", batch=8, patch_side=2, warmup=2, steps=5)),
+    "compiled_tiny_k1": ("train step, tiny, batch 64, next-token; reference under torch.compile (s/step)",
+                         dict(kind="train", width="tiny", batch=64, patch_side=1, warmup=3, steps=10, compiled=True)),
+    "compiled_b_k1": ("train step, GPT-B width, batch 2, next-token; reference under torch.compile (s/step)",
+                      dict(kind="train", width="b", batch=2, patch_side=1, warmup=3, steps=5, compiled=True)),
+    # 3,200 images at batch 64 = 50 steps; (patch side, steps) per stage.
+    "schedule_ntp": ("tiny, 3,200 images, next-token (s)",
+                     dict(kind="schedule", width="tiny", batch=64, schedule=[(1, 50)])),
+    "schedule_2stage": ("tiny, 3,200 images, 2x2 then 1x1 (s)",
+                        dict(kind="schedule", width="tiny", batch=64, schedule=[(2, 25), (1, 25)])),
+    "schedule_3stage": ("tiny, 3,200 images, 4x4, 2x2, 1x1 (s)",
+                        dict(kind="schedule", width="tiny", batch=64, schedule=[(4, 12), (2, 13), (1, 25)])),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Our side (runs in a child process: `vs_reference.py --worker SPEC`).
+
+
+def _our_config(spec: dict):
+  from npp_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  config = config_lib.base_config()
+  config.model.update(**WIDTHS[spec["width"]], dtype="float32")
+  config.train.global_batch_size = spec["batch"]
+  config.optim.lr, config.optim.warmup_steps = 1e-4, 0
+  return config
+
+
+def _our_train_steps(spec: dict, patch_sides: list[int]):
+  """(compiled steps by patch side, state, batch) on one device."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from npp_jax import sharding, train  # pylint: disable=import-outside-toplevel
+  config = _our_config(spec)
+  config.npp.stages = tuple((k, 1.0 / len(patch_sides)) for k in patch_sides)
+  config.train.total_steps = 100
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  setup = train.build(config, mesh, spec["batch"])
+  abstract_batch = train.abstract_batch(setup)
+  steps = {s.patch_side: train.make_train_step(setup, s.patch_side).lower(setup.abstract_state, abstract_batch)
+           .compile() for s in setup.stages}
+  state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)()
+  rng = np.random.default_rng(0)
+  local = {"tokens": rng.integers(0, config.model.vocab_size, (spec["batch"], config.model.block_size), np.int32),
+           "labels": rng.integers(0, config.model.num_classes, (spec["batch"],), np.int32)}
+  return steps, state, sharding.global_batch(local, mesh)
+
+
+def our_measurement(spec: dict) -> float:
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  if spec["kind"] == "sample":
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+    from npp_jax import sampling  # pylint: disable=import-outside-toplevel
+    from npp_jax.models import gpt  # pylint: disable=import-outside-toplevel
+    model = gpt.GPT(_our_config(spec).model, rngs=nnx.Rngs(0))
+    model.output[...] = np.random.default_rng(0).normal(0, 0.02, model.output.shape).astype(np.float32)
+    sampler = sampling.Sampler(model, dtype="float32", devices=jax.devices()[:1])
+    labels = np.arange(spec["batch"]) % model.cfg.num_classes
+    settings = sampling.SamplingSettings(cfg_scale=spec["cfg_scale"])
+    sampler(labels, jax.random.key(0), settings).block_until_ready()  # compile + warm-up
+    start = time.perf_counter()
+    for i in range(spec["repeats"]):
+      sampler(labels, jax.random.key(i + 1), settings).block_until_ready()
+    return (time.perf_counter() - start) / spec["repeats"]
+  if spec["kind"] == "train":
+    steps, state, batch = _our_train_steps(spec, [spec["patch_side"]])
+    step = steps[spec["patch_side"]]
+    for _ in range(spec["warmup"]):
+      state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(spec["steps"]):
+      state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    return (time.perf_counter() - start) / spec["steps"]
+  if spec["kind"] == "schedule":
+    sides = [k for k, n in spec["schedule"] for _ in range(n)]
+    steps, state, batch = _our_train_steps(spec, sorted(set(sides)))
+    for k in sorted(set(sides)):  # every program compiled and run once before the clock
+      state, metrics = steps[k](state, batch)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for k in sides:
+      state, metrics = steps[k](state, batch)
+    jax.block_until_ready(metrics)
+    return time.perf_counter() - start
+  raise ValueError(f"unknown measurement kind {spec['kind']!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The driver.
+
+
+def _busy_jiffies() -> int:
+  """All CPU time spent on the machine (every core, user + system + irq), in clock ticks."""
+  fields = pathlib.Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+  user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+  return user + nice + system + irq + softirq + steal
+
+
+def run_once(command: list[str]) -> tuple[dict, float]:
+  """Runs one measurement process; returns (its JSON result, cores used meanwhile by other processes)."""
+  tick = os.sysconf("SC_CLK_TCK")
+  children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+  busy_before, start = _busy_jiffies(), time.monotonic()
+  done = subprocess.run(command, capture_output=True, text=True, check=False)
+  elapsed, busy = time.monotonic() - start, _busy_jiffies() - busy_before
+  children = resource.getrusage(resource.RUSAGE_CHILDREN)
+  ours = (children.ru_utime - children_before.ru_utime) + (children.ru_stime - children_before.ru_stime)
+  if done.returncode:
+    raise SystemExit(f"measurement failed ({' '.join(command[:3])} ...):\n{done.stderr[-3000:]}")
+  result = json.loads(done.stdout.strip().splitlines()[-1])
+  return result, max(0.0, busy / tick - ours) / elapsed
+
+
+def measure(command: list[str], max_other: float, tries: int) -> dict | None:
+  for _ in range(tries):
+    result, other = run_once(command)
+    if other <= max_other:
+      return result
+    print(f"    discarded: other processes used {other:.2f} cores", flush=True)
+  return None
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--torch_python", required=True, help="an interpreter with torch, numpy and einops")
+  parser.add_argument("--npp_repo", required=True, help="a checkout of PKU-YuanGroup/Next-Patch-Prediction")
+  parser.add_argument("--llamagen_repo", default=None, help="a checkout of FoundationVision/LlamaGen (generate.py; "
+                      "default: NPP's identical copy)")
+  parser.add_argument("--rounds", type=int, default=2)
+  parser.add_argument("--only", nargs="*", default=sorted(MEASUREMENTS), choices=sorted(MEASUREMENTS))
+  parser.add_argument("--max_other_cores", type=float, default=0.15)
+  parser.add_argument("--max_tries", type=int, default=3)
+  parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+  args = parser.parse_args()
+
+  if args.worker:  # a child: one of our measurements
+    seconds = our_measurement(json.loads(args.worker))
+    print(json.dumps({"seconds": seconds, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    return
+
+  here = pathlib.Path(__file__).resolve()
+  reference_cmd = [args.torch_python, str(here.with_name("vs_reference_torch.py")), "--npp_repo", args.npp_repo]
+  if args.llamagen_repo:
+    reference_cmd += ["--llamagen_repo", args.llamagen_repo]
+  ours_cmd = [sys.executable, str(here)]
+  results = {}
+  for name in args.only:
+    label, spec = MEASUREMENTS[name]
+    print(f"{name}: {label}", flush=True)
+    sides = {"reference": [], "ours": []}
+    for r in range(args.rounds):
+      order = ("reference", "ours") if r % 2 == 0 else ("ours", "reference")
+      for side in order:
+        if side == "ours" and spec.get("compiled"):
+          continue  # our compiled step is the plain train_* measurement
+        command = (reference_cmd + ["--spec", json.dumps(spec)] if side == "reference"
+                   else ours_cmd + ["--torch_python", args.torch_python, "--npp_repo", args.npp_repo,
+                                    "--worker", json.dumps(spec)])
+        result = measure(command, args.max_other_cores, args.max_tries)
+        if result:
+          sides[side].append(result)
+          print(f"    {side}: {result['seconds']:.4f} s, peak RSS {result['peak_rss_mib']:,.0f} MiB", flush=True)
+    results[name] = sides
+
+  print("\n| measurement | reference (PyTorch) | npp-jax | npp-jax speed vs reference |")
+  print("|---|---|---|---|")
+  median = lambda runs, key="seconds": statistics.median(r[key] for r in runs) if runs else float("nan")
+  for name, sides in results.items():
+    label, spec = MEASUREMENTS[name]
+    ours_runs = sides["ours"] or (results.get(name.replace("compiled", "train"), {}).get("ours", [])
+                                  if spec.get("compiled") else [])
+    ref, ours = median(sides["reference"]), median(ours_runs)
+    print(f"| {label} | {ref:.4f} | {ours:.4f} | {ref / ours:.2f}x |")
+  if "train_b_k1" in results:
+    ref, ours = (median(results["train_b_k1"][s], "peak_rss_mib") for s in ("reference", "ours"))
+    print(f"| peak RSS, GPT-B width training, batch 2 (MiB) | {ref:,.0f} | {ours:,.0f} | "
+          f"{ours / ref:.2f}x the memory |")
+  if "schedule_ntp" in results:
+    for side in ("reference", "ours"):
+      base = median(results["schedule_ntp"][side])
+      ratios = [f"{name.split('_')[1]} {median(results[name][side]) / base:.3f}"
+                for name in ("schedule_2stage", "schedule_3stage") if name in results]
+      print(f"NPP/NTP wall-clock over 3,200 images, {side}: " + ", ".join(ratios))
+
+
+if __name__ == "__main__":
+  main()

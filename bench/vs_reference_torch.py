@@ -1,0 +1,133 @@
+"""The reference side of bench/vs_reference.py: one measurement of the original PyTorch code, run by a torch
+interpreter over a checkout of the reference repositories (never part of this project).
+
+  TORCH_PYTHON bench/vs_reference_torch.py --npp_repo NPP_CHECKOUT [--llamagen_repo LLAMAGEN_CHECKOUT] \
+      --spec '{"kind": "train", "width": "tiny", "batch": 64, "patch_side": 1, ...}'
+
+The model is NPP's `autoregressive/models/gpt.py` (`Transformer(ModelArgs(...))`, train mode, dropout as in
+ModelArgs), trained with AdamW (lr 1e-4, betas (0.9, 0.95), weight decay 0.05 on >= 2-D parameters) and gradient
+clipping at 1.0 as NPP's train_c2i.py does; sampling is LlamaGen's `autoregressive/models/generate.py:generate`.
+Prints one JSON line: {"seconds": per batch or per step, "peak_rss_mib": ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import resource
+import sys
+import time
+
+import torch
+
+WIDTHS = {  # the same shapes as vs_reference.WIDTHS
+    "tiny": dict(dim=256, n_layer=4, n_head=4, vocab_size=512, block_size=64, num_classes=10),
+    "b": dict(dim=768, n_layer=12, n_head=12, vocab_size=16384, block_size=256, num_classes=1000),
+}
+
+
+def load_reference(npp_repo: str, llamagen_repo: str | None):
+  """(NPP's gpt module, LlamaGen's generate function)."""
+  sys.path.insert(0, npp_repo)
+  from autoregressive.models import gpt  # pylint: disable=import-outside-toplevel
+  original = gpt.target_patchify
+
+  def target_patchify(tensor, p, patch_size):
+    # F.unfold has no int64 kernel on CPU: ids < 2**53 survive float64 exactly.
+    return original(tensor.double(), p, patch_size).long()
+
+  gpt.target_patchify = target_patchify
+  path = f"{llamagen_repo or npp_repo}/autoregressive/models/generate.py"
+  spec = importlib.util.spec_from_file_location("reference_generate", path)
+  generate = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(generate)
+  return gpt, generate.generate
+
+
+def make_model(gpt, width: str):
+  torch.manual_seed(0)
+  model = gpt.Transformer(gpt.ModelArgs(**WIDTHS[width]))
+  torch.nn.init.normal_(model.output.weight, std=0.02)  # zero-initialised head would make sampling degenerate
+  return model
+
+
+def optimizer_for(model):
+  decay = [p for p in model.parameters() if p.dim() >= 2]
+  no_decay = [p for p in model.parameters() if p.dim() < 2]
+  return torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+                           lr=1e-4, betas=(0.9, 0.95))
+
+
+def train_steps(gpt, model, batch: int, patch_sides: list[int], compiled: bool):
+  """A callable running one step per entry of patch_sides, and the batch it trains on."""
+  cfg = model.config
+  grid = int(cfg.block_size ** 0.5)
+  model.train()
+  forward = torch.compile(model) if compiled else model
+  opt = optimizer_for(model)
+  g = torch.Generator().manual_seed(0)
+  tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), generator=g)
+  labels = torch.randint(0, cfg.num_classes, (batch,), generator=g)
+  head_dim = cfg.dim // cfg.n_head
+  freqs = {k: gpt.precompute_freqs_cis_2d(grid // k, head_dim, cfg.rope_base, cfg.cls_token_num)
+           for k in set(patch_sides)}
+
+  def run():
+    for k in patch_sides:
+      _, loss = forward(cond_idx=labels, idx=tokens, targets=tokens, p=k, patch_size=k * k, freqs_cis=freqs[k])
+      loss.backward()
+      torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+      opt.step()
+      opt.zero_grad(set_to_none=True)
+
+  return run
+
+
+def measure(spec: dict, gpt, generate) -> float:
+  model = make_model(gpt, spec["width"])
+  if spec["kind"] == "sample":
+    model.eval()
+    labels = torch.arange(spec["batch"]) % model.config.num_classes
+
+    def run():
+      with torch.inference_mode():
+        generate(model, labels, model.config.block_size, cfg_scale=spec["cfg_scale"], temperature=1.0, top_k=0,
+                 top_p=1.0, sample_logits=True)
+
+    run()  # warm-up
+    start = time.perf_counter()
+    for _ in range(spec["repeats"]):
+      run()
+    return (time.perf_counter() - start) / spec["repeats"]
+  if spec["kind"] == "train":
+    step = train_steps(gpt, model, spec["batch"], [spec["patch_side"]], spec.get("compiled", False))
+    for _ in range(spec["warmup"]):
+      step()
+    start = time.perf_counter()
+    for _ in range(spec["steps"]):
+      step()
+    return (time.perf_counter() - start) / spec["steps"]
+  if spec["kind"] == "schedule":  # wall-clock of a whole schedule, every patch side warmed up first
+    sides = [k for k, n in spec["schedule"] for _ in range(n)]
+    train_steps(gpt, model, spec["batch"], sorted(set(sides)), False)()
+    run = train_steps(gpt, model, spec["batch"], sides, False)
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+  raise ValueError(f"unknown measurement kind {spec['kind']!r}")
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--npp_repo", required=True)
+  parser.add_argument("--llamagen_repo", default=None)
+  parser.add_argument("--spec", required=True, help="the measurement, as JSON")
+  args = parser.parse_args()
+  gpt, generate = load_reference(args.npp_repo, args.llamagen_repo)
+  seconds = measure(json.loads(args.spec), gpt, generate)
+  print(json.dumps({"seconds": seconds, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,123 @@
+"""How every entry point runs: absl flags (underscored names), `--config FILE` with `--config.key=value` overrides,
+`--help`, and a user error as one sentence on stderr with exit status 1.
+
+An entry point defines its flags on the FlagValues it is handed (a fresh one per call, so tests can call `main`
+repeatedly in one process), and a body that takes the parsed flags and returns its one-line result:
+
+  def define_flags(fv, argv):
+    cli.define_config(fv, argv, "Config file (configs/tiny.py).")
+    flags.DEFINE_string("out", None, "Output directory.", flag_values=fv, required=True)
+
+  def run(fv) -> str:
+    ...
+    return f"wrote {fv.out}"
+
+  def main(argv=None) -> int:
+    return cli.main(run, define_flags, argv, doc=__doc__, required=("config", "out"))
+"""
+
+from __future__ import annotations
+
+import logging as std_logging
+import os
+import sys
+from typing import Callable, Mapping, Sequence
+
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+# Mistakes in the command, its files or its environment. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError)
+HELP_FLAGS = ("--help", "-h", "--helpfull", "-?")
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _own_info_or_any_warning(record: std_logging.LogRecord) -> bool:
+  """This package's INFO lines, everyone's warnings: Orbax and XLA log every save and compile at INFO."""
+  return record.levelno >= std_logging.WARNING or record.pathname.startswith(_PACKAGE_DIR)
+
+
+def setup_logging() -> None:
+  """absl logging on stderr: this package's messages from INFO up, other libraries' from WARNING up."""
+  flags.FLAGS.mark_as_parsed()  # Entry points parse their own FlagValues; absl would warn about the global ones.
+  logging.use_absl_handler()
+  logging.set_verbosity(logging.INFO)
+  handler = logging.get_absl_handler()
+  if _own_info_or_any_warning not in handler.filters:
+    handler.addFilter(_own_info_or_any_warning)
+
+
+def one_line(error: BaseException | str) -> str:
+  """The message on one line, even when it was written over several."""
+  return " ".join(str(error).split())
+
+
+def define_config(fv: flags.FlagValues, argv: Sequence[str], help_text: str, default: str | None = None) -> None:
+  """`--config FILE` (a Python file with get_config()) plus its `--config.key=value` overrides."""
+  # sys_argv: config_flags finds the overrides there (it would read sys.argv otherwise, wrong when called in-process).
+  config_flags.DEFINE_config_file("config", default, help_text, flag_values=fv, sys_argv=list(argv),
+                                  lock_config=True)
+
+
+def _parse(fv: flags.FlagValues, argv: list[str], required: Sequence[str]) -> None:
+  try:
+    rest = fv(argv)
+  except flags.IllegalFlagValueError as e:
+    raise ValueError(f"bad command line: {one_line(e)}") from None
+  except flags.UnrecognizedFlagError as e:
+    if e.flagname.startswith("config.") and "config" in fv and fv["config"].value is None:
+      raise ValueError(f"--{e.flagname} overrides a field of --config FILE, which is not given") from None
+    raise ValueError(f"bad command line: {one_line(e)} (see --help)") from None
+  except flags.Error as e:
+    raise ValueError(f"bad command line: {one_line(e)} (see --help)") from None
+  except (KeyError, AttributeError, TypeError) as e:  # ConfigDict's answer to an override it cannot take.
+    detail = e
+    while isinstance(detail, Exception) and detail.args:  # AttributeError(KeyError("'x'\nDid you mean ...")).
+      detail = detail.args[0]
+    raise ValueError(f"bad --config override (unknown field or wrong type): {one_line(detail)}") from None
+  if len(rest) > 1:
+    raise ValueError(f"unexpected arguments {rest[1:]} (see --help)")
+  for name in required:
+    if fv[name].value is None:
+      raise ValueError(f"--{name} is required (see --help)")
+
+
+def main(body: Callable[[flags.FlagValues], str | None],
+         define_flags: Callable[[flags.FlagValues, list[str]], None], argv: Sequence[str] | None = None, *,
+         doc: str = "", required: Sequence[str] = (), errors: tuple[type[BaseException], ...] = ()) -> int:
+  """Parses argv (program name first; default sys.argv), runs `body` and returns the exit status.
+
+  `required` names the flags that must be given; `body`'s return value, if any, is printed as the command's result;
+  `errors` adds exception types that are user errors for this command.
+  """
+  argv = list(sys.argv if argv is None else argv)
+  fv = flags.FlagValues()
+  define_flags(fv, argv)
+  if any(a in HELP_FLAGS for a in argv[1:]):
+    print(doc.strip() + "\n\nflags:\n" + fv.get_help(include_special_flags=False))
+    return 0
+  setup_logging()
+  try:
+    _parse(fv, argv, required)
+    result = body(fv)
+  except USER_ERRORS + tuple(errors) as e:
+    print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+    return 1
+  if result:
+    print(result, flush=True)
+  return 0
+
+
+def main_with_commands(commands: Mapping[str, Callable[[flags.FlagValues], str | None]],
+                       define_flags: Callable[[flags.FlagValues, list[str]], None],
+                       argv: Sequence[str] | None = None, *, doc: str = "") -> int:
+  """`prog COMMAND [--flag ...]`: the first argument picks the body from `commands`; the flags are shared."""
+  argv = list(sys.argv if argv is None else argv)
+  command = argv[1] if len(argv) > 1 else None
+  if command in commands:
+    return main(commands[command], define_flags, [argv[0], *argv[2:]], doc=doc)
+  if any(a in HELP_FLAGS for a in argv[1:]):
+    return main(lambda fv: None, define_flags, argv, doc=doc)
+  print(f"error: the first argument must be one of {', '.join(commands)} (see --help)", file=sys.stderr)
+  return 1
