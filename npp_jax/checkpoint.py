@@ -7,22 +7,42 @@ A model directory (a trainer's workdir, or what `python -m npp_jax.convert` writ
   checkpoints/<step>/meta    JSON: step, stage, patch side, the data fingerprint
 
 Restoring goes through an abstract target that carries the shardings of the current mesh, so a run saved on one
-mesh resumes on another.
+mesh resumes on another. Each step a trainer saves gets an integrity record once it is committed (see
+`npp_jax.integrity`); `restore_newest` checks it, moves a damaged step aside as `<step>.corrupt-<time>` and falls
+back to the next older one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from typing import Any
+import shutil
+import time
+import weakref
+from typing import Any, Callable
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from npp_jax import integrity
+
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+TMP_MARK = ".orbax-checkpoint-tmp"
+CORRUPT_MARK = ".corrupt-"
+FREE_SPACE_MARGIN = 1.05  # Orbax writes a little metadata beside the arrays
+
+
+class CheckpointError(OSError):
+  """A checkpoint cannot be saved or restored; the message is one sentence naming the path and the cause."""
+
+
+# Steps saved by this process whose integrity record is still to be written (once the step has committed).
+_UNRECORDED: "weakref.WeakKeyDictionary[ocp.CheckpointManager, list[int]]" = weakref.WeakKeyDictionary()
 
 
 def manager(workdir: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False
@@ -36,8 +56,140 @@ def manager(workdir: str, *, keep: int = 3, async_save: bool = True, read_only: 
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
-  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-            force=True)
+  """Starts an (asynchronous) save; the previous save is committed and recorded first."""
+  finish(mngr)
+  _check_free_space(mngr, step, state)
+  with _removing_partial_save(mngr, step):
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+              force=True)
+  _UNRECORDED.setdefault(mngr, []).append(step)
+
+
+def finish(mngr: ocp.CheckpointManager) -> None:
+  """Waits until every started save is committed, then writes this process's integrity records of them."""
+  pending = _UNRECORDED.pop(mngr, [])
+  with _removing_partial_save(mngr, pending[-1] if pending else None):
+    mngr.wait_until_finished()
+  for step in pending:
+    step_dir = step_path(mngr, step)
+    if step_dir.exists():  # max_to_keep may have removed it already
+      integrity.write_record(step_dir, jax.process_index(), jax.process_count())
+
+
+def step_path(mngr: ocp.CheckpointManager, step: int) -> epath.Path:
+  return epath.Path(mngr.directory) / str(step)
+
+
+@contextlib.contextmanager
+def _removing_partial_save(mngr: ocp.CheckpointManager, step: int | None):
+  """Turns a failed save into a CheckpointError after removing the temporary directory it left."""
+  try:
+    yield
+  except CheckpointError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # Orbax and tensorstore raise many kinds
+    removed = remove_temporaries(mngr.directory)
+    what = f"step {step}" if step is not None else "a checkpoint"
+    cause = " ".join(str(e).split())[:500] or type(e).__name__
+    left = f"; removed its partial directory {removed[0]}" if removed else ""
+    raise CheckpointError(f"could not save {what} in {mngr.directory}: {cause}{left}") from e
+
+
+def remove_temporaries(directory: epath.PathLike) -> list[str]:
+  """Removes the `*.orbax-checkpoint-tmp*` directories of unfinished saves (process 0); returns their names.
+
+  Only safe while no other trainer writes to the directory (the workdir lock sees to that).
+  """
+  directory = epath.Path(directory)
+  if jax.process_index() != 0 or not directory.is_dir():
+    return []
+  removed = []
+  for path in sorted(directory.iterdir(), key=lambda p: p.name):
+    if TMP_MARK in path.name:
+      path.rmtree() if path.is_dir() else path.unlink()
+      removed.append(str(path))
+  return removed
+
+
+def _check_free_space(mngr: ocp.CheckpointManager, step: int, state: Any) -> None:
+  """Refuses a save that cannot fit on a local filesystem (object stores say nothing about free space)."""
+  directory = str(mngr.directory)
+  if "://" in directory:
+    return
+  needed = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state) if hasattr(x, "dtype"))
+  try:
+    free = shutil.disk_usage(directory).free
+  except OSError:
+    return
+  if free < needed * FREE_SPACE_MARGIN:
+    raise CheckpointError(f"not enough free space to save step {step} in {directory}: the state needs about "
+                          f"{needed / 2**30:.2f} GiB and {free / 2**30:.2f} GiB are free; free some space and "
+                          "resume (the newest complete checkpoint is kept)")
+
+
+def restore_newest(mngr: ocp.CheckpointManager, abstract_state: Any, log: Callable[[str], None] = print
+                   ) -> tuple[Any, dict, int] | None:
+  """(state, meta, step) of the newest step that passes its integrity check and restores; None if none was saved.
+
+  A damaged step (it fails the check, or it has no record and fails to restore) is renamed aside as
+  `<step>.corrupt-<time>`, never deleted, with one log line, and the next older step is tried. A step that matches
+  its record but does not restore is not damaged but incompatible with this run: that is a CheckpointError.
+  """
+  steps = sorted(mngr.all_steps(), reverse=True)
+  if not steps:
+    return None
+  moved = []
+  for step in steps:
+    try:
+      note = verify_step(mngr, step)
+    except integrity.IntegrityError as e:
+      moved.append(_set_aside(mngr, step, str(e), log))
+      continue
+    try:
+      state, meta = restore(mngr, step, abstract_state)
+    except Exception as e:  # pylint: disable=broad-except  # Orbax and tensorstore raise many kinds
+      cause = " ".join(str(e).split())[:300] or type(e).__name__
+      if note is None:
+        raise CheckpointError(f"step {step} in {mngr.directory} is intact but does not restore into this run's "
+                              f"state ({cause}); was the config changed?") from None
+      moved.append(_set_aside(mngr, step, f"it does not restore: {cause}", log))
+      continue
+    if note:
+      log(f"note: {note}; restoring it unchecked")
+    return state, meta, step
+  raise CheckpointError(f"no checkpoint in {mngr.directory} could be restored; the damaged steps were moved aside "
+                        f"({', '.join(moved)}), so the next run starts from step 0")
+
+
+def verify_step(mngr: ocp.CheckpointManager, step: int) -> str | None:
+  """integrity.verify on every process (each checks a share of the records); all processes get the same verdict."""
+  problem, note = "", None
+  try:
+    note = integrity.verify(step_path(mngr, step), jax.process_index(), jax.process_count())
+  except integrity.IntegrityError as e:
+    problem = str(e)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    failed = multihost_utils.process_allgather(np.array(bool(problem)))
+    if np.any(failed) and not problem:
+      problem = f"process {int(np.argmax(failed))} found a damaged file (see its log)"
+  if problem:
+    raise integrity.IntegrityError(problem)
+  return note
+
+
+def _set_aside(mngr: ocp.CheckpointManager, step: int, reason: str, log: Callable[[str], None]) -> str:
+  """Renames a damaged step to `<step>.corrupt-<UTC time>` (kept for inspection; Orbax no longer sees it)."""
+  source = step_path(mngr, step)
+  target = source.parent / f"{step}{CORRUPT_MARK}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+  if jax.process_index() == 0:
+    source.rename(target)
+    log(f"checkpoint step {step} is damaged ({reason}); moved it to {target} and trying the previous step")
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f"npp_set_aside_{step}")
+  mngr.reload()
+  return target.name
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:
