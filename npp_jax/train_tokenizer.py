@@ -301,7 +301,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   writer = metrics_lib.Writer(str(workdir))
   try:
     params = _train(trainer, mngr, writer, train_set, val_set, fingerprint)
-    mngr.wait_until_finished()
+    checkpoint.finish(mngr)
     result = _finish(trainer, params, writer, test_set, workdir)
   finally:
     mngr.close()
@@ -312,9 +312,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 def _train(trainer: Trainer, mngr, writer: metrics_lib.Writer, train_set: ImageSet, val_set: ImageSet,
            fingerprint: str) -> dict:
   config, train_cfg = trainer.config, trainer.config.train
-  latest = mngr.latest_step()
-  if latest is not None:
-    state, meta = checkpoint.restore(mngr, latest, trainer.abstract_state)
+  restored = checkpoint.restore_newest(mngr, trainer.abstract_state, _log)
+  if restored is not None:
+    state, meta, latest = restored
     if meta.get("data") != fingerprint:
       raise ValueError(f"the checkpoint at step {latest} was trained on other data or views; use a new workdir")
     _log(f"resumed from step {latest}")
