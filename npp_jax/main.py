@@ -47,9 +47,8 @@ def main(argv: list[str]) -> None:
       dry_run.run(config)
     else:
       train.run(config, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, NotADirectoryError, distributed.StartupError,
-          train.NonFiniteLossError) as e:
-    _fail(str(e))
+  except (ValueError, OSError, distributed.StartupError, train.NonFiniteLossError) as e:
+    _fail(" ".join(str(e).split()))  # one line, even for multi-line messages
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -28,6 +28,7 @@ from npp_jax import metrics as metrics_lib
 from npp_jax import npp
 from npp_jax import optim
 from npp_jax import sharding
+from npp_jax import workdir_lock
 from npp_jax.data import pipeline
 from npp_jax.models import gpt
 
@@ -210,7 +211,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding.M
   """Trains (or resumes) in `workdir`; returns the final state."""
   preemption = _Preemption()  # first: a SIGTERM during the slow start-up still ends in a save, not a kill
   try:
-    return _run(config, _absolute(workdir), mesh, preemption)  # Orbax refuses relative paths
+    workdir = _absolute(workdir)  # Orbax refuses relative paths
+    lock = workdir_lock.acquire(workdir, log)  # before anything is written: codes, config, checkpoints
+    try:
+      return _run(config, workdir, mesh, preemption)
+    finally:
+      lock.close()
   finally:
     preemption.restore()
 
