@@ -208,15 +208,26 @@ def restore_params(directory: str, abstract_params: Any, *, ema: bool = False, s
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {directory}/{CHECKPOINT_DIR}")
-  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-  key = "ema" if ema and meta.get("has_ema") else "params"
-  if ema and key == "params":
-    print(f"note: {directory} has no EMA parameters; using the raw parameters", flush=True)
-  target = {key: abstract_params}
-  restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
-                                                             dtype=a.dtype), target)
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)))
+  try:
+    note = verify_step(mngr, step)
+  except integrity.IntegrityError as e:
+    raise CheckpointError(f"checkpoint step {step} of {directory} is damaged ({e}); a trainer resuming in that "
+                          "directory moves it aside and uses the previous step") from None
+  if note:
+    print(f"note: {note}; reading it unchecked", flush=True)
+  try:
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    key = "ema" if ema and meta.get("has_ema") else "params"
+    if ema and key == "params":
+      print(f"note: {directory} has no EMA parameters; using the raw parameters", flush=True)
+    target = {key: abstract_params}
+    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
+                                                               dtype=a.dtype), target)
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)))
+  except Exception as e:  # pylint: disable=broad-except  # Orbax and tensorstore raise many kinds
+    cause = " ".join(str(e).split())[:300] or type(e).__name__
+    raise CheckpointError(f"cannot read the parameters of step {step} in {directory}: {cause}") from None
   return restored.state[key]
 
 

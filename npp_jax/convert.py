@@ -211,7 +211,7 @@ def save_gpt(model, config: ml_collections.ConfigDict, directory: PathLike) -> N
   mngr = checkpoint.manager(directory, keep=1, async_save=False)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   checkpoint.save(mngr, 0, {"params": params}, {"step": 0, "converted_from": str(config.get("converted_from", ""))})
-  mngr.wait_until_finished()
+  checkpoint.finish(mngr)  # commits, then writes the integrity record
   mngr.close()
 
 
@@ -381,6 +381,7 @@ def main(argv: Sequence[str]) -> int:
   """The CLI; argv as sys.argv. Returns the exit status; a user error prints one line to stderr."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from npp_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 
   argv = list(argv)
   if len(argv) < 2 or argv[1] not in ("gpt", "vq", "export"):
@@ -396,6 +397,7 @@ def main(argv: Sequence[str]) -> int:
   # sys_argv: config_flags finds the --config.* overrides there (it would read sys.argv otherwise).
   config_flags.DEFINE_config_file("config", None, "Config file.", flag_values=fv, sys_argv=argv)
   try:
+    config_lib.check_config_argument(argv)
     try:
       fv(argv)
     except (KeyError, AttributeError) as e:  # ConfigDict's answer to an override of a field it does not have.

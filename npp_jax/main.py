@@ -15,6 +15,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from npp_jax import config as config_lib
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and samples go (local path or gs://).")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the train step from the abstract state and exit.")
@@ -51,18 +53,9 @@ def main(argv: list[str]) -> None:
     _fail(" ".join(str(e).split()))  # one line, even for multi-line messages
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl parsing, but a bad flag or config key ends with one sentence instead of a traceback."""
-  try:
-    return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    message = str(e).strip("'\"")
-    _fail(f"bad command line (unknown flag or config key, or a bad value): {message}")
-
-
 def run_main() -> None:
   logging.set_verbosity(logging.WARNING)  # Orbax and XLA log every step at INFO
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=config_lib.parse_absl_flags)
 
 
 if __name__ == "__main__":

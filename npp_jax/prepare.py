@@ -12,8 +12,10 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
+from npp_jax import config as config_lib
 from npp_jax.data import prepare as prepare_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with `data` and `vq` sections.",
@@ -30,6 +32,7 @@ flags.mark_flags_as_required(["config", "out"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.set_verbosity(logging.WARNING)  # jax and Orbax chatter at INFO before the first useful line
   try:
     prepare_lib.prepare_from_config(_CONFIG.value, _OUT.value, _PROCESS_INDEX.value, _PROCESS_COUNT.value)
   except (ValueError, FileNotFoundError, OSError) as e:
@@ -38,4 +41,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_absl_flags)

@@ -178,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, path in (("checkpoint", args.checkpoint), ("VQ checkpoint", args.vq)):
       if not pathlib.Path(path).exists():
         raise FileNotFoundError(f"{name} {path} does not exist")
+    if pathlib.Path(args.out).exists() and not pathlib.Path(args.out).is_dir():
+      raise ValueError(f"--out {args.out} is a file; name a directory for the images")
     config = config_lib.load_file(args.config) if args.config else None
 
     # Heavy imports only once the arguments are known to be sane.
@@ -196,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
       labels = make_labels(args.num_images, model.cfg.num_classes, args.label_mode, args.seed)
     npz = run(model, decode, labels, settings, args.out, progress=not args.no_progress)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
+  except (ValueError, OSError) as e:
+    print("error: " + " ".join(str(e).split()), file=sys.stderr)
     return 1
   print(f"wrote {len(labels)} images to {args.out} ({npz.name})")
   return 0

@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m npp_jax.train_classifier " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in recipe.items()) + " --out DIR",
         "reference_stats": "features of the 10000 Fashion-MNIST test images"}, features)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
+  except (ValueError, OSError) as e:
+    print("error: " + " ".join(str(e).split()), file=sys.stderr)
     return 1
   print(f"test accuracy {meta['test_accuracy']:.4f}, train accuracy {meta['train_accuracy']:.4f}, "
         f"{train_seconds:.0f} s of training; wrote {args.out}")

@@ -46,6 +46,7 @@ from etils import epath
 from flax import nnx
 
 from npp_jax import checkpoint
+from npp_jax import config as config_lib
 from npp_jax import convert
 from npp_jax import images as images_lib
 from npp_jax import metrics as metrics_lib
@@ -411,6 +412,7 @@ def main(argv: Sequence[str]) -> int:
                                   sys_argv=argv)
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
   try:
+    config_lib.check_config_argument(argv)
     try:
       rest = fv(argv)
     except (KeyError, AttributeError, TypeError) as e:  # ConfigDict's answer to a bad override.
