@@ -2,6 +2,9 @@
 
   python -m npp_jax.sample --checkpoint WORKDIR --vq vq_ds16_c2i.pt --num-images 50000 --cfg-scale 2.0 --out OUT
 
+Guidance, temperature, top-k and top-p default to the checkpoint's `config.sample` (the recipe's own values);
+a flag overrides one. --vq takes a .pt/.safetensors file or a saved tokenizer directory, which brings its config.
+
 Writes OUT/images/{i:06d}.png, OUT/grid.png (the first 64 images) and OUT/samples.npz (`arr_0` uint8 images,
 `labels`, and every setting that decides the output). Sample i uses key fold_in(fold_in(key(seed), 0), i), so the
 images do not depend on the batch size or the number of devices. Labels: `balanced` (N / num_classes per class, in
@@ -144,16 +147,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m npp_jax.sample", description=__doc__.split("\n")[0])
   p.add_argument("--config", help="config file with get_config() (default: the one stored with the checkpoint)")
   p.add_argument("--checkpoint", required=True, help="trainer workdir or converted checkpoint directory")
-  p.add_argument("--vq", required=True, help="VQ tokenizer weights (.pt/.safetensors or a converted directory)")
+  p.add_argument("--vq", required=True, help="VQ tokenizer weights: a .pt/.safetensors file (architecture from the "
+                 "config) or a saved tokenizer directory (which has its own config)")
   which = p.add_mutually_exclusive_group(required=True)
   which.add_argument("--labels", type=_parse_labels, help="comma-separated class ids, one image each")
   which.add_argument("--num-images", type=int, help="number of images, labels from --label-mode")
   p.add_argument("--label-mode", choices=LABEL_MODES, default="balanced")
-  p.add_argument("--cfg-scale", type=float, required=True, help="1 = no guidance, > 1 guides")
+  # Unset, these four come from the checkpoint's config.sample (the run's own recipe, e.g. gpt_xl's 1.70).
+  p.add_argument("--cfg-scale", type=float, help="1 = no guidance, > 1 guides (default: config.sample.cfg_scale)")
   p.add_argument("--cfg-interval", type=int, default=-1, help="-1 guides every token; k guides tokens 0..k+1")
-  p.add_argument("--temperature", type=float, default=1.0)
-  p.add_argument("--top-k", type=int, default=0, help="0 keeps every token")
-  p.add_argument("--top-p", type=float, default=1.0, help="1 keeps every token")
+  p.add_argument("--temperature", type=float, help="default: config.sample.temperature")
+  p.add_argument("--top-k", type=int, help="0 keeps every token (default: config.sample.top_k)")
+  p.add_argument("--top-p", type=float, help="1 keeps every token (default: config.sample.top_p)")
   p.add_argument("--greedy", action="store_true", help="argmax decoding")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--batch-size", type=int, default=32)
@@ -163,34 +168,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
+SAMPLE_FLAGS = ("cfg_scale", "temperature", "top_k", "top_p")
+
+
+def sampling_settings(args: argparse.Namespace, defaults: ml_collections.ConfigDict) -> sampling.SamplingSettings:
+  """The flags given on the command line, the rest from `defaults` (a config's `sample` section)."""
+  base = config_lib.base_config().sample
+  given = {k: getattr(args, k) for k in SAMPLE_FLAGS if getattr(args, k) is not None}
+  return sampling.SamplingSettings(**{**{k: defaults.get(k, base[k]) for k in SAMPLE_FLAGS}, **given},
+                                   cfg_interval=args.cfg_interval, greedy=args.greedy).validate()
+
+
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
   try:
-    settings = RunSettings(
-        sampling=sampling.SamplingSettings(cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval,
-                                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                           greedy=args.greedy).validate(),
-        seed=args.seed, batch_size=args.batch_size, dtype=args.dtype,
-        checkpoint=str(pathlib.Path(args.checkpoint).resolve()), vq=str(pathlib.Path(args.vq).resolve()),
-        label_mode="given" if args.labels is not None else args.label_mode)
-    if settings.batch_size < 1:
-      raise ValueError(f"--batch-size must be at least 1, got {settings.batch_size}")
+    sampling_settings(args, ml_collections.ConfigDict())  # bad flags fail before anything is read
+    if args.batch_size < 1:
+      raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     for name, path in (("checkpoint", args.checkpoint), ("VQ checkpoint", args.vq)):
       if not pathlib.Path(path).exists():
         raise FileNotFoundError(f"{name} {path} does not exist")
     if pathlib.Path(args.out).exists() and not pathlib.Path(args.out).is_dir():
       raise ValueError(f"--out {args.out} is a file; name a directory for the images")
-    config = config_lib.load_file(args.config) if args.config else None
 
     # Heavy imports only once the arguments are known to be sane.
     from npp_jax import checkpoint, convert  # pylint: disable=g-import-not-at-top
     from npp_jax.models import vq as vq_lib  # pylint: disable=g-import-not-at-top
 
+    config = config_lib.load_file(args.config) if args.config else checkpoint.read_config(args.checkpoint)
+    settings = RunSettings(
+        sampling=sampling_settings(args, config.get("sample") or ml_collections.ConfigDict()),
+        seed=args.seed, batch_size=args.batch_size, dtype=args.dtype,
+        checkpoint=str(pathlib.Path(args.checkpoint).resolve()), vq=str(pathlib.Path(args.vq).resolve()),
+        label_mode="given" if args.labels is not None else args.label_mode)
     model, config = checkpoint.load_model(args.checkpoint, config)
     with config.unlocked():
-      if "vq" not in config:
-        config.vq = vq_lib.default_config()
-      config.vq.checkpoint = args.vq
+      if pathlib.Path(args.vq).is_dir():  # a saved tokenizer: its own config says what it is
+        config.vq = convert.read_saved_vq(args.vq)[0]
+      else:
+        if "vq" not in config:
+          config.vq = vq_lib.default_config()
+        config.vq.checkpoint = args.vq
     check_tokenizer_fits(model.cfg, config.vq, vq_lib.grid_size(config.vq))
     decode = vq_lib.make_decode_fn(convert.load_vq(config.vq))
     if args.labels is not None:
