@@ -74,6 +74,9 @@ def finish(mngr: ocp.CheckpointManager) -> None:
     step_dir = step_path(mngr, step)
     if step_dir.exists():  # max_to_keep may have removed it already
       integrity.write_record(step_dir, jax.process_index(), jax.process_count())
+  if pending and jax.process_count() > 1:  # every process saves the same steps, so all of them get here
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f"npp_integrity_records_{pending[-1]}")  # all records exist past here
 
 
 def step_path(mngr: ocp.CheckpointManager, step: int) -> epath.Path:
