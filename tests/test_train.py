@@ -201,3 +201,21 @@ def test_done_is_written_only_after_the_final_step_is_committed_and_recorded(tmp
   # The next start finds the run complete: it restores step 6, trains nothing and writes DONE.
   train.run(config, str(tmp_path), mesh=single_device_mesh())
   assert (tmp_path / train.DONE_FILE).read_text().strip() == "6"
+
+
+def test_sigterm_during_start_up_saves_instead_of_killing(tmp_path, monkeypatch):
+  """The handler is installed before anything slow: a SIGTERM while the tokenizer and data load is honoured at the
+  first step boundary (before, the default action killed the process with -15)."""
+  config = tiny_config(total_steps=6, checkpoint_every=6, log_every=2)
+  config.npp.stages = ((1, 1.0),)
+  load_tokenizer = train._load_tokenizer
+
+  def signal_during_start_up(cfg):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return load_tokenizer(cfg)
+
+  monkeypatch.setattr(train, "_load_tokenizer", signal_during_start_up)
+  state = train.run(config, str(tmp_path), mesh=single_device_mesh())
+  assert int(state["step"]) == 1 and saved_steps(tmp_path) == [1]
+  assert not (tmp_path / train.DONE_FILE).exists()
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
