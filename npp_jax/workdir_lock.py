@@ -71,6 +71,9 @@ class FileLock:
       holder = _read_json(lambda: os.pread(self._fd, 4096, 0).decode())
       os.close(self._fd)
       raise _in_use(workdir, holder) from None
+    except OSError as e:  # e.g. a network filesystem without locks
+      os.close(self._fd)
+      raise OSError(f"cannot lock the workdir {workdir}: {e.strerror or e}") from None
     os.ftruncate(self._fd, 0)
     os.pwrite(self._fd, json.dumps(_holder()).encode(), 0)
 
@@ -91,6 +94,8 @@ class Lease:
     self._holder = _holder()
     self._stop = threading.Event()
     current = _read_json(self._path.read_text) if self._path.exists() else None
+    if current is not None and not current:
+      log(f"replacing the unreadable lease {self._path} (its writer died while writing it)")
     if current:
       age = time.time() - float(current.get("heartbeat", 0))
       if age < stale_after_s:
