@@ -27,6 +27,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from npp_jax import config as config_lib
+
 # Mistakes in the command, its files or its environment. Anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, OSError)
 HELP_FLAGS = ("--help", "-h", "--helpfull", "-?")
@@ -61,6 +63,7 @@ def define_config(fv: flags.FlagValues, argv: Sequence[str], help_text: str, def
 
 
 def _parse(fv: flags.FlagValues, argv: list[str], required: Sequence[str]) -> None:
+  config_lib.check_config_argument(argv)  # a broken config file: one ValueError, not config_flags' traceback
   try:
     rest = fv(argv)
   except flags.IllegalFlagValueError as e:

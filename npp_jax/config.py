@@ -146,7 +146,22 @@ def load_file(path: str) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f"config file {path} does not exist")
   spec = importlib.util.spec_from_file_location(f"_npp_config_{file.stem}", file)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ValueError(f"config file {path} defines no get_config()")
-  return module.get_config()
+  try:
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+      raise ValueError(f"config file {path} defines no get_config()")
+    return module.get_config()
+  except ValueError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # whatever the file's own code raises
+    raise ValueError(f"config file {path} cannot be loaded: {type(e).__name__}: {e}") from None
+
+
+def check_config_argument(argv: list[str]) -> None:
+  """Loads the file of a `--config FILE` argument once, so that its errors are one ValueError (absl's config_flags
+  would let a SyntaxError or the file's own exceptions through as a traceback)."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      load_file(arg.split("=", 1)[1])
+    elif arg == "--config" and i + 1 < len(argv):
+      load_file(argv[i + 1])

@@ -2,6 +2,9 @@
 
   python -m npp_jax.sample --checkpoint WORKDIR --vq vq_ds16_c2i.pt --num_images 50000 --cfg_scale 2.0 --out OUT
 
+Guidance, temperature, top-k and top-p default to the checkpoint's `config.sample` (the recipe's own values);
+a flag overrides one. --vq takes a .pt/.safetensors file or a saved tokenizer directory, which brings its config.
+
 Writes OUT/images/{i:06d}.png, OUT/grid.png (the first 64 images) and OUT/samples.npz (`arr_0` uint8 images,
 `labels`, and every setting that decides the output). Sample i uses key fold_in(fold_in(key(seed), 0), i), so the
 images do not depend on the batch size or the number of devices. Labels: `balanced` (N / num_classes per class, in
@@ -24,6 +27,7 @@ from tqdm import tqdm
 
 from npp_jax import checkpoint
 from npp_jax import cli
+from npp_jax import config as config_lib
 from npp_jax import images as image_io
 from npp_jax import sampling
 from npp_jax.models import vq as vq_lib
@@ -145,9 +149,12 @@ def load_model_and_tokenizer(checkpoint_dir: str, vq_path: str, config: ml_colle
       raise FileNotFoundError(f"{name} {path} does not exist")
   model, config = checkpoint.load_model(checkpoint_dir, config)
   with config.unlocked():
-    if "vq" not in config:
-      config.vq = vq_lib.default_config()
-    config.vq.checkpoint = vq_path
+    if pathlib.Path(vq_path).is_dir():  # a saved tokenizer: its own config says what it is
+      config.vq = checkpoint.read_saved_vq(vq_path)[0]
+    else:
+      if "vq" not in config:
+        config.vq = vq_lib.default_config()
+      config.vq.checkpoint = vq_path
   check_tokenizer_fits(model.cfg, config.vq, vq_lib.grid_size(config.vq))
   return model, config, vq_lib.make_decode_fn(checkpoint.load_vq(config.vq))
 
@@ -156,16 +163,20 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
   cli.define_config(fv, argv, "Config file with get_config() (default: the one stored with the checkpoint); "
                     "--config.key=value overrides its fields.")
   flags.DEFINE_string("checkpoint", None, "Trainer workdir or converted checkpoint directory.", flag_values=fv)
-  flags.DEFINE_string("vq", None, "VQ tokenizer weights (.pt/.safetensors or a converted directory).", flag_values=fv)
+  flags.DEFINE_string("vq", None, "VQ tokenizer: a .pt/.safetensors file (architecture from the config) or a saved "
+                      "tokenizer directory (which has its own config).", flag_values=fv)
   flags.DEFINE_list("labels", None, "Comma-separated class ids, one image each (or --num_images).", flag_values=fv)
   flags.DEFINE_integer("num_images", None, "Number of images, labels from --label_mode (or --labels).",
                        flag_values=fv)
   flags.DEFINE_enum("label_mode", "balanced", LABEL_MODES, "How --num_images draws its labels.", flag_values=fv)
-  flags.DEFINE_float("cfg_scale", None, "1 = no guidance, > 1 guides.", flag_values=fv)
+  # Unset, these four come from the checkpoint's config.sample (the run's own recipe, e.g. gpt_xl's 1.70).
+  flags.DEFINE_float("cfg_scale", None, "1 = no guidance, > 1 guides (default: config.sample.cfg_scale).",
+                     flag_values=fv)
   flags.DEFINE_integer("cfg_interval", -1, "-1 guides every token; k guides tokens 0..k+1.", flag_values=fv)
-  flags.DEFINE_float("temperature", 1.0, "Sampling temperature.", flag_values=fv)
-  flags.DEFINE_integer("top_k", 0, "0 keeps every token.", flag_values=fv)
-  flags.DEFINE_float("top_p", 1.0, "1 keeps every token.", flag_values=fv)
+  flags.DEFINE_float("temperature", None, "Sampling temperature (default: config.sample.temperature).",
+                     flag_values=fv)
+  flags.DEFINE_integer("top_k", None, "0 keeps every token (default: config.sample.top_k).", flag_values=fv)
+  flags.DEFINE_float("top_p", None, "1 keeps every token (default: config.sample.top_p).", flag_values=fv)
   flags.DEFINE_bool("greedy", False, "Argmax decoding.", flag_values=fv)
   flags.DEFINE_integer("speculative_window", 0, "Speculative Jacobi decoding with this many draft tokens per forward "
                        "pass (0 = off): the same output distribution in fewer passes.", flag_values=fv)
@@ -188,26 +199,38 @@ def _labels(text: list[str]) -> list[int]:
 def run_from_flags(fv: flags.FlagValues) -> str:
   if (fv.labels is None) == (fv.num_images is None):
     raise ValueError("give exactly one of --labels and --num_images")
+  sampling_settings(fv, ml_collections.ConfigDict())  # bad flags fail before anything is read
+  if fv.batch_size < 1:
+    raise ValueError(f"--batch_size must be at least 1, got {fv.batch_size}")
+  if pathlib.Path(fv.out).exists() and not pathlib.Path(fv.out).is_dir():
+    raise ValueError(f"--out {fv.out} is a file; name a directory for the images")
+  labels = _labels(fv.labels) if fv.labels is not None else None
+  model, config, decode = load_model_and_tokenizer(fv.checkpoint, fv.vq, fv.config)
   settings = RunSettings(
-      sampling=sampling.SamplingSettings(cfg_scale=fv.cfg_scale, cfg_interval=fv.cfg_interval,
-                                         temperature=fv.temperature, top_k=fv.top_k, top_p=fv.top_p,
-                                         greedy=fv.greedy, speculative_window=fv.speculative_window,
-                                         draft_init=fv.draft_init).validate(),
+      sampling=sampling_settings(fv, config.get("sample") or ml_collections.ConfigDict()),
       seed=fv.seed, batch_size=fv.batch_size, dtype=fv.dtype,
       checkpoint=str(pathlib.Path(fv.checkpoint).resolve()), vq=str(pathlib.Path(fv.vq).resolve()),
       label_mode="given" if fv.labels is not None else fv.label_mode)
-  if settings.batch_size < 1:
-    raise ValueError(f"--batch_size must be at least 1, got {settings.batch_size}")
-  labels = _labels(fv.labels) if fv.labels is not None else None
-  model, _, decode = load_model_and_tokenizer(fv.checkpoint, fv.vq, fv.config)
   if labels is None:
     labels = make_labels(fv.num_images, model.cfg.num_classes, fv.label_mode, fv.seed)
   npz = run(model, decode, labels, settings, fv.out, progress=fv.progress)
   return f"wrote {len(labels)} images to {fv.out} ({npz.name})"
 
 
+SAMPLE_FLAGS = ("cfg_scale", "temperature", "top_k", "top_p")
+
+
+def sampling_settings(fv: flags.FlagValues, defaults: ml_collections.ConfigDict) -> sampling.SamplingSettings:
+  """The flags given on the command line, the rest from `defaults` (a config's `sample` section)."""
+  base = config_lib.base_config().sample
+  given = {k: fv[k].value for k in SAMPLE_FLAGS if fv[k].value is not None}
+  return sampling.SamplingSettings(**{**{k: defaults.get(k, base[k]) for k in SAMPLE_FLAGS}, **given},
+                                   cfg_interval=fv.cfg_interval, greedy=fv.greedy,
+                                   speculative_window=fv.speculative_window, draft_init=fv.draft_init).validate()
+
+
 def main(argv: list[str] | None = None) -> int:
-  return cli.main(run_from_flags, define_flags, argv, doc=__doc__, required=("checkpoint", "vq", "cfg_scale", "out"))
+  return cli.main(run_from_flags, define_flags, argv, doc=__doc__, required=("checkpoint", "vq", "out"))
 
 
 if __name__ == "__main__":

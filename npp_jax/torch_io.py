@@ -1,10 +1,12 @@
-"""PyTorch checkpoint files without torch: read and write `torch.save` zip files, and safetensors.
+"""PyTorch checkpoint files without torch: read and write `torch.save` zip files, read legacy ones, and safetensors.
 
 A `torch.save` file is a zip archive holding `<prefix>/data.pkl` (a protocol-2 pickle of the object, in which every
 tensor is a call to `torch._utils._rebuild_tensor_v2` over a storage named by a persistent id) and one record
 `<prefix>/data/<key>` of raw bytes per storage. `load` reads it with an unpickler that knows only tensors, storages
 and plain containers and refuses every other global, so a checkpoint cannot run code. `save` writes the same layout,
-which `torch.load(path, weights_only=True)` accepts.
+which `torch.load(path, weights_only=True)` accepts. The legacy (pre-1.6) format, a sequence of pickles followed by the
+storages' bytes, is read with the same unpickler. Both refuse tensors that read outside their storage or expand it
+(stride 0 over a dimension of several elements) and containers nested more than MAX_NESTING deep.
 
 `load_state_dict` / `save_state_dict` deal in flat `{name: np.ndarray}` state dicts and know the containers the
 reference training scripts write (`{"model": sd}`, `{"ema": sd}`, ...).
@@ -73,18 +75,73 @@ class _NamespaceDict(dict):
     self.update(state)
 
 
-def _rebuild_tensor(storage: np.ndarray, offset: int, size, stride, *unused) -> np.ndarray:
+MAX_NESTING = 100  # containers inside containers; real checkpoints nest a handful deep
+
+
+class _LazyStorage:
+  """A legacy-format storage, whose bytes follow the pickle that names it; `array` is set once they are read."""
+
+  def __init__(self, storage_type: _StorageType, numel: int, root: "_LazyStorage | None" = None, offset: int = 0):
+    self.storage_type, self.numel, self.root, self.offset = storage_type, numel, root, offset
+    self.array: np.ndarray | None = None
+
+  def resolve(self) -> np.ndarray:
+    if self.root is not None:
+      return self.root.resolve()[self.offset:self.offset + self.numel]
+    if self.array is None:
+      raise pickle.UnpicklingError("a tensor refers to a storage whose data is not in the file")
+    return self.array
+
+
+class _PendingTensor:
+  """A tensor over a `_LazyStorage`: built by `_plain` once the storages are read."""
+
+  def __init__(self, storage: _LazyStorage, offset: int, size, stride):
+    self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
+
+  def resolve(self) -> np.ndarray:
+    return _strided(self.storage.resolve(), self.offset, self.size, self.stride)
+
+
+def _rebuild_tensor(storage, offset: int, size, stride, *unused):
   """`torch._utils._rebuild_tensor_v2`: a strided view of a flat storage, copied out."""
   del unused  # requires_grad, backward hooks, metadata.
-  size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
+  if not isinstance(storage, (np.ndarray, _LazyStorage)) or not isinstance(offset, int):
+    raise pickle.UnpicklingError("a tensor is not built over a storage")
+  size, stride = _layout(size), _layout(stride)
+  if isinstance(storage, _LazyStorage):
+    _check_layout(storage.numel, offset, size, stride)  # refused now, before any data is read
+    return _PendingTensor(storage, offset, size, stride)
+  return _strided(storage, offset, size, stride)
+
+
+def _layout(values) -> tuple[int, ...]:
+  if not isinstance(values, (tuple, list)) or not all(isinstance(v, int) for v in values):
+    raise pickle.UnpicklingError(f"a tensor's size or stride is not a tuple of integers: {values!r}")
+  return tuple(values)
+
+
+def _check_layout(storage_size: int, offset: int, size: tuple[int, ...], stride: tuple[int, ...]) -> None:
+  """Refuses layouts that read outside the storage or that expand it (a crafted file could ask for terabytes)."""
   if len(size) != len(stride) or offset < 0 or any(s < 0 for s in size + stride):
     raise pickle.UnpicklingError(f"invalid tensor layout: offset {offset}, size {size}, stride {stride}")
-  if 0 not in size:
-    # Bounds check before as_strided, which would otherwise read outside the storage on a crafted file.
-    last = offset + sum((n - 1) * s for n, s in zip(size, stride))
-    if last >= storage.size:
-      raise pickle.UnpicklingError(
-          f"tensor of size {size}, stride {stride}, offset {offset} overruns its storage of {storage.size} elements")
+  if 0 in size:
+    return
+  if any(n > 1 and s == 0 for n, s in zip(size, stride)):
+    raise pickle.UnpicklingError(f"a tensor of size {size} repeats its storage along a dimension (stride "
+                                 f"{stride}); torch.save never writes such a broadcast tensor")
+  numel = int(np.prod(size, dtype=object))
+  if numel > storage_size:
+    raise pickle.UnpicklingError(f"a tensor of size {size} has {numel} elements, more than its storage of "
+                                 f"{storage_size}")
+  last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+  if last >= storage_size:
+    raise pickle.UnpicklingError(
+        f"tensor of size {size}, stride {stride}, offset {offset} overruns its storage of {storage_size} elements")
+
+
+def _strided(storage: np.ndarray, offset: int, size: tuple[int, ...], stride: tuple[int, ...]) -> np.ndarray:
+  _check_layout(storage.size, offset, size, stride)
   numel = int(np.prod(size))
   if offset == 0 and numel == storage.size and stride == _contiguous_strides(size):
     return storage.reshape(size)  # The usual case: the tensor is its whole storage; no copy.
@@ -101,14 +158,17 @@ def _contiguous_strides(size: tuple[int, ...]) -> tuple[int, ...]:
   return tuple(reversed(strides))
 
 
-def _rebuild_parameter(data: np.ndarray, *unused) -> np.ndarray:
+def _rebuild_parameter(data, *unused):
   """`torch._utils._rebuild_parameter`: a Parameter is just its data here."""
   del unused
   return data
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-  """Unpickles tensors, storages and plain containers; refuses every other global by name."""
+  """Unpickles tensors, storages and plain containers; refuses every other global by name.
+
+  `load_storage(storage_type, key, numel, view)` gives the storage a persistent id names.
+  """
 
   _GLOBALS = {
       ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
@@ -120,11 +180,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
       ("argparse", "Namespace"): _NamespaceDict,
   }
 
-  def __init__(self, file, read_record, byteorder: str):
+  def __init__(self, file, load_storage=None):
     super().__init__(file)
-    self._read_record = read_record
-    self._byteorder = byteorder
-    self._storages: dict[str, np.ndarray] = {}
+    self._load_storage = load_storage
 
   def find_class(self, module: str, name: str):
     if module == "torch" and name in _STORAGE_DTYPES:
@@ -134,21 +192,44 @@ class _RestrictedUnpickler(pickle.Unpickler):
     raise pickle.UnpicklingError(f"refusing to load global {module}.{name}: not a tensor or a plain container")
 
   def persistent_load(self, pid):
-    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-            and isinstance(pid[1], _StorageType)):
+    # Zip files: ("storage", type, key, location, numel); legacy files add a view: None or (key, offset, numel).
+    if not (self._load_storage and isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"
+            and isinstance(pid[1], _StorageType) and isinstance(pid[4], int) and pid[4] >= 0):
       raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
-    _, storage_type, key, _, _ = pid
-    key = str(key)
-    if key not in self._storages:
-      dtype = storage_type.dtype.newbyteorder("<" if self._byteorder == "little" else ">")
-      # A bytearray makes the arrays writable, like the tensors they stand for.
-      data = np.frombuffer(bytearray(self._read_record(f"data/{key}")), dtype=dtype)
-      self._storages[key] = data.astype(storage_type.dtype, copy=False)
-    return self._storages[key]
+    return self._load_storage(pid[1], str(pid[2]), pid[4], pid[5] if len(pid) == 6 else None)
+
+
+def _check_nesting(obj: Any) -> None:
+  """Refuses containers nested deeper than MAX_NESTING or holding themselves, without recursing."""
+  heights: dict[int, int] = {}
+  on_path: set[int] = set()
+  stack = [(obj, False)]
+  containers = (dict, list, tuple, set, frozenset)
+  children = lambda node: [*node.keys(), *node.values()] if isinstance(node, dict) else list(node)
+  while stack:
+    node, leaving = stack.pop()
+    key = id(node)
+    if leaving:
+      on_path.discard(key)
+      heights[key] = 1 + max((heights.get(id(c), 0) for c in children(node)), default=0)
+      if heights[key] > MAX_NESTING:
+        raise pickle.UnpicklingError(f"the pickle nests containers more than {MAX_NESTING} deep")
+      continue
+    if key in heights or not isinstance(node, containers):
+      continue
+    if key in on_path:
+      raise pickle.UnpicklingError("the pickle holds a container that contains itself")
+    if len(on_path) >= MAX_NESTING:
+      raise pickle.UnpicklingError(f"the pickle nests containers more than {MAX_NESTING} deep")
+    on_path.add(key)
+    stack.append((node, True))
+    stack.extend((c, False) for c in children(node) if isinstance(c, containers))
 
 
 def _plain(obj: Any) -> Any:
-  """Turns the `_NamespaceDict`s the unpickler made into plain dicts, recursively."""
+  """Turns the `_NamespaceDict`s the unpickler made into plain dicts and builds pending tensors, recursively."""
+  if isinstance(obj, _PendingTensor):
+    return obj.resolve()
   if isinstance(obj, _NamespaceDict):
     return {k: _plain(v) for k, v in obj.items()}
   if isinstance(obj, dict):
@@ -161,47 +242,124 @@ def _plain(obj: Any) -> Any:
   return obj
 
 
+def _unpickle(unpickler: _RestrictedUnpickler) -> Any:
+  obj = unpickler.load()
+  _check_nesting(obj)
+  return obj
+
+
 def load(path: PathLike) -> Any:
-  """Reads a `torch.save` zip file: tensors become numpy arrays, containers stay containers.
+  """Reads a `torch.save` file (zip, or the legacy pre-1.6 format): tensors become numpy arrays, containers stay
+  containers.
 
   Raises:
     FileNotFoundError: no such file.
-    ValueError: the file is not a zip-format torch file, is corrupt, or references a global other than tensors,
-      storages, `collections.OrderedDict` and `argparse.Namespace` (read as a dict).
+    ValueError: the file is not a torch file, is corrupt, references a global other than tensors, storages,
+      `collections.OrderedDict` and `argparse.Namespace` (read as a dict), nests containers too deep, or holds a
+      tensor whose layout reads outside its storage or expands it.
   """
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"checkpoint file {path} does not exist")
-  if not zipfile.is_zipfile(path):
+  try:
+    if zipfile.is_zipfile(path):
+      return _load_zip(path)
     with open(path, "rb") as f:
       head = f.read(16)
     if head.startswith(b"\x80\x02\x8a\x0a" + _LEGACY_MAGIC):
-      raise ValueError(f"{path} is a legacy (pre-1.6, non-zip) torch file; re-save it with a recent torch.save")
-    raise ValueError(f"{path} is not a PyTorch zip checkpoint (torch.save file)")
-  try:
-    with zipfile.ZipFile(path) as archive:
-      pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
-      if len(pickles) != 1:
-        raise ValueError(f"{path} is a zip file but not a torch.save checkpoint (no single <prefix>/data.pkl)")
-      prefix = pickles[0][: -len("data.pkl")]
-      names = set(archive.namelist())
-      byteorder = "little"
-      if prefix + "byteorder" in names:
-        byteorder = archive.read(prefix + "byteorder").decode("ascii").strip()
-        if byteorder not in ("little", "big"):
-          raise ValueError(f"{path} has an unknown byteorder record {byteorder!r}")
-
-      def read_record(name: str) -> bytes:
-        if prefix + name not in names:
-          raise ValueError(f"{path} is missing the record {prefix + name}")
-        return archive.read(prefix + name)
-
-      unpickler = _RestrictedUnpickler(io.BytesIO(archive.read(pickles[0])), read_record, byteorder)
-      return _plain(unpickler.load())
+      return _load_legacy(path)
+    raise ValueError(f"{path} is not a PyTorch checkpoint (neither a torch.save zip file nor the legacy format)")
   except pickle.UnpicklingError as e:
     raise ValueError(f"cannot read {path}: {e}") from None
+  except RecursionError:
+    raise ValueError(f"cannot read {path}: the pickle nests too deep") from None
   except (zipfile.BadZipFile, EOFError, struct.error, OSError) as e:
     raise ValueError(f"{path} is corrupt: {e}") from None
+
+
+def _load_zip(path: pathlib.Path) -> Any:
+  with zipfile.ZipFile(path) as archive:
+    pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
+    if len(pickles) != 1:
+      raise ValueError(f"{path} is a zip file but not a torch.save checkpoint (no single <prefix>/data.pkl)")
+    prefix = pickles[0][: -len("data.pkl")]
+    names = set(archive.namelist())
+    byteorder = "little"
+    if prefix + "byteorder" in names:
+      byteorder = archive.read(prefix + "byteorder").decode("ascii").strip()
+      if byteorder not in ("little", "big"):
+        raise ValueError(f"{path} has an unknown byteorder record {byteorder!r}")
+    storages: dict[str, np.ndarray] = {}
+
+    def load_storage(storage_type: _StorageType, key: str, numel: int, view) -> np.ndarray:
+      del numel, view  # the record's length is the storage's size
+      if key not in storages:
+        if prefix + f"data/{key}" not in names:
+          raise ValueError(f"{path} is missing the record {prefix}data/{key}")
+        # A bytearray makes the arrays writable, like the tensors they stand for.
+        raw = bytearray(archive.read(prefix + f"data/{key}"))
+        storages[key] = _storage_array(raw, storage_type, byteorder, path)
+      return storages[key]
+
+    return _plain(_unpickle(_RestrictedUnpickler(io.BytesIO(archive.read(pickles[0])), load_storage)))
+
+
+def _storage_array(raw: bytearray, storage_type: _StorageType, byteorder: str, path) -> np.ndarray:
+  dtype = storage_type.dtype.newbyteorder("<" if byteorder == "little" else ">")
+  if len(raw) % dtype.itemsize:
+    raise ValueError(f"{path} has a {storage_type.name} of {len(raw)} bytes, not a whole number of elements")
+  return np.frombuffer(raw, dtype=dtype).astype(storage_type.dtype, copy=False)
+
+
+def _load_legacy(path: pathlib.Path) -> Any:
+  """The pre-1.6 format: pickles of the magic number, the protocol version (1001), the system info, the object and
+  the list of storage keys; then each storage's data as an 8-byte element count and the elements."""
+  f = io.BytesIO(path.read_bytes())
+  header = lambda: _unpickle(_RestrictedUnpickler(f))  # plain values only: no global, no storage
+  header()  # the magic number, already matched
+  protocol = header()
+  if protocol != 1001:
+    raise ValueError(f"{path} is a legacy torch file of protocol {protocol!r}; only 1001 is known")
+  sys_info = header()
+  if not isinstance(sys_info, dict):
+    raise ValueError(f"{path} has no system info after its protocol version")
+  byteorder = "little" if sys_info.get("little_endian", True) else "big"
+  roots: dict[str, _LazyStorage] = {}
+  views: dict[str, _LazyStorage] = {}
+
+  def load_storage(storage_type: _StorageType, key: str, numel: int, view) -> _LazyStorage:
+    if key not in roots:
+      roots[key] = _LazyStorage(storage_type, numel)
+    root = roots[key]
+    if root.storage_type.name != storage_type.name or root.numel != numel:
+      raise pickle.UnpicklingError(f"storage {key} is named with two types or sizes")
+    if view is None:
+      return root
+    if not (isinstance(view, tuple) and len(view) == 3 and all(isinstance(v, int) for v in view[1:])):
+      raise pickle.UnpicklingError(f"invalid storage view {view!r}")
+    view_key, offset, view_numel = str(view[0]), view[1], view[2]
+    if offset < 0 or view_numel < 0 or offset + view_numel > numel:
+      raise pickle.UnpicklingError(f"storage view {view!r} overruns its storage of {numel} elements")
+    views.setdefault(view_key, _LazyStorage(storage_type, view_numel, root, offset))
+    return views[view_key]
+
+  obj = _unpickle(_RestrictedUnpickler(f, load_storage))
+  keys = header()
+  if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+    raise ValueError(f"{path} has no list of storage keys after its object")
+  for key in keys:
+    if key not in roots:
+      raise ValueError(f"{path} holds data for storage {key}, which no tensor names")
+    storage = roots[key]
+    count = int.from_bytes(f.read(8), byteorder)
+    if count != storage.numel:
+      raise ValueError(f"{path}: storage {key} holds {count} elements, its pickle says {storage.numel}")
+    nbytes = count * storage.storage_type.dtype.itemsize
+    raw = bytearray(f.read(nbytes))
+    if len(raw) != nbytes:
+      raise ValueError(f"{path} is truncated: storage {key} has {len(raw)} of its {nbytes} bytes")
+    storage.array = _storage_array(raw, storage.storage_type, byteorder, path)
+  return _plain(obj)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ donated state; the model is split once (graphdef + pure parameter dict) and merg
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -30,6 +31,7 @@ from npp_jax import monitor
 from npp_jax import npp
 from npp_jax import optim
 from npp_jax import sharding
+from npp_jax import workdir_lock
 from npp_jax.data import pipeline
 from npp_jax.data import prepare
 from npp_jax.models import gpt
@@ -212,8 +214,21 @@ def log(message: str) -> None:
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding.Mesh | None = None) -> dict:
   """Trains (or resumes) in `workdir`; returns the final state."""
+  preemption = _Preemption()  # first: a SIGTERM during the slow start-up still ends in a save, not a kill
+  try:
+    workdir = _absolute(workdir)  # Orbax refuses relative paths
+    lock = workdir_lock.acquire(workdir, log)  # before anything is written: codes, config, checkpoints
+    try:
+      return _run(config, workdir, mesh, preemption)
+    finally:
+      lock.close()
+  finally:
+    preemption.restore()
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh | None,
+         preemption: _Preemption) -> dict:
   mesh = mesh or sharding.make_mesh(config.mesh.shape)
-  workdir = _absolute(workdir)  # Orbax refuses relative paths
   tokenizer = _load_tokenizer(config)
   codes_dir = _codes_dir(config, workdir, tokenizer)
   checksum = config.data.tokenizer_checksum or (tokenizer[1] if tokenizer else "")
@@ -232,21 +247,42 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding.M
   log(f"input tokens relative to next-token prediction: {npp.tokens_per_step_fraction(setup.stages):.3f}")
 
   checkpoint.write_config(workdir, config)
+  for stale in checkpoint.remove_temporaries(epath.Path(workdir) / checkpoint.CHECKPOINT_DIR):
+    log(f"removed {stale}, the partial save of an earlier run that stopped mid-save")
   mngr = checkpoint.manager(workdir, keep=config.train.keep_checkpoints)
-  state, start = _initial_state(setup, mngr, data.fingerprint)
-  writer = metrics_lib.Writer(workdir)
-  watcher = None
-  if tokenizer:
-    watcher = monitor.Monitor(config, workdir, writer, setup.graphdef, tokenizer[0])
-  preemption = _Preemption()
+  writer = None
   try:
-    state = _loop(setup, state, start, data, mngr, writer, preemption, watcher)
+    state, start = _initial_state(setup, mngr, data.fingerprint)
+    writer = metrics_lib.Writer(workdir)
+    watcher = None
+    if tokenizer:
+      watcher = monitor.Monitor(config, workdir, writer, setup.graphdef, tokenizer[0])
+    state, finished = _loop(setup, state, start, data, mngr, writer, preemption, watcher)
+    checkpoint.finish(mngr)
+    if finished:
+      _mark_done(mngr, setup.total_steps, restored_final=start == setup.total_steps)
+  except BaseException:
+    with contextlib.suppress(Exception):  # commit what was started; the first error is the one to report
+      checkpoint.finish(mngr)
+    raise
   finally:
-    preemption.restore()
-    mngr.wait_until_finished()
     mngr.close()
-    writer.close()
+    if writer is not None:
+      writer.close()
   return state
+
+
+def _mark_done(mngr, total: int, restored_final: bool) -> None:
+  """WORKDIR/DONE, the babysitter's stop sign: written only once the final step is committed and verified.
+
+  A final step without a record (killed between its commit and its record) counts as verified once it restored.
+  """
+  note = checkpoint.verify_step(mngr, total)
+  if note and not restored_final:
+    raise checkpoint.CheckpointError(f"the final step {total} was saved but cannot be verified ({note}); "
+                                     "DONE is not written")
+  if jax.process_index() == 0:
+    (epath.Path(mngr.directory).parent / DONE_FILE).write_text(f"{total}\n")
 
 
 def _absolute(path: str) -> str:
@@ -280,9 +316,9 @@ def _codes_dir(config: ml_collections.ConfigDict, workdir: str, tokenizer) -> st
 
 def _initial_state(setup: Setup, mngr, fingerprint: str) -> tuple[dict, int]:
   config = setup.config
-  latest = mngr.latest_step()
-  if latest is not None:
-    state, meta = checkpoint.restore(mngr, latest, setup.abstract_state)
+  restored = checkpoint.restore_newest(mngr, setup.abstract_state, log)
+  if restored is not None:
+    state, meta, latest = restored
     if meta.get("data") != fingerprint:
       raise ValueError(f"the checkpoint at step {latest} was trained on other data (fingerprint "
                        f"{meta.get('data')}, now {fingerprint}); use a new workdir")
@@ -300,7 +336,8 @@ def _initial_state(setup: Setup, mngr, fingerprint: str) -> tuple[dict, int]:
 
 
 def _loop(setup: Setup, state: dict, start: int, data: pipeline.TrainInput, mngr, writer, preemption,
-          watcher) -> dict:
+          watcher) -> tuple[dict, bool]:
+  """Trains from `start`; returns (state, whether the last step was reached)."""
   config = setup.config
   steps_fns: dict[int, Callable] = {}
   batches = data.iterator(start_batch=start)
@@ -332,6 +369,9 @@ def _loop(setup: Setup, state: dict, start: int, data: pipeline.TrainInput, mngr
       values.update(stage=stage.index, patch_side=stage.patch_side)
       writer.scalars(done, values)
       log(metrics_lib.progress_line(done, setup.total_steps, values, started, start))
+      if last_log_step == start and done - start < config.train.log_every and not last:
+        log(f"step {done}: the loss and grad_norm above average the {done - start} steps since the resume at "
+            f"step {start}, not {config.train.log_every}")
       last_log, last_log_step = now, done
     # Every process must take the same decision at the same step: with several processes the flag is shared at
     # log steps only (a collective that every process enters); a single process stops at once.
@@ -344,12 +384,10 @@ def _loop(setup: Setup, state: dict, start: int, data: pipeline.TrainInput, mngr
       if values:
         log(f"step {done}: " + " ".join(f"{k}={v:.4g}" for k, v in values.items()))
     if stop:
-      mngr.wait_until_finished()
+      checkpoint.finish(mngr)
       log(f"SIGTERM: saved step {done}; exiting so the run can resume from it")
-      return state
-  if jax.process_index() == 0 and step + 1 >= setup.total_steps:
-    (epath.Path(mngr.directory).parent / DONE_FILE).write_text(f"{setup.total_steps}\n")
-  return state
+      return state, False
+  return state, step + 1 >= setup.total_steps
 
 
 def _check_finite(values: dict[str, float], step: int) -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import time
 from typing import Any, Sequence
@@ -51,6 +52,7 @@ from npp_jax import images as images_lib
 from npp_jax import metrics as metrics_lib
 from npp_jax import npp
 from npp_jax import optim
+from npp_jax import workdir_lock
 from npp_jax.data import augment
 from npp_jax.data import prepare
 from npp_jax.data import sources
@@ -276,28 +278,35 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   vq_lib.grid_size(config.vq)  # Fails early on an image size the encoder cannot divide.
   if config.data.image_size != config.vq.image_size:
     raise ValueError(f"data.image_size={config.data.image_size} differs from vq.image_size={config.vq.image_size}")
-  train_set, val_set, test_set, fingerprint = load_data(config.data)
-  trainer = Trainer(config)
-  # A workdir resumes only a run of the same tokenizer on the same data (where the weights are read from may differ).
-  checkpoint.write_config(str(workdir), config, sections=("vq", "data"), ignore=("checkpoint",))
-  mngr = checkpoint.manager(str(workdir), keep=train_cfg.keep_checkpoints)
-  writer = metrics_lib.Writer(str(workdir))
+  lock = workdir_lock.acquire(str(workdir) if "://" in str(workdir) else os.path.abspath(workdir), _log)
   try:
-    params = _train(trainer, mngr, writer, train_set, val_set, fingerprint)
-    mngr.wait_until_finished()
-    result = _finish(trainer, params, writer, test_set, workdir)
+    train_set, val_set, test_set, fingerprint = load_data(config.data)
+    trainer = Trainer(config)
+    # A workdir resumes only a run of the same tokenizer on the same data (where the weights are read from may
+    # differ).
+    checkpoint.write_config(str(workdir), config, sections=("vq", "data"), ignore=("checkpoint",))
+    for stale in checkpoint.remove_temporaries(workdir / checkpoint.CHECKPOINT_DIR):
+      _log(f"removed {stale}, the partial save of an earlier run that stopped mid-save")
+    mngr = checkpoint.manager(str(workdir), keep=train_cfg.keep_checkpoints)
+    writer = metrics_lib.Writer(str(workdir))
+    try:
+      params = _train(trainer, mngr, writer, train_set, val_set, fingerprint)
+      checkpoint.finish(mngr)
+      result = _finish(trainer, params, writer, test_set, workdir)
+    finally:
+      mngr.close()
+      writer.close()
   finally:
-    mngr.close()
-    writer.close()
+    lock.close()
   return result
 
 
 def _train(trainer: Trainer, mngr, writer: metrics_lib.Writer, train_set: ImageSet, val_set: ImageSet,
            fingerprint: str) -> dict:
   config, train_cfg = trainer.config, trainer.config.train
-  latest = mngr.latest_step()
-  if latest is not None:
-    state, meta = checkpoint.restore(mngr, latest, trainer.abstract_state)
+  restored = checkpoint.restore_newest(mngr, trainer.abstract_state, _log)
+  if restored is not None:
+    state, meta, latest = restored
     if meta.get("data") != fingerprint:
       raise ValueError(f"the checkpoint at step {latest} was trained on other data or views; use a new workdir")
     _log(f"resumed from step {latest}")

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from npp_jax import convert
+from npp_jax import assets
+from npp_jax import checkpoint
 from npp_jax import demo
 from npp_jax import sample as sample_cli
 from npp_jax import sampling
@@ -30,7 +31,6 @@ from npp_jax import sharding
 from npp_jax import train
 from npp_jax.config import load_file as load_config_file
 from npp_jax.models import vq as vq_lib
-from npp_jax.train_tokenizer import SHIPPED_FASHION_TOKENIZER
 from test_main_cli import cli_env
 from test_pipeline import write_codes
 from test_sample_cli import fake_decode, tiny_gpt  # noqa: F401 (a fixture)
@@ -123,7 +123,7 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
 
 
 def test_command_line_errors_are_one_line(tmp_path):
-  vq = str(SHIPPED_FASHION_TOKENIZER)
+  vq = str(assets.FASHION_TOKENIZER)
   assert "the demo needs Gradio, an optional extra: pip install -e '.[demo]'" in one_line_error(
       run_demo("--checkpoint", str(tmp_path), "--vq", vq, prelude="sys.modules['gradio'] = None"))
   assert f"checkpoint {tmp_path / 'nope'} does not exist" in one_line_error(
@@ -267,7 +267,7 @@ class Page:
 def trained_checkpoint(tmp_path_factory) -> pathlib.Path:
   """A 1-layer GPT trained for 2 steps on random codes of the shipped tokenizer, with named classes."""
   root = tmp_path_factory.mktemp("demo")
-  vq_cfg, _ = convert.read_saved_vq(SHIPPED_FASHION_TOKENIZER)
+  vq_cfg, _ = checkpoint.read_saved_vq(assets.FASHION_TOKENIZER)
   grid = vq_lib.grid_size(vq_cfg)
   views = np.random.default_rng(0).integers(0, vq_cfg.codebook_size, (12, 1, grid * grid)).astype(np.uint16)
   codes = write_codes(root / "codes", views, [i % 3 for i in range(12)], vocab=vq_cfg.codebook_size, grid=grid,
@@ -301,7 +301,7 @@ def check_grid(image: np.ndarray, count: int) -> list[np.ndarray]:
 
 def test_the_page_in_a_browser(trained_checkpoint):
   require_browser()
-  with serve(trained_checkpoint, SHIPPED_FASHION_TOKENIZER, "--max_images", "4") as (url, log):
+  with serve(trained_checkpoint, assets.FASHION_TOKENIZER, "--max_images", "4") as (url, log):
     assert any(line.startswith("compiling the sampler") for line in log)
     with browser() as driver:
       page = Page(driver, url)

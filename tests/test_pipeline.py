@@ -200,6 +200,16 @@ def test_code_ids_outside_the_vocabulary_are_refused(tmp_path):
     take(data.iterator(), 8)
 
 
+@pytest.mark.parametrize("label", [CLASSES, -1])
+def test_labels_outside_the_classes_are_refused(tmp_path, label):
+  labels = [i % CLASSES for i in range(8)]
+  labels[6] = label  # the manifest and the model have CLASSES classes
+  directory = write_codes(tmp_path / "codes", labelled_views(8), labels, tokenizer_checksum="abc")
+  data = _input(directory)
+  with pytest.raises(ValueError, match=rf"record 6 in .* has label {label}, outside the {CLASSES} classes"):
+    take(data.iterator(), 8)
+
+
 def test_incomplete_code_directories_are_refused(tmp_path):
   directory = write_codes(tmp_path / "codes", labelled_views(8), [0] * 8)
   manifest = records.Manifest.read(directory)

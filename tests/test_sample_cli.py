@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from npp_jax import assets
+from npp_jax import checkpoint
 from npp_jax import config as config_lib
 from npp_jax import images as image_io
 from npp_jax import sample as sample_cli
@@ -179,3 +181,24 @@ def test_save_samples_npz_streams_chunks_atomically(tmp_path):
   with pytest.raises(ValueError, match="5 sample images for 6 labels"):
     image_io.save_samples_npz(tmp_path / "b.npz", imgs, np.arange(6))
   assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz"]
+
+
+def test_cli_reads_a_tokenizer_directory_and_the_checkpoint_sampling_defaults(tmp_path):
+  """--vq DIR brings the saved tokenizer's own config (512 codes, 8x8 grid; not the default 16384); guidance,
+  temperature, top-k and top-p come from the checkpoint's config.sample unless a flag is given."""
+  config = config_lib.base_config()
+  config.model.update(dim=32, n_layer=1, n_head=2, vocab_size=512, num_classes=10, block_size=64, multiple_of=32,
+                      dtype="float32")
+  config.sample.update(cfg_scale=1.7, temperature=0.8, top_k=5, top_p=0.9)
+  checkpoint.save_gpt(GPT(config.model, rngs=nnx.Rngs(0)), config, tmp_path / "model")
+  common = ["sample", "--checkpoint", str(tmp_path / "model"), "--vq", str(assets.FASHION_TOKENIZER),
+            "--labels", "3,4", "--batch_size", "2", "--dtype", "float32", "--noprogress"]
+
+  def recorded(*flags):
+    assert sample_cli.main(common + ["--out", str(tmp_path / "out")] + list(flags)) == 0
+    with np.load(tmp_path / "out" / "samples.npz") as npz:
+      assert npz["arr_0"].shape == (2, 32, 32, 3)
+      return {k: npz[k].item() for k in ("cfg_scale", "temperature", "top_k", "top_p")}
+
+  assert recorded() == dict(cfg_scale=1.7, temperature=0.8, top_k=5, top_p=0.9)
+  assert recorded("--cfg_scale", "3", "--top_k", "0") == dict(cfg_scale=3.0, temperature=0.8, top_k=0, top_p=0.9)

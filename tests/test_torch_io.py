@@ -1,5 +1,6 @@
 """torch_io: torch.save files without torch (round trips, strided storages, refusal of globals, containers)."""
 
+import pathlib
 import pickle
 import struct
 import zipfile
@@ -166,11 +167,11 @@ def test_argparse_namespace_reads_as_dict(tmp_path):
 def test_legacy_corrupt_and_missing_files(tmp_path):
   legacy = tmp_path / "legacy.pt"
   legacy.write_bytes(b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little") + b".")
-  with pytest.raises(ValueError, match="legacy"):
+  with pytest.raises(ValueError, match="legacy.pt is corrupt"):  # the magic number and nothing after it
     torch_io.load(legacy)
   garbage = tmp_path / "garbage.pt"
   garbage.write_bytes(b"not a checkpoint")
-  with pytest.raises(ValueError, match="not a PyTorch zip"):
+  with pytest.raises(ValueError, match="not a PyTorch checkpoint"):
     torch_io.load(garbage)
   good = tmp_path / "good.pt"
   torch_io.save({"w": np.arange(4096, dtype=np.float32)}, good)
@@ -243,3 +244,122 @@ def test_safetensors_round_trip(tmp_path, two_state_dicts):
   bad.write_bytes(b"\x01\x02")
   with pytest.raises(ValueError, match="safetensors"):
     torch_io.load_state_dict(bad)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Resource limits and the legacy format.
+
+LEGACY = pathlib.Path(__file__).resolve().parent / "fixtures" / "legacy_pt"
+LLAMAGEN_GPT = pathlib.Path(__file__).resolve().parent / "fixtures" / "llamagen_tiny" / "gpt.pt"
+
+
+def test_a_stride_zero_expansion_is_refused_before_allocating(tmp_path):
+  # 64 Gi float32 elements (256 GiB) over a one-element storage: the 700-byte file of the audit.
+  path = tmp_path / "expand.pt"
+  _write_torch_zip(path, _dict({"t": _tensor("0", "FloatStorage", 1, 0, (1 << 18, 1 << 18), (0, 0))}),
+                   {"0": np.zeros(1, np.float32).tobytes()})
+  with pytest.raises(ValueError, match=r"repeats its storage along a dimension \(stride \(0, 0\)\)"):
+    torch_io.load(path)
+  # A size-1 dimension with stride 0 expands nothing and is fine (torch writes such strides).
+  _write_torch_zip(path, _dict({"t": _tensor("0", "FloatStorage", 3, 0, (1, 3), (0, 1))}),
+                   {"0": np.arange(3, dtype=np.float32).tobytes()})
+  np.testing.assert_array_equal(torch_io.load(path)["t"], [[0, 1, 2]])
+
+
+def test_more_elements_than_the_storage_is_refused(tmp_path):
+  path = tmp_path / "overlap.pt"  # overlapping rows: inside the storage, but 16 elements from 5
+  _write_torch_zip(path, _dict({"t": _tensor("0", "FloatStorage", 5, 0, (4, 4), (1, 1))}),
+                   {"0": np.zeros(5, np.float32).tobytes()})
+  with pytest.raises(ValueError, match="has 16 elements, more than its storage of 5"):
+    torch_io.load(path)
+
+
+def _nested_list_pickle(depth: int) -> bytes:
+  """[[[...]]] `depth` deep, built through the memo so that the unpickler's stack stays two items high."""
+  out = pickle.PROTO + b"\x02" + pickle.EMPTY_LIST + pickle.BINPUT + b"\x00"
+  for _ in range(depth):
+    out += pickle.POP + pickle.EMPTY_LIST + pickle.BINGET + b"\x00" + pickle.APPEND + pickle.BINPUT + b"\x00"
+  return out
+
+
+def test_deep_nesting_and_self_reference_are_refused(tmp_path):
+  path = tmp_path / "deep.pt"
+  _write_torch_zip(path, _nested_list_pickle(100_000)[2:], {})
+  with pytest.raises(ValueError, match=f"nests containers more than {torch_io.MAX_NESTING} deep"):
+    torch_io.load(path)
+  _write_torch_zip(path, _nested_list_pickle(10)[2:], {})
+  depth, node = 0, torch_io.load(path)
+  while node:
+    depth, node = depth + 1, node[0]
+  assert depth == 10
+  looped = pickle.EMPTY_LIST + pickle.BINPUT + b"\x00" + pickle.BINGET + b"\x00" + pickle.APPEND
+  _write_torch_zip(path, looped, {})
+  with pytest.raises(ValueError, match="contains itself"):
+    torch_io.load(path)
+
+
+def test_legacy_file_reads_to_exactly_the_expected_arrays():
+  obj = torch_io.load(LEGACY / "mixed_legacy.pt")
+  assert sorted(obj) == ["epoch", "model"] and obj["epoch"] == 3
+  with np.load(LEGACY / "mixed_expected.npz") as expected:
+    assert sorted(obj["model"]) == sorted(expected.files)
+    for name in expected.files:
+      got, want = obj["model"][name], expected[name]
+      if name == "bf16":
+        assert got.dtype == ml_dtypes.bfloat16
+        got = got.astype(np.float32)
+      assert got.dtype == want.dtype and got.shape == want.shape, name
+      np.testing.assert_array_equal(got, want, err_msg=name)
+  np.testing.assert_array_equal(obj["model"]["view_t"], obj["model"]["base"].T)
+  np.testing.assert_array_equal(obj["model"]["view_slice"], obj["model"]["base"][1:3, 2:5])
+
+
+def test_legacy_gpt_converts_to_the_same_model_as_the_zip_file():
+  from npp_jax import convert  # pylint: disable=g-import-not-at-top
+  from test_convert_gpt import fixture_cfg  # pylint: disable=g-import-not-at-top
+  legacy, current = torch_io.load_state_dict(LEGACY / "gpt_legacy.pt"), torch_io.load_state_dict(LLAMAGEN_GPT)
+  assert sorted(legacy) == sorted(current)
+  for key in current:
+    assert legacy[key].dtype == current[key].dtype, key
+    np.testing.assert_array_equal(legacy[key], current[key], err_msg=key)
+  exported = convert.gpt_to_torch(convert.gpt_from_torch(LEGACY / "gpt_legacy.pt", fixture_cfg()))
+  for key, value in current.items():
+    np.testing.assert_array_equal(exported[key], value, err_msg=key)
+
+
+def _legacy_bytes(obj_pickle: bytes, keys: list[str], storages: list[bytes]) -> bytes:
+  header = b"".join(pickle.dumps(x, protocol=2) for x in
+                    (0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001, "little_endian": True}))
+  return header + obj_pickle + pickle.dumps(keys, protocol=2) + b"".join(storages)
+
+
+def _legacy_tensor(key: str, numel: int, size, stride) -> bytes:
+  pid = _tuple([_str("storage"), _global("torch", "FloatStorage"), _str(key), _str("cpu"), _int(numel),
+                pickle.NONE])
+  args = (pickle.MARK + pid + pickle.BINPERSID + _int(0) + _tuple([_int(n) for n in size])
+          + _tuple([_int(s) for s in stride]) + pickle.NEWFALSE + _global("collections", "OrderedDict")
+          + pickle.EMPTY_TUPLE + pickle.REDUCE + pickle.TUPLE)
+  return _global("torch._utils", "_rebuild_tensor_v2") + args + pickle.REDUCE
+
+
+def test_legacy_files_get_the_same_checks(tmp_path):
+  path = tmp_path / "legacy.pt"
+  data = np.arange(4, dtype=np.float32)
+  storage = (4).to_bytes(8, "little") + data.tobytes()
+  good = pickle.PROTO + b"\x02" + _dict({"w": _legacy_tensor("k", 4, (2, 2), (2, 1))}) + pickle.STOP
+  path.write_bytes(_legacy_bytes(good, ["k"], [storage]))
+  np.testing.assert_array_equal(torch_io.load(path)["w"], data.reshape(2, 2))
+  path.write_bytes(_legacy_bytes(good, ["k"], [storage[:-3]]))
+  with pytest.raises(ValueError, match="truncated: storage k has 13 of its 16 bytes"):
+    torch_io.load(path)
+  expand = pickle.PROTO + b"\x02" + _dict({"w": _legacy_tensor("k", 4, (1 << 20, 4), (0, 1))}) + pickle.STOP
+  path.write_bytes(_legacy_bytes(expand, ["k"], [storage]))
+  with pytest.raises(ValueError, match="repeats its storage"):
+    torch_io.load(path)
+  marker = tmp_path / "pwned"
+  evil = (pickle.PROTO + b"\x02" + _global("os", "system") + _tuple([_str(f"touch {marker}")]) + pickle.REDUCE
+          + pickle.STOP)
+  path.write_bytes(_legacy_bytes(evil, [], []))
+  with pytest.raises(ValueError, match=r"refusing to load global os\.system"):
+    torch_io.load(path)
+  assert not marker.exists()

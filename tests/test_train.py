@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from npp_jax import checkpoint
+from npp_jax import integrity
 from npp_jax import metrics as metrics_lib
 from npp_jax import sharding
 from npp_jax import train
@@ -64,6 +65,8 @@ def test_uninterrupted_run(uninterrupted):
   assert sorted(losses) == list(range(1, TOTAL + 1))
   assert saved_steps(workdir) == [15, 30, 40]
   assert (workdir / train.DONE_FILE).read_text().strip() == str(TOTAL)
+  for step in (15, 30, TOTAL):  # every step, the final one included, got its integrity record
+    assert integrity.verify(workdir / checkpoint.CHECKPOINT_DIR / str(step)) is None
   # The synthetic patterns are learnable: the loss falls well below log(vocab) = 4.16 in both stages.
   assert losses[20] < 3.5 and losses[TOTAL] < losses[21]
   stages = {m["step"]: m["patch_side"] for m in logged(workdir)}
@@ -162,3 +165,57 @@ def test_workdir_trained_on_other_data_is_refused(uninterrupted):
   config.data.num_images = 1024  # another synthetic data set (its fingerprint differs)
   with pytest.raises(ValueError, match="was trained on other data"):
     train.run(config, str(workdir), mesh=single_device_mesh())
+
+
+class Killed(BaseException):
+  """Stands for kill -9 at a chosen moment (BaseException: nothing in the trainer may swallow it)."""
+
+
+def test_done_is_written_only_after_the_final_step_is_committed_and_recorded(tmp_path, monkeypatch, capsys):
+  config = tiny_config(total_steps=6, checkpoint_every=3, log_every=2)
+  config.npp.stages = ((1, 1.0),)  # one stage: one compilation
+  write_record = integrity.write_record
+
+  def killed_at(step):
+    def write(step_dir, *args):
+      if pathlib.Path(step_dir).name == str(step):
+        raise Killed()
+      return write_record(step_dir, *args)
+    return write
+
+  # Killed when step 3 has committed but before its record: the resume restores it unchecked, with a note, and
+  # its first logged loss (step 4) says that it averages one step, not log_every=2.
+  with monkeypatch.context() as patch, pytest.raises(Killed):
+    patch.setattr(integrity, "write_record", killed_at(3))
+    train.run(config, str(tmp_path), mesh=single_device_mesh())
+  assert not (tmp_path / train.DONE_FILE).exists() and saved_steps(tmp_path) == [3]
+  capsys.readouterr()
+  # Killed after the final step committed but before it was recorded and verified: still no DONE.
+  with monkeypatch.context() as patch, pytest.raises(Killed):
+    patch.setattr(integrity, "write_record", killed_at(6))
+    train.run(config, str(tmp_path), mesh=single_device_mesh())
+  out = capsys.readouterr().out
+  assert "has no integrity record" in out and "resumed from step 3" in out
+  assert "step 4: the loss and grad_norm above average the 1 steps since the resume at step 3, not 2" in out
+  assert saved_steps(tmp_path) == [3, 6] and not (tmp_path / train.DONE_FILE).exists()
+  # The next start finds the run complete: it restores step 6, trains nothing and writes DONE.
+  train.run(config, str(tmp_path), mesh=single_device_mesh())
+  assert (tmp_path / train.DONE_FILE).read_text().strip() == "6"
+
+
+def test_sigterm_during_start_up_saves_instead_of_killing(tmp_path, monkeypatch):
+  """The handler is installed before anything slow: a SIGTERM while the tokenizer and data load is honoured at the
+  first step boundary (before, the default action killed the process with -15)."""
+  config = tiny_config(total_steps=6, checkpoint_every=6, log_every=2)
+  config.npp.stages = ((1, 1.0),)
+  load_tokenizer = train._load_tokenizer
+
+  def signal_during_start_up(cfg):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return load_tokenizer(cfg)
+
+  monkeypatch.setattr(train, "_load_tokenizer", signal_during_start_up)
+  state = train.run(config, str(tmp_path), mesh=single_device_mesh())
+  assert int(state["step"]) == 1 and saved_steps(tmp_path) == [1]
+  assert not (tmp_path / train.DONE_FILE).exists()
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

@@ -56,6 +56,9 @@ class _RecordSource(grain.sources.RandomAccessDataSource):
       raise ValueError(f"{directory} holds {self._starts[-1]} records but its manifest says "
                        f"{self.manifest.num_images}: the preparation did not finish")
     self._vocab_size = spec.vocab_size
+    # Labels index the class embedding, whose last row is the null class: a label past the classes would be
+    # clamped onto it by the gather and trained on silently.
+    self._num_classes = self.manifest.num_classes or spec.num_classes
     self._directory = directory
 
   def _readers(self) -> list:
@@ -81,10 +84,13 @@ class _RecordSource(grain.sources.RandomAccessDataSource):
       for row, record in zip(rows, readers[shard].read((indices_arr[rows] - self._starts[shard]).tolist())):
         raw[row] = record
     examples = [records.decode_record(r) for r in raw]
-    for index, (codes, _) in zip(indices, examples):
+    for index, (codes, label) in zip(indices, examples):
       if codes.max(initial=0) >= self._vocab_size:
         raise ValueError(f"record {index} in {self._directory} holds code id {int(codes.max())}, "
                          f"outside the model's vocabulary of {self._vocab_size}")
+      if not 0 <= label < self._num_classes:
+        raise ValueError(f"record {index} in {self._directory} has label {label}, outside the "
+                         f"{self._num_classes} classes [0, {self._num_classes}) of its manifest and model")
     return examples
 
   def fingerprint(self) -> str:
