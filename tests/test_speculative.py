@@ -24,8 +24,8 @@ def _settings(**kwargs):
 
 @pytest.mark.parametrize("window, draft_init, cfg_scale, cfg_interval", [
     (1, "random", 4.0, -1), (5, "previous", 1.0, -1), (64, "random", 4.0, 3)])
-def test_greedy_with_a_window_gives_the_plain_greedy_tokens(sampler, reference, window, draft_init, cfg_scale,
-                                                            cfg_interval):
+def test_greedy_with_a_window_gives_the_plain_greedy_tokens(sampler, reference, window, draft_init,  # noqa: F811
+                                                            cfg_scale, cfg_interval):
   _, gen = reference
   plain = _settings(cfg_scale=cfg_scale, cfg_interval=cfg_interval, greedy=True)
   spec = _settings(cfg_scale=cfg_scale, cfg_interval=cfg_interval, greedy=True, speculative_window=window,
@@ -57,10 +57,10 @@ def enumerable():
   return sampling.Sampler(model, dtype="float32", devices=jax.devices()[:1])
 
 
-def _exact_distribution(sampler, label, settings):
+def _exact_distribution(model, label, settings):
   """P(sequence) for all V^S sequences in lexicographic order, from teacher-forced logits and numpy filters."""
   sequences = np.array(list(itertools.product(range(_VOCAB), repeat=_GRID * _GRID)), np.int32)
-  logits = np.asarray(sampler.teacher_forced_logits(np.full(len(sequences), label), sequences,
+  logits = np.asarray(model.teacher_forced_logits(np.full(len(sequences), label), sequences,
                                                     cfg_scale=settings.cfg_scale, cfg_interval=settings.cfg_interval))
   filtered = _numpy_filter(logits.reshape(-1, _VOCAB).astype(np.float64), settings.temperature, settings.top_k,
                            settings.top_p)
@@ -110,7 +110,7 @@ def test_speculative_samples_follow_the_exact_model_distribution(enumerable, kwa
 # -- invariances and the compiled loop ----------------------------------------------------------------------------
 
 
-def test_speculative_samples_do_not_depend_on_batch_size_or_devices(reference):
+def test_speculative_samples_do_not_depend_on_batch_size_or_devices(reference):  # noqa: F811
   model, _ = reference
   labels = np.array([3, 1, 4, 1, 5, 9, 2, 6])
   settings = _settings(temperature=1.3, top_k=200, top_p=0.95, speculative_window=4)
@@ -128,15 +128,15 @@ def test_speculative_samples_do_not_depend_on_batch_size_or_devices(reference):
                                 reference_run[2:5])
 
 
-def test_speculative_loop_writes_the_cache_in_place_and_never_copies_weights(reference):
+def test_speculative_loop_writes_the_cache_in_place_and_never_copies_weights(reference):  # noqa: F811
   """As for the plain loop: the loop body reads the one-chunk cache whole and scatters each row's W new slots in
   place; no cache buffer and no weight matrix is copied per pass."""
-  sampler = sampling.Sampler(reference[0], dtype="float32", devices=jax.devices()[:1])
-  cfg, window = sampler.cfg, 8
+  one_device = sampling.Sampler(reference[0], dtype="float32", devices=jax.devices()[:1])
+  cfg, window = one_device.cfg, 8
   labels = np.arange(3, dtype=np.int32)
-  static = sampling._Static(cfg=cfg, guided=True, top_k=0, use_top_p=False, greedy=False, mesh=sampler.mesh,
+  static = sampling._Static(cfg=cfg, guided=True, top_k=0, use_top_p=False, greedy=False, mesh=one_device.mesh,
                             window=window)
-  hlo = sampling._generate.lower(sampler._params, labels, labels.astype(np.uint32), jax.random.key(0),
+  hlo = sampling._generate.lower(one_device._params, labels, labels.astype(np.uint32), jax.random.key(0),
                                  jnp.float32(2.0), jnp.int32(-1), jnp.float32(1.0), jnp.float32(1.0),
                                  static=static).compile().as_text()
   cache = f"f32[6,{cfg.n_head},{cfg.block_size + window},{cfg.dim // cfg.n_head}]"  # 3 x (cond, null), one chunk
