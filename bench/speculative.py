@@ -12,8 +12,9 @@ For each batch size and window (0 = plain) and draft initialisation it prints se
 forward passes per image (mean over rows; a batch runs until its slowest row is done, shown as `batch passes`),
 and the acceptance rate at each window position (accepted / scored with all earlier drafts accepted).
 Timings exclude compilation (one warm-up call) and take the best of --repeats calls; on a shared machine they are
-indicative only. With --checkpoint, the shipped Fashion-MNIST classifier's agreement and Frechet distance on
---quality-samples images compare plain sampling with every --quality-windows window (draft init: the default).
+indicative only. With --checkpoint, the shipped Fashion-MNIST classifier's agreement and Frechet distance
+(npp_jax/eval/fashion.py) on --quality-samples images compare plain sampling with every --quality-windows window
+(draft init: the default).
 """
 
 from __future__ import annotations
@@ -26,18 +27,18 @@ import jax
 import numpy as np
 from flax import nnx
 
+from npp_jax import assets
 from npp_jax import config as config_lib
 from npp_jax import sample as sample_cli
 from npp_jax import sampling
 from npp_jax.models.gpt import GPT
 
-VQ_FASHION = "npp_jax/assets/vq_fashion"
 
 
 def make_model(name: str, args) -> tuple[GPT, str, object]:
   """(model, where its weights come from, VQ decode function or None)."""
   if name == "fashion" and args.checkpoint:
-    model, _, decode = sample_cli.load_model_and_tokenizer(args.checkpoint, VQ_FASHION)
+    model, _, decode = sample_cli.load_model_and_tokenizer(args.checkpoint, str(assets.FASHION_TOKENIZER))
     return model, f"trained weights from {args.checkpoint}", decode
   if name == "fashion":
     cfg = config_lib.load_file("configs/fashion.py").model
@@ -89,9 +90,9 @@ def speed_table(model, name, source, args) -> None:
 
 
 def quality_table(model, decode, args) -> None:
-  from npp_jax import online_eval  # pylint: disable=g-import-not-at-top
+  from npp_jax.eval import fashion  # pylint: disable=g-import-not-at-top
 
-  evaluator = online_eval.Evaluator()
+  evaluator = fashion.Evaluator()
   sampler = sampling.Sampler(model, dtype="float32")
   n, batch = args.quality_samples, args.quality_batch
   labels = sample_cli.make_labels(n, model.cfg.num_classes, "balanced")
