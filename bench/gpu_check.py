@@ -1,7 +1,7 @@
 """One-GPU check: train MFU per size and remat choice at the largest batch that fits, sampling images/s with
 guidance, and the NPP/NTP wall-clock ratio at GPT-B. Run through bench/gpu_check.sh (one command, <= 8 minutes).
 
-  python bench/gpu_check.py [--sizes B L XL] [--budget_s 450] [--dry_run]
+  python bench/gpu_check.py [--sizes B,L,XL] [--remat none,full] [--budget_s 450] [--dry_run]
 
 --dry_run shrinks every model to 2 layers at a small width and batches to a few sequences, so the whole script
 runs on a CPU in a minute or two: it checks the code paths, not the speed. Figures go to stdout, one line each,
@@ -12,14 +12,16 @@ batch (as reported in the NAR paper).
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import time
 
 import jax
 import numpy as np
+from absl import flags
 from flax import nnx
 
+from npp_jax import cli
 from npp_jax import config as config_lib
 from npp_jax import metrics as metrics_lib
 from npp_jax import npp
@@ -119,42 +121,48 @@ def schedule_ratio(dry_run: bool, total_steps: int) -> dict:
   return {"ntp_s": seconds["ntp"], "npp_s": seconds["npp"], "ratio": seconds["npp"] / seconds["ntp"]}
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--sizes", nargs="*", default=["B", "L", "XL"])
-  parser.add_argument("--remat", nargs="*", default=["none", "full"])
-  parser.add_argument("--steps", type=int, default=5)
-  parser.add_argument("--schedule_steps", type=int, default=20)
-  parser.add_argument("--budget_s", type=float, default=450, help="skip what remains once this much time has gone")
-  parser.add_argument("--dry_run", action="store_true", help="tiny models: check the script on a CPU")
-  args = parser.parse_args()
+def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
+  del argv
+  flags.DEFINE_list("sizes", ["B", "L", "XL"], "GPT sizes.", flag_values=fv)
+  flags.DEFINE_list("remat", ["none", "full"], "Remat choices to train with.", flag_values=fv)
+  flags.DEFINE_integer("steps", 5, "Timed train steps per measurement.", flag_values=fv)
+  flags.DEFINE_integer("schedule_steps", 20, "Steps of each schedule in the NPP/NTP ratio.", flag_values=fv)
+  flags.DEFINE_float("budget_s", 450, "Skip what remains once this much time has gone.", flag_values=fv)
+  flags.DEFINE_bool("dry_run", False, "Tiny models: check the script on a CPU.", flag_values=fv)
+
+
+def run(fv: flags.FlagValues) -> None:
   started = time.monotonic()
   print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
   summary = {"train": [], "sampling": [], "schedule": None}
 
   def in_budget(what: str) -> bool:
-    if time.monotonic() - started < args.budget_s:
+    if time.monotonic() - started < fv.budget_s:
       return True
-    print(f"skipped (over the {args.budget_s:.0f} s budget): {what}", flush=True)
+    print(f"skipped (over the {fv.budget_s:.0f} s budget): {what}", flush=True)
     return False
 
-  for size in args.sizes:
-    for remat in args.remat:
+  for size in fv.sizes:
+    for remat in fv.remat:
       if in_budget(f"train {size} remat={remat}"):
-        row = train_mfu(size, remat, args.dry_run, args.steps)
+        row = train_mfu(size, remat, fv.dry_run, fv.steps)
         summary["train"].append(row)
         print("train", json.dumps(row), flush=True)
-  for size in args.sizes:
-    for batch in (SAMPLE_BATCHES if not args.dry_run else (2,)):
+  for size in fv.sizes:
+    for batch in (SAMPLE_BATCHES if not fv.dry_run else (2,)):
       if in_budget(f"sampling {size} batch {batch}"):
-        row = sampling_speed(size, batch, args.dry_run)
+        row = sampling_speed(size, batch, fv.dry_run)
         summary["sampling"].append(row)
         print("sampling", json.dumps(row), flush=True)
   if in_budget("NPP/NTP schedule ratio"):
-    summary["schedule"] = schedule_ratio(args.dry_run, args.schedule_steps)
+    summary["schedule"] = schedule_ratio(fv.dry_run, fv.schedule_steps)
     print("schedule", json.dumps(summary["schedule"]), flush=True)
   print(json.dumps(summary))
 
 
+def main(argv: list[str] | None = None) -> int:
+  return cli.main(run, define_flags, argv, doc=__doc__)
+
+
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -3,7 +3,8 @@ torch.compile, and the NPP/NTP wall-clock ratio of whole schedules.
 
   python -m venv /tmp/torch && /tmp/torch/bin/pip install torch numpy einops
   python bench/vs_reference.py --torch_python /tmp/torch/bin/python \
-      --npp_repo CHECKOUT_OF_Next-Patch-Prediction [--llamagen_repo CHECKOUT_OF_LlamaGen] [--rounds 2] [--only NAMES]
+      --npp_repo CHECKOUT_OF_Next-Patch-Prediction [--llamagen_repo CHECKOUT_OF_LlamaGen] [--rounds 2] \
+      [--only sample_tiny,train_tiny_k1,...]
 
 Every measurement runs in a fresh process (ours: this interpreter; the reference: --torch_python over the checkouts,
 through bench/vs_reference_torch.py), the two sides interleaved round by round so that both see the same machine.
@@ -14,12 +15,13 @@ figures are medians over the accepted rounds; "speed" is reference seconds / our
 Compilation and warm-up are excluded on both sides (torch.compile's too).
 
 Widths: tiny = 4 layers, 4 heads, dim 256, vocab 512, 8x8 codes, 10 classes; GPT-B width = 12 x 768, 12 heads,
-vocab 16384, 16x16 codes, 1000 classes. Not a test: it prints a table.
+vocab 16384, 16x16 codes, 1000 classes. Our side runs the trainer's compiled step with unrolled layers
+(model.scan_layers=False, the CPU choice of configs/fashion.py; --ours_scan_layers to change) and the Sampler.
+Not a test: it prints a table.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -28,6 +30,18 @@ import statistics
 import subprocess
 import sys
 import time
+
+import jax
+import numpy as np
+from absl import flags
+from flax import nnx
+
+from npp_jax import cli
+from npp_jax import config as config_lib
+from npp_jax import sampling
+from npp_jax import sharding
+from npp_jax import train
+from npp_jax.models import gpt
 
 WIDTHS = {
     "tiny": dict(dim=256, n_layer=4, n_head=4, vocab_size=512, block_size=64, num_classes=10),
@@ -69,9 +83,8 @@ MEASUREMENTS = {
 
 
 def _our_config(spec: dict):
-  from npp_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   config = config_lib.base_config()
-  config.model.update(**WIDTHS[spec["width"]], dtype="float32")
+  config.model.update(**WIDTHS[spec["width"]], dtype="float32", scan_layers=spec["scan_layers"])
   config.train.global_batch_size = spec["batch"]
   config.optim.lr, config.optim.warmup_steps = 1e-4, 0
   return config
@@ -79,9 +92,6 @@ def _our_config(spec: dict):
 
 def _our_train_steps(spec: dict, patch_sides: list[int]):
   """(compiled steps by patch side, state, batch) on one device."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from npp_jax import sharding, train  # pylint: disable=import-outside-toplevel
   config = _our_config(spec)
   config.npp.stages = tuple((k, 1.0 / len(patch_sides)) for k in patch_sides)
   config.train.total_steps = 100
@@ -98,12 +108,7 @@ def _our_train_steps(spec: dict, patch_sides: list[int]):
 
 
 def our_measurement(spec: dict) -> float:
-  import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
   if spec["kind"] == "sample":
-    from flax import nnx  # pylint: disable=import-outside-toplevel
-    from npp_jax import sampling  # pylint: disable=import-outside-toplevel
-    from npp_jax.models import gpt  # pylint: disable=import-outside-toplevel
     model = gpt.GPT(_our_config(spec).model, rngs=nnx.Rngs(0))
     model.output[...] = np.random.default_rng(0).normal(0, 0.02, model.output.shape).astype(np.float32)
     sampler = sampling.Sampler(model, dtype="float32", devices=jax.devices()[:1])
@@ -174,48 +179,61 @@ def measure(command: list[str], max_other: float, tries: int) -> dict | None:
   return None
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--torch_python", required=True, help="an interpreter with torch, numpy and einops")
-  parser.add_argument("--npp_repo", required=True, help="a checkout of PKU-YuanGroup/Next-Patch-Prediction")
-  parser.add_argument("--llamagen_repo", default=None, help="a checkout of FoundationVision/LlamaGen (generate.py; "
-                      "default: NPP's identical copy)")
-  parser.add_argument("--rounds", type=int, default=2)
-  parser.add_argument("--only", nargs="*", default=sorted(MEASUREMENTS), choices=sorted(MEASUREMENTS))
-  parser.add_argument("--max_other_cores", type=float, default=0.15)
-  parser.add_argument("--max_tries", type=int, default=3)
-  parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-  args = parser.parse_args()
+def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
+  del argv
+  flags.DEFINE_string("torch_python", None, "An interpreter with torch, numpy and einops.", flag_values=fv)
+  flags.DEFINE_string("npp_repo", None, "A checkout of PKU-YuanGroup/Next-Patch-Prediction.", flag_values=fv)
+  flags.DEFINE_string("llamagen_repo", None, "A checkout of FoundationVision/LlamaGen (its generate.py; default: "
+                      "NPP's identical copy).", flag_values=fv)
+  flags.DEFINE_integer("rounds", 2, "Accepted runs per side and measurement.", flag_values=fv)
+  flags.DEFINE_list("only", sorted(MEASUREMENTS), "Measurements to run: " + ", ".join(sorted(MEASUREMENTS)),
+                    flag_values=fv)
+  flags.DEFINE_float("max_other_cores", 0.15, "Discard a run during which other processes used more cores.",
+                     flag_values=fv)
+  flags.DEFINE_integer("max_tries", 3, "Runs tried per accepted run.", flag_values=fv)
+  flags.DEFINE_bool("ours_scan_layers", False, "Our layers under lax.scan instead of unrolled.", flag_values=fv)
+  flags.DEFINE_string("worker", None, "Internal: run one of our measurements (JSON spec) and print its result.",
+                      flag_values=fv)
 
-  if args.worker:  # a child: one of our measurements
-    seconds = our_measurement(json.loads(args.worker))
+
+def run(fv: flags.FlagValues) -> None:
+  if fv.worker:  # a child: one of our measurements
+    seconds = our_measurement(json.loads(fv.worker))
     print(json.dumps({"seconds": seconds, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
     return
-
+  for name in ("torch_python", "npp_repo"):
+    if not fv[name].value:
+      raise ValueError(f"--{name} is required")
+  unknown = sorted(set(fv.only) - set(MEASUREMENTS))
+  if unknown:
+    raise ValueError(f"unknown measurements {unknown}; choose from {sorted(MEASUREMENTS)}")
   here = pathlib.Path(__file__).resolve()
-  reference_cmd = [args.torch_python, str(here.with_name("vs_reference_torch.py")), "--npp_repo", args.npp_repo]
-  if args.llamagen_repo:
-    reference_cmd += ["--llamagen_repo", args.llamagen_repo]
-  ours_cmd = [sys.executable, str(here)]
+  reference_cmd = [fv.torch_python, str(here.with_name("vs_reference_torch.py")), "--npp_repo", fv.npp_repo]
+  if fv.llamagen_repo:
+    reference_cmd += ["--llamagen_repo", fv.llamagen_repo]
+  print(f"ours: jax {jax.__version__}, scan_layers={fv.ours_scan_layers}; reference: {fv.torch_python}", flush=True)
   results = {}
-  for name in args.only:
+  for name in fv.only:
     label, spec = MEASUREMENTS[name]
     print(f"{name}: {label}", flush=True)
     sides = {"reference": [], "ours": []}
-    for r in range(args.rounds):
+    for r in range(fv.rounds):
       order = ("reference", "ours") if r % 2 == 0 else ("ours", "reference")
       for side in order:
         if side == "ours" and spec.get("compiled"):
           continue  # our compiled step is the plain train_* measurement
+        ours_spec = {**spec, "scan_layers": fv.ours_scan_layers}
         command = (reference_cmd + ["--spec", json.dumps(spec)] if side == "reference"
-                   else ours_cmd + ["--torch_python", args.torch_python, "--npp_repo", args.npp_repo,
-                                    "--worker", json.dumps(spec)])
-        result = measure(command, args.max_other_cores, args.max_tries)
+                   else [sys.executable, str(here), "--worker", json.dumps(ours_spec)])
+        result = measure(command, fv.max_other_cores, fv.max_tries)
         if result:
           sides[side].append(result)
           print(f"    {side}: {result['seconds']:.4f} s, peak RSS {result['peak_rss_mib']:,.0f} MiB", flush=True)
     results[name] = sides
+  print_table(results)
 
+
+def print_table(results: dict) -> None:
   print("\n| measurement | reference (PyTorch) | npp-jax | npp-jax speed vs reference |")
   print("|---|---|---|---|")
   median = lambda runs, key="seconds": statistics.median(r[key] for r in runs) if runs else float("nan")
@@ -237,5 +255,9 @@ def main() -> None:
       print(f"NPP/NTP wall-clock over 3,200 images, {side}: " + ", ".join(ratios))
 
 
+def main(argv: list[str] | None = None) -> int:
+  return cli.main(run, define_flags, argv, doc=__doc__)
+
+
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

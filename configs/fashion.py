@@ -36,7 +36,7 @@ def get_config():
   c.data.shard_size = 10000
   c.data.encode_batch_size = 500
 
-  c.eval.every = 400
+  c.eval.every = 600  # at the stage switch (what the 2x2-patch model samples) and at the end
   c.eval.classifier = "fashion"
   c.eval.num_samples = 1000
   c.eval.batch_size = 250

@@ -15,6 +15,7 @@ Library:
   models/ (gpt, rope, vq, inception, classifier)                                 the networks
   data/ (sources, augment, prepare, records, pipeline, synthetic)                codes from images, batches from codes
   eval/ (adm, fashion)                                                           sample-quality metrics
-  checkpoint (every native directory), convert (PyTorch rules), torch_io (.pt/.safetensors files), fileio,
+  checkpoint (every native directory), integrity (per-step checksums), workdir_lock (one trainer per workdir),
+  convert (PyTorch rules), torch_io (.pt/.safetensors files), fileio,
   images (PNG, grids, samples.npz), config (the default config), chips (accelerator table), cli, assets (paths)
 """

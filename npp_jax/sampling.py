@@ -1,5 +1,10 @@
 """Class-conditional sampling: one jitted decode loop over a static KV cache, with classifier-free guidance.
 
+The loop carries the cache and writes each step's keys and values in place: every layer's cache is a few chunk
+buffers (see `gpt.KVCache`), the positions of chunk c are decoded by one `lax.scan` whose attention reads chunks
+0..c only, and the layers' weights are unstacked once before the loop. tests/test_sampling.py checks the compiled
+loop for copies of the cache or the weights.
+
 Semantics follow LlamaGen's `autoregressive/models/generate.py` (the sampler NPP uses):
 
 - Token 0 comes from the prefill (the class embedding at sequence position 0); token t >= 1 from feeding token t-1 at
@@ -10,8 +15,8 @@ Semantics follow LlamaGen's `autoregressive/models/generate.py` (the sampler NPP
   guiding once i > k; the prefill is always guided); later tokens use the conditional logits alone.
 - Then: divide by max(temperature, 1e-5); top-k keeps logits >= the k-th largest; top-p is Hugging Face's nucleus
   filter as the reference uses it (sort descending, drop a token when the cumulative probability of the tokens
-  before it exceeds top_p, so the first token that crosses the threshold is kept); draw from the softmax, or take
-  the argmax when greedy.
+  before it exceeds top_p, so the first token that crosses the threshold is kept); draw from the softmax (by
+  inverting its CDF at one uniform number per sample), or take the argmax when greedy.
 
 Randomness is per sample: sample i of a call draws its step-t token with
 `fold_in(fold_in(key, sample_offset + i), t)`. A sample therefore depends only on (key, its global index, its label,
@@ -196,10 +201,8 @@ def _decode_loop(params, cfg, labels, choose, *, guided, cfg_scale, cfg_interval
   # Slots 0..S-1 (the last token is never fed back), in chunks: the positions of chunk c are decoded by one scan
   # whose attention reads chunks 0..c only.
   chunks = gpt.chunk_bounds(seq_len, min(_CACHE_CHUNKS, seq_len))
-  shapes = [(rows.shape[0], cfg.n_head, end - start, cfg.dim // cfg.n_head) for start, end in chunks]
-  empty = lambda: tuple(tuple(_constrain(jnp.zeros(shape, params["norm"].dtype), mesh, P(_BATCH_AXIS))
-                              for shape in shapes) for _ in range(cfg.n_layer))
-  cache = gpt.KVCache(empty(), empty())
+  cache = gpt.init_cache(cfg, rows.shape[0], seq_len, params["norm"].dtype, len(chunks))
+  cache = jax.tree.map(lambda c: _constrain(c, mesh, P(_BATCH_AXIS)), cache)
 
   def step_logits(logits, t):
     logits = logits[:, -1]

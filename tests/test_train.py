@@ -3,6 +3,7 @@ a non-finite loss stops the run and keeps the last good checkpoint, and a workdi
 refused."""
 
 import json
+import logging
 import os
 import pathlib
 import signal
@@ -171,7 +172,7 @@ class Killed(BaseException):
   """Stands for kill -9 at a chosen moment (BaseException: nothing in the trainer may swallow it)."""
 
 
-def test_done_is_written_only_after_the_final_step_is_committed_and_recorded(tmp_path, monkeypatch, capsys):
+def test_done_is_written_only_after_the_final_step_is_committed_and_recorded(tmp_path, monkeypatch, caplog):
   config = tiny_config(total_steps=6, checkpoint_every=3, log_every=2)
   config.npp.stages = ((1, 1.0),)  # one stage: one compilation
   write_record = integrity.write_record
@@ -189,12 +190,13 @@ def test_done_is_written_only_after_the_final_step_is_committed_and_recorded(tmp
     patch.setattr(integrity, "write_record", killed_at(3))
     train.run(config, str(tmp_path), mesh=single_device_mesh())
   assert not (tmp_path / train.DONE_FILE).exists() and saved_steps(tmp_path) == [3]
-  capsys.readouterr()
+  caplog.set_level(logging.INFO)  # the trainer logs through absl
+  caplog.clear()
   # Killed after the final step committed but before it was recorded and verified: still no DONE.
   with monkeypatch.context() as patch, pytest.raises(Killed):
     patch.setattr(integrity, "write_record", killed_at(6))
     train.run(config, str(tmp_path), mesh=single_device_mesh())
-  out = capsys.readouterr().out
+  out = caplog.text
   assert "has no integrity record" in out and "resumed from step 3" in out
   assert "step 4: the loss and grad_norm above average the 1 steps since the resume at step 3, not 2" in out
   assert saved_steps(tmp_path) == [3, 6] and not (tmp_path / train.DONE_FILE).exists()

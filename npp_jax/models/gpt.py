@@ -93,6 +93,14 @@ def chunk_bounds(length: int, chunks: int) -> list[tuple[int, int]]:
   return list(zip(edges[:-1], edges[1:]))
 
 
+def init_cache(cfg: ml_collections.ConfigDict, batch: int, max_len: int, dtype: Any, chunks: int) -> KVCache:
+  """Zeros for `batch` sequences of max_len slots, each layer's keys and values in `chunks` chunk buffers."""
+  head_dim = cfg.dim // cfg.n_head
+  shapes = [(batch, cfg.n_head, end - start, head_dim) for start, end in chunk_bounds(max_len, chunks)]
+  empty = lambda: tuple(tuple(jnp.zeros(shape, dtype) for shape in shapes) for _ in range(cfg.n_layer))
+  return KVCache(empty(), empty())
+
+
 class Blocks(nnx.Module):
   """The n_layer transformer blocks, parameters stacked along a leading layer axis."""
 
@@ -179,12 +187,8 @@ class GPT(nnx.Module):
   def init_cache(self, batch: int, max_len: int | None = None, dtype: Any = None, chunks: int = 1) -> KVCache:
     """An empty KV cache for `batch` sequences of up to max_len positions (default: class token + block_size),
     in `chunks` consecutive chunk buffers per layer."""
-    cfg = self.cfg
-    max_len = max_len or cfg.cls_token_num + cfg.block_size
-    dtype = dtype or self.compute_dtype
-    shapes = [(batch, cfg.n_head, end - start, cfg.dim // cfg.n_head) for start, end in chunk_bounds(max_len, chunks)]
-    empty = lambda: tuple(tuple(jnp.zeros(shape, dtype) for shape in shapes) for _ in range(cfg.n_layer))
-    return KVCache(empty(), empty())
+    return init_cache(self.cfg, batch, max_len or self.cfg.cls_token_num + self.cfg.block_size,
+                      dtype or self.compute_dtype, chunks)
 
   def decode_params(self, dtype: Any = None) -> dict[str, Any]:
     """The parameters as `decode` reads them: the layers unstacked into one dict per layer, in `dtype` (default:
