@@ -1,10 +1,10 @@
 """Speculative Jacobi decoding against plain sampling: forward passes per image, images/s, acceptance, quality.
 
-  python bench/speculative.py [--checkpoint runs/fashion] [--windows 4,8,16] [--batches 1,16] [--b-layers 2]
+  python bench/speculative.py [--checkpoint runs/fashion] [--windows 4,8,16] [--batches 1,16] [--b_layers 2]
 
 Models:
   fashion   configs/fashion.py's GPT: the weights of --checkpoint (a trainer workdir) when given, else random.
-  b_width   a GPT-B-width model (dim 768, 12 heads, 16x16 codes, vocab 16384) with --b-layers layers (GPT-B has
+  b_width   a GPT-B-width model (dim 768, 12 heads, 16x16 codes, vocab 16384) with --b_layers layers (GPT-B has
             12) and random weights. Random weights give near-uniform targets, so its acceptance figures say nothing
             about a trained model; its pass costs do: speculative decoding wins when
             passes x (seconds per pass at W) < block_size x (seconds per plain step).
@@ -13,21 +13,24 @@ forward passes per image (mean over rows; a batch runs until its slowest row is 
 and the acceptance rate at each window position (accepted / scored with all earlier drafts accepted).
 Timings exclude compilation (one warm-up call) and take the best of --repeats calls; on a shared machine they are
 indicative only. With --checkpoint, the shipped Fashion-MNIST classifier's agreement and Frechet distance
-(npp_jax/eval/fashion.py) on --quality-samples images compare plain sampling with every --quality-windows window
+(npp_jax/eval/fashion.py) on --quality_samples images compare plain sampling with every --quality_windows window
 (draft init: the default).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import sys
 import time
+import types
 
 import jax
 import numpy as np
+from absl import flags
 from flax import nnx
 
 from npp_jax import assets
+from npp_jax import cli
 from npp_jax import config as config_lib
 from npp_jax import sample as sample_cli
 from npp_jax import sampling
@@ -70,7 +73,7 @@ def speed_table(model, name, source, args) -> None:
         f"{source}, cfg_scale {args.cfg_scale}, float32, {jax.devices()[0].device_kind} x{len(jax.devices())}")
   print(f"  {'batch':>5} {'W':>3} {'draft init':>10} {'s/batch':>8} {'images/s':>9} {'passes/img':>10} "
         f"{'batch passes':>12} {'s/pass':>8}  acceptance by window position")
-  inits = args.draft_inits.split(",") if name == "fashion" else ["random"]  # random weights: init is moot
+  inits = list(args.draft_inits) if name == "fashion" else ["random"]  # random weights: init is moot
   for batch in args.batches:
     labels = np.arange(batch) % cfg.num_classes
     runs = [(0, "-")] + [(w, init) for w in args.windows for init in inits]
@@ -112,27 +115,38 @@ def quality_table(model, decode, args) -> None:
           flush=True)
 
 
-def main() -> None:
-  ints = lambda text: [int(x) for x in text.split(",") if x]
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--checkpoint", default="", help="trained Fashion-MNIST trainer workdir (else random weights)")
-  p.add_argument("--models", default="fashion,b_width")
-  p.add_argument("--windows", type=ints, default=[4, 8, 16])
-  p.add_argument("--draft-inits", default=",".join(sampling.DRAFT_INITS))
-  p.add_argument("--batches", type=ints, default=[1, 16])
-  p.add_argument("--b-layers", type=int, default=2, help="layers of the GPT-B-width model (GPT-B has 12)")
-  p.add_argument("--cfg-scale", type=float, default=3.0, help="the Fashion-MNIST default's")
-  p.add_argument("--repeats", type=int, default=2)
-  p.add_argument("--quality-samples", type=int, default=1000)
-  p.add_argument("--quality-batch", type=int, default=250)
-  p.add_argument("--quality-windows", type=ints, default=[8])
-  args = p.parse_args()
-  for name in args.models.split(","):
+def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
+  del argv  # No config.
+  flags.DEFINE_string("checkpoint", "", "Trained Fashion-MNIST trainer workdir (else random weights).", flag_values=fv)
+  flags.DEFINE_list("models", ["fashion", "b_width"], "Models to measure.", flag_values=fv)
+  flags.DEFINE_list("windows", ["4", "8", "16"], "Speculative windows to compare with plain sampling.", flag_values=fv)
+  flags.DEFINE_list("draft_inits", list(sampling.DRAFT_INITS), "Draft initialisations (fashion model).",
+                    flag_values=fv)
+  flags.DEFINE_list("batches", ["1", "16"], "Batch sizes of the speed table (empty: none).", flag_values=fv)
+  flags.DEFINE_integer("b_layers", 2, "Layers of the GPT-B-width model (GPT-B has 12).", flag_values=fv)
+  flags.DEFINE_float("cfg_scale", 3.0, "Guidance scale (the Fashion-MNIST default's).", flag_values=fv)
+  flags.DEFINE_integer("repeats", 2, "Timed calls per setting (the best counts).", flag_values=fv)
+  flags.DEFINE_integer("quality_samples", 1000, "Images per quality figure (0: none).", flag_values=fv)
+  flags.DEFINE_integer("quality_batch", 250, "Sampling batch of the quality figures.", flag_values=fv)
+  flags.DEFINE_list("quality_windows", ["8"], "Speculative windows of the quality figures.", flag_values=fv)
+
+
+def run(fv: flags.FlagValues) -> None:
+  ints = lambda values: [int(v) for v in values]
+  args = types.SimpleNamespace(
+      checkpoint=fv.checkpoint, b_layers=fv.b_layers, cfg_scale=fv.cfg_scale, repeats=fv.repeats,
+      quality_samples=fv.quality_samples, quality_batch=fv.quality_batch, draft_inits=fv.draft_inits,
+      windows=ints(fv.windows), batches=ints(fv.batches), quality_windows=ints(fv.quality_windows))
+  for name in fv.models:
     model, source, decode = make_model(name, args)
     speed_table(model, name, source, args)
     if name == "fashion" and decode is not None and args.quality_samples:
       quality_table(model, decode, args)
 
 
+def main(argv: list[str] | None = None) -> int:
+  return cli.main(run, define_flags, argv, doc=__doc__)
+
+
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -272,10 +272,8 @@ def _speculative_loop(params, cfg, labels, sample_keys, target, *, window, guide
   model_rows = jnp.stack([labels, jnp.full_like(labels, cfg.num_classes)], axis=1).reshape(-1) if guided else labels
   pair = (lambda a: jnp.repeat(a, 2, axis=0)) if guided else (lambda a: a)
   # Slots 0..S-1 hold the sample; a pass writes W slots from n, and finished rows (n = S) keep running, so S + W.
-  shape = (model_rows.shape[0], cfg.n_head, seq_len + window, cfg.dim // cfg.n_head)
-  empty = lambda: tuple((_constrain(jnp.zeros(shape, params["norm"].dtype), mesh, P(_BATCH_AXIS)),)
-                        for _ in range(cfg.n_layer))
-  cache = gpt.KVCache(empty(), empty())
+  cache = gpt.init_cache(cfg, model_rows.shape[0], seq_len + window, params["norm"].dtype, 1)
+  cache = jax.tree.map(lambda c: _constrain(c, mesh, P(_BATCH_AXIS)), cache)
   class_tokens = params["cls_embedding"][model_rows][:, None]
 
   def pass_keys(j):
