@@ -422,11 +422,11 @@ class Sampler:
     """Pads the leading axis to a multiple of the device count (repeating row 0) and shards it."""
     n = arrays[0].shape[0]
     padded = -n % self.num_devices
-    sharding = NamedSharding(self.mesh, P(_BATCH_AXIS))
+    batch_sharding = NamedSharding(self.mesh, P(_BATCH_AXIS))  # not `sharding`: that is the module
     out = []
     for a in arrays:
       a = np.concatenate([a, np.repeat(a[:1], padded, axis=0)]) if padded else a
-      out.append(jax.device_put(a, sharding))
+      out.append(jax.device_put(a, batch_sharding))
     return n, out
 
   def __call__(self, labels: Any, key: jax.Array, settings: SamplingSettings, *, sample_offset: int = 0) -> jax.Array:
