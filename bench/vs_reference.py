@@ -223,7 +223,8 @@ def run(fv: flags.FlagValues) -> None:
         if side == "ours" and spec.get("compiled"):
           continue  # our compiled step is the plain train_* measurement
         ours_spec = {**spec, "scan_layers": fv.ours_scan_layers}
-        command = (reference_cmd + ["--spec", json.dumps(spec)] if side == "reference"
+        reference_spec = {**spec, "model": WIDTHS[spec["width"]]}  # the torch side has no width table
+        command = (reference_cmd + ["--spec", json.dumps(reference_spec)] if side == "reference"
                    else [sys.executable, str(here), "--worker", json.dumps(ours_spec)])
         result = measure(command, fv.max_other_cores, fv.max_tries)
         if result:

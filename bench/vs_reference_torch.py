@@ -2,7 +2,7 @@
 interpreter over a checkout of the reference repositories (never part of this project).
 
   TORCH_PYTHON bench/vs_reference_torch.py --npp_repo NPP_CHECKOUT [--llamagen_repo LLAMAGEN_CHECKOUT] \
-      --spec '{"kind": "train", "width": "tiny", "batch": 64, "patch_side": 1, ...}'
+      --spec '{"kind": "train", "model": {"dim": 256, ...}, "batch": 64, "patch_side": 1, ...}'
 
 The model is NPP's `autoregressive/models/gpt.py` (`Transformer(ModelArgs(...))`, train mode, dropout as in
 ModelArgs), trained with AdamW (lr 1e-4, betas (0.9, 0.95), weight decay 0.05 on >= 2-D parameters) and gradient
@@ -20,12 +20,6 @@ import sys
 import time
 
 import torch
-
-WIDTHS = {  # the same shapes as vs_reference.WIDTHS
-    "tiny": dict(dim=256, n_layer=4, n_head=4, vocab_size=512, block_size=64, num_classes=10),
-    "b": dict(dim=768, n_layer=12, n_head=12, vocab_size=16384, block_size=256, num_classes=1000),
-}
-
 
 def load_reference(npp_repo: str, llamagen_repo: str | None):
   """(NPP's gpt module, LlamaGen's generate function)."""
@@ -45,9 +39,9 @@ def load_reference(npp_repo: str, llamagen_repo: str | None):
   return gpt, generate.generate
 
 
-def make_model(gpt, width: str):
+def make_model(gpt, shapes: dict):
   torch.manual_seed(0)
-  model = gpt.Transformer(gpt.ModelArgs(**WIDTHS[width]))
+  model = gpt.Transformer(gpt.ModelArgs(**shapes))
   torch.nn.init.normal_(model.output.weight, std=0.02)  # zero-initialised head would make sampling degenerate
   return model
 
@@ -85,7 +79,7 @@ def train_steps(gpt, model, batch: int, patch_sides: list[int], compiled: bool):
 
 
 def measure(spec: dict, gpt, generate) -> float:
-  model = make_model(gpt, spec["width"])
+  model = make_model(gpt, spec["model"])
   if spec["kind"] == "sample":
     model.eval()
     labels = torch.arange(spec["batch"]) % model.config.num_classes

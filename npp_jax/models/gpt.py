@@ -184,11 +184,11 @@ class GPT(nnx.Module):
 
   # -- decode path --------------------------------------------------------------------------------------------
 
-  def init_cache(self, batch: int, max_len: int | None = None, dtype: Any = None, chunks: int = 1) -> KVCache:
-    """An empty KV cache for `batch` sequences of up to max_len positions (default: class token + block_size),
-    in `chunks` consecutive chunk buffers per layer."""
+  def init_cache(self, batch: int, max_len: int | None = None, dtype: Any = None) -> KVCache:
+    """An empty one-chunk KV cache for `batch` sequences of up to max_len positions (default: class token +
+    block_size); the sampler's chunked caches come from the module-level `init_cache`."""
     return init_cache(self.cfg, batch, max_len or self.cfg.cls_token_num + self.cfg.block_size,
-                      dtype or self.compute_dtype, chunks)
+                      dtype or self.compute_dtype, 1)
 
   def decode_params(self, dtype: Any = None) -> dict[str, Any]:
     """The parameters as `decode` reads them: the layers unstacked into one dict per layer, in `dtype` (default:
