@@ -9,12 +9,14 @@ Entry points (`python -m npp_jax.X --help`; one convention, see cli.py):
   train_tokenizer   train the VQ tokenizer (the shipped Fashion-MNIST one)
   train_classifier  train the classifier of the Fashion-MNIST online metric
   demo              a local sampling page (Gradio, the [demo] extra) over a model directory
+  study             NPP schedules against next-token prediction at matched images and FLOPs, with a report
 
 Library:
   npp, train, optim, sharding, sampling, monitor, metrics, dry_run, distributed   the method and the trainer
   models/ (gpt, rope, vq, inception, classifier)                                 the networks
   data/ (sources, augment, prepare, records, pipeline, synthetic)                codes from images, batches from codes
   eval/ (adm, fashion)                                                           sample-quality metrics
+  study_report                                                                   the study's report.md and plots
   checkpoint (every native directory), integrity (per-step checksums), workdir_lock (one trainer per workdir),
   convert (PyTorch rules), torch_io (.pt/.safetensors files), fileio,
   images (PNG, grids, samples.npz), config (the default config), chips (accelerator table), cli, assets (paths)

@@ -210,3 +210,20 @@ def test_train_classifier_cli_writes_a_loadable_classifier(tmp_path, capsys):
   assert train_classifier.main(["train_classifier", "--config", "configs/fashion_classifier.py", "--out", str(out),
                                 f"--config.data_dir={tmp_path / 'missing'}"]) == 1
   assert "does not exist" in capsys.readouterr().err
+
+
+def test_sampling_errors_follow_the_binomial_and_shrink_with_more_samples():
+  rng = np.random.default_rng(0)
+  dim = 8
+  reference = (np.zeros(dim), np.eye(dim))
+  errors = {}
+  for n in (200, 800):
+    hits = rng.random(n) < 0.75
+    features = rng.normal(size=(n, dim)) + 0.5
+    fd_se, agreement_se = fashion.sampling_errors(hits, features, reference, rounds=300)
+    binomial = math.sqrt(hits.mean() * (1 - hits.mean()) / n)
+    assert agreement_se == pytest.approx(binomial, rel=0.2)
+    errors[n] = fd_se
+  assert 0.3 < errors[800] / errors[200] < 0.7  # about 1/sqrt(4)
+  again = fashion.sampling_errors(hits, features, reference, rounds=300)
+  assert again == (errors[800], again[1])  # seeded: the same images give the same errors

@@ -88,12 +88,24 @@ class Evaluator:
     self.reference = checkpoint.load_reference_stats(directory)
     self.batch_size = batch_size
 
-  def __call__(self, images: Any, labels: Any) -> dict:
-    return classifier_metrics(images, labels, model=self, reference=self.reference)
+  def __call__(self, images: Any, labels: Any, *, bootstrap: int = 0) -> dict:
+    return classifier_metrics(images, labels, model=self, reference=self.reference, bootstrap=bootstrap)
+
+
+def sampling_errors(hits: np.ndarray, features: np.ndarray, reference: tuple[np.ndarray, np.ndarray], rounds: int,
+                    seed: int = 0) -> tuple[float, float]:
+  """Standard errors of (FD, agreement) from the finite sample: the spread of both over `rounds` resamplings of the
+  images with replacement (a fixed seed, so the same images give the same errors)."""
+  rng = np.random.default_rng(seed)
+  n = len(hits)
+  draws = [rng.integers(0, n, n) for _ in range(rounds)]
+  fds = [frechet_distance_to(features[i], reference) for i in draws]
+  agreements = [hits[i].mean() for i in draws]
+  return float(np.std(fds, ddof=1)), float(np.std(agreements, ddof=1))
 
 
 def classifier_metrics(images: Any, labels: Any, model: Evaluator | classifier_lib.FashionClassifier | None = None,
-                       reference: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+                       reference: tuple[np.ndarray, np.ndarray] | None = None, bootstrap: int = 0) -> dict:
   """The online metric of generated images against their conditioning labels.
 
   Args:
@@ -103,6 +115,9 @@ def classifier_metrics(images: Any, labels: Any, model: Evaluator | classifier_l
       None for the shipped classifier (loaded, and compiled, on each call).
     reference: (mu, sigma) to measure FD against; default: the statistics shipped with the classifier (`Evaluator`)
       or the real test set's statistics in the shipped directory.
+
+    bootstrap: if > 1, also "fd_se" and "agreement_se", the standard errors from this many resamplings of the
+      images (`sampling_errors`): how much the figures would move with other samples of the same model.
 
   Returns:
     {"fd": float, "agreement": float, "per_class_agreement": [float] * classes (NaN for an absent class), "n": N}.
@@ -125,4 +140,8 @@ def classifier_metrics(images: Any, labels: Any, model: Evaluator | classifier_l
   logits, features = predict(images, apply_fn, batch_size)
   overall, per_class = agreement(logits, labels, num_classes)
   fd = frechet_distance_to(features, reference) if len(images) >= 2 else math.nan
-  return {"fd": fd, "agreement": overall, "per_class_agreement": per_class, "n": int(len(images))}
+  result = {"fd": fd, "agreement": overall, "per_class_agreement": per_class, "n": int(len(images))}
+  if bootstrap > 1:
+    hits = np.argmax(logits, axis=-1) == labels
+    result["fd_se"], result["agreement_se"] = sampling_errors(hits, features, reference, bootstrap)
+  return result
