@@ -122,9 +122,9 @@ def markdown(results: dict) -> str:
       f"- ± is the standard deviation over seeds (n = {len(seeds)}). Machine: {machine['cpu_count']} CPU cores "
       f"({machine['device']}), jax {machine['jax']}; finished {results['finished']}.",
       f"- Training wall-clock summed over the {len(results['runs'])} runs: "
-      f"{sum(r['seconds'] for r in results['runs']) / 60:.1f} min. This invocation took "
+      f"{sum(r['seconds'] for r in results['runs']) / 60:.1f} min. The invocation that wrote this report took "
       f"{results['study_seconds_this_invocation'] / 60:.1f} min and trained "
-      f"{sum(r['trained_now'] for r in results['runs'])} runs (the others were finished before and reused).",
+      f"{sum(r['trained_now'] for r in results['runs'])} of them; finished runs and their cached scores are reused.",
       "",
       "![quality against training FLOPs](" + PLOTS["flops"] + ")",
       "",
@@ -230,14 +230,14 @@ def plot_losses(results: dict, path: str) -> None:
     styles = {steps: style for steps, style in zip(sorted({r["steps"] for r in runs}), ("-", ":", "-.", "--"))}
     for run in sorted(runs, key=lambda r: (r["steps"], r["seed"])):
       steps, losses = zip(*run["loss"])
-      ax.plot([s * run["batch_size"] for s in steps], losses, color=colors[arm], ls=styles.get(run["steps"], "-"),
-              alpha=0.4 + 0.4 * (run["seed"] == runs[0]["seed"]), lw=1.2,
+      ax.plot([s * run["batch_size"] / 1000 for s in steps], losses, color=colors[arm],
+              ls=styles.get(run["steps"], "-"), alpha=0.4 + 0.4 * (run["seed"] == runs[0]["seed"]), lw=1.2,
               label=f"{run['steps']} steps ({', '.join(m for _, m in run['points'])}), seed {run['seed']}")
       for stage in run["stages"][1:]:
-        ax.axvline(stage["start"] * run["batch_size"], color="gray", ls=styles.get(run["steps"], "-"), lw=0.8,
+        ax.axvline(stage["start"] * run["batch_size"] / 1000, color="gray", ls=styles.get(run["steps"], "-"), lw=0.8,
                    alpha=0.6)
     ax.set_title(f"{arm} (budget {largest})")
-    ax.set_xlabel("images seen")
+    ax.set_xlabel("images seen (thousands)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
   axes[0][0].set_ylabel("training loss")
