@@ -79,15 +79,11 @@ def difference(arm_runs: list[dict], base_runs: list[dict], scale: str, metric: 
   diff = mean_sd(scores(arm_runs, scale, metric))[0] - mean_sd(scores(base_runs, scale, metric))[0]
   se = math.sqrt(variance_of_mean(arm_runs) + variance_of_mean(base_runs))
   better = diff < 0 if metric == "fd" else diff > 0
-  if abs(diff) <= 2 * se or diff == 0:
+  if abs(diff) <= 2 * se:
     verdict = "no difference beyond 2 standard errors"
   else:
     verdict = "better" if better else "worse"
   return diff, se, verdict
-
-
-def _baseline_runs(grouped: dict, budget: int, match: str, baseline: str) -> list[dict]:
-  return grouped[(budget, match, baseline)]
 
 
 def markdown(results: dict) -> str:
@@ -108,8 +104,8 @@ def markdown(results: dict) -> str:
       "",
       f"- Model: {model['parameters']:,} parameters; code grid {model['grid']}x{model['grid']}, "
       f"vocabulary {model['vocab_size']}. Budgets are counted in steps of the baseline arm `{baseline}`.",
-      "- Arms: " + "; ".join(f"`{name}` stages {tuple(tuple(s) for s in arm['stages'])}"
-                               for name, arm in ((a, results["arms"][a]) for a in arm_order(results))) + ".",
+      "- Arms: " + "; ".join(f"`{name}` stages {tuple(tuple(s) for s in results['arms'][name]['stages'])}"
+                               for name in arm_order(results)) + ".",
       f"- Seeds: {', '.join(map(str, seeds))}. Every run is judged on {ev['num_samples']:,} samples (labels cycling "
       f"over the classes, sampling seed {ev['seed']}, temperature {ev['temperature']}, top-k {ev['top_k']}, "
       f"top-p {ev['top_p']}) by the shipped Fashion-MNIST classifier: Frechet distance (FD) in its feature space "
@@ -142,7 +138,7 @@ def markdown(results: dict) -> str:
     rule += "---|---|"
   lines += [header, rule]
   for (budget, match, arm), runs in grouped.items():
-    base_flops = mean_sd(r["flops"] for r in _baseline_runs(grouped, budget, match, baseline))[0]
+    base_flops = grouped[(budget, match, baseline)][0]["flops"]
     flops = runs[0]["flops"]
     seconds = mean_sd(r["seconds"] for r in runs)
     row = (f"| {budget} | {match} | `{arm}` | {runs[0]['steps']} | {runs[0]['images']:,} | "
@@ -164,7 +160,7 @@ def markdown(results: dict) -> str:
   for (budget, match, arm), runs in grouped.items():
     if arm == baseline:
       continue
-    base = _baseline_runs(grouped, budget, match, baseline)
+    base = grouped[(budget, match, baseline)]
     cells = []
     for metric in ("fd", "agreement"):
       diff, se, verdict = difference(runs, base, fixed, metric)
