@@ -12,9 +12,8 @@ interruption, never retrains a finished run, and any run can be sampled or evalu
 Every finished run is judged the same way: `study.num_samples` samples (labels cycling over the classes, the same
 sampling key for every run) at `sample.cfg_scale` and at each scale of `study.cfg_sweep`, scored by the shipped
 Fashion-MNIST classifier (Frechet distance in its feature space and label agreement, each with its standard error
-from `study.bootstrap` resamplings of the images). A run's scores are cached in
-its workdir (study_eval.json). WORKDIR/results.json holds every figure; WORKDIR/report.md and its plots are made
-from it alone (`study_report`).
+from `study.bootstrap` resamplings of the images). A run's scores are cached in its workdir (study_eval.json).
+WORKDIR/results.json holds every figure; WORKDIR/report.md and its plots are made from it alone (`study_report`).
 """
 
 from __future__ import annotations
