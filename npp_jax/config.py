@@ -77,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.warmup_steps = -1  # >= 0 overrides warmup_epochs
   c.optim.decay_fraction = 0.2
   c.optim.end_lr = 1e-5
+  c.optim.stage_lr_scales = ()  # one multiplier of lr per NPP stage, e.g. (2.0, 1.0); empty: lr in every stage
   c.optim.ema_decay = 0.0  # 0 disables EMA; e.g. 0.9999
   c.optim.mu_dtype = "float32"
 

@@ -19,26 +19,44 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, stages: Sequence[np
   Stagewise: inside each stage [start, end), a linear warmup from 0 over `warmup_steps`, the constant rate, then a
   linear decay to end_lr over the last decay_fraction of the stage. The warmup restarts at every stage switch, as in
   the reference (the rate is 0 at the first step of each stage).
+
+  `optim.stage_lr_scales` (empty: all 1) multiplies the peak rate of each stage, e.g. (2.0, 1.0) trains the patch
+  stage at twice the rate; under 'constant' the rate is then constant within each stage.
   """
-  if optim.schedule == "constant":
-    return optax.constant_schedule(optim.lr)
-  if optim.schedule != "stagewise":
+  peaks = stage_peak_rates(optim, stages)
+  if optim.schedule not in ("constant", "stagewise"):
     raise ValueError(f"optim.schedule must be 'constant' or 'stagewise', got {optim.schedule!r}")
+  if optim.schedule == "constant" and len(set(peaks)) == 1:
+    return optax.constant_schedule(optim.lr)
   starts = jnp.asarray([s.start for s in stages])
   ends = jnp.asarray([s.end for s in stages])
+  peak = jnp.asarray(peaks, jnp.float32)
   warmups = jnp.asarray([max(1, min(warmup_steps, s.steps)) for s in stages])
   decays = jnp.asarray([round(optim.decay_fraction * s.steps) for s in stages])
 
   def schedule(step):
     i = jnp.clip(jnp.searchsorted(ends, step, side="right"), 0, len(stages) - 1)
+    if optim.schedule == "constant":
+      return peak[i]
     t = (step - starts[i]).astype(jnp.float32)
-    warm = optim.lr * t / warmups[i]
+    warm = peak[i] * t / warmups[i]
     decay_start = (ends[i] - decays[i] - starts[i]).astype(jnp.float32)
     frac = (t - decay_start) / jnp.maximum(decays[i], 1)
-    decayed = optim.lr + (optim.end_lr - optim.lr) * jnp.clip(frac, 0.0, 1.0)
-    return jnp.where(t < warmups[i], warm, jnp.where(t < decay_start, optim.lr, decayed))
+    decayed = peak[i] + (optim.end_lr - peak[i]) * jnp.clip(frac, 0.0, 1.0)
+    return jnp.where(t < warmups[i], warm, jnp.where(t < decay_start, peak[i], decayed))
 
   return schedule
+
+
+def stage_peak_rates(optim: ml_collections.ConfigDict, stages: Sequence[npp.Stage]) -> list[float]:
+  """optim.lr times each stage's entry of optim.stage_lr_scales (one positive number per stage, or none)."""
+  scales = tuple(optim.get("stage_lr_scales", ()) or ())
+  if not scales:
+    return [float(optim.lr)] * len(stages)
+  if len(scales) != len(stages) or any(float(x) <= 0 for x in scales):
+    raise ValueError(f"optim.stage_lr_scales must hold one positive number per stage ({len(stages)} stages), got "
+                     f"{scales}")
+  return [float(optim.lr) * float(x) for x in scales]
 
 
 def decay_mask(params: dict, rule: str) -> dict:

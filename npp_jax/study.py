@@ -180,10 +180,19 @@ def _check_same_run(run_dir: str, config: ml_collections.ConfigDict) -> None:
     return
   stored = json.loads(path.read_text())
   planned = json.loads(config.to_json_best_effort())
-  changed = [key for key in RUN_IDENTITY if stored.get(key) != planned.get(key)]
+  changed = [f"{key}.{field}" if field else key for key in RUN_IDENTITY
+             for field in _changed_fields(stored.get(key), planned.get(key))]
   if changed:
     raise ValueError(f"{run_dir} was trained with other settings ({', '.join(changed)} differ from the study "
                      "config); use a new study workdir or remove that run")
+
+
+def _changed_fields(stored: Any, planned: Any) -> list[str]:
+  """The fields of a config section that differ ("" for a plain value). A field the stored run does not have was
+  added to the trainer after it, with a default that keeps the old behaviour, so it does not count."""
+  if not (isinstance(stored, dict) and isinstance(planned, dict)):
+    return [] if stored == planned else [""]
+  return [k for k in stored if stored[k] != planned.get(k)]
 
 
 def train_run(config: ml_collections.ConfigDict, run_dir: str, log: Callable[[str], None]) -> bool:

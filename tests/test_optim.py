@@ -68,6 +68,24 @@ def test_constant_schedule():
   assert [float(schedule(s)) for s in (0, 499, 500, 999)] == pytest.approx([1e-4] * 4)
 
 
+def test_stage_lr_scales_scale_each_stage_peak():
+  stages = npp.make_stages([(2, 0.5), (1, 0.5)], 1000, 16)
+  plain = optim.learning_rate_schedule(optim_config(), stages, 10)
+  scaled = optim.learning_rate_schedule(optim_config(stage_lr_scales=(3.0, 1.0)), stages, 10)
+  steps = jnp.arange(1000)
+  got, base = np.asarray(scaled(steps)), np.asarray(plain(steps))
+  # The first stage: warmup and hold at 3x, then the decay from 3e-4 to end_lr; the second stage unchanged.
+  np.testing.assert_allclose(got[:400], 3 * base[:400], rtol=1e-6)
+  assert float(scaled(450)) == pytest.approx(3e-4 + (1e-5 - 3e-4) * 0.5, rel=1e-5)
+  assert float(scaled(499)) == pytest.approx(3e-4 + (1e-5 - 3e-4) * 0.99, rel=1e-5)
+  np.testing.assert_allclose(got[500:], base[500:], rtol=1e-6)
+  constant = optim.learning_rate_schedule(optim_config(schedule="constant", stage_lr_scales=(0.5, 2.0)), stages, 10)
+  assert [float(constant(s)) for s in (0, 499, 500, 999)] == pytest.approx([5e-5, 5e-5, 2e-4, 2e-4])
+  for bad in ((1.0,), (1.0, 0.0)):
+    with pytest.raises(ValueError, match="one positive number per stage"):
+      optim.learning_rate_schedule(optim_config(stage_lr_scales=bad), stages, 10)
+
+
 def test_unknown_schedule_is_refused():
   stages = npp.make_stages([(1, 1.0)], 10, 4)
   with pytest.raises(ValueError, match="schedule"):

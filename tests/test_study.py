@@ -94,6 +94,22 @@ def test_cli_a_baseline_that_is_no_arm(tmp_path, capsys):
   assert not any(tmp_path.iterdir())  # nothing written
 
 
+def test_a_finished_run_is_reused_unless_its_recipe_changed(tmp_path):
+  arms, runs = study.plan(study.resolve(load()))
+  run = runs[0]
+  config = study.run_config(arms[run.arm], run, str(tmp_path / "codes"))
+  stored = json.loads(config.to_json_best_effort())
+  del stored["optim"]["stage_lr_scales"]  # a run from before the field existed: it trained with the default
+  (tmp_path / "config.json").write_text(json.dumps(stored))
+  (tmp_path / train.DONE_FILE).write_text(f"{run.steps}\n")
+  assert study.train_run(config, str(tmp_path), print) is False  # finished: not trained again
+  stored["optim"]["lr"] *= 2
+  stored["seed"] += 1
+  (tmp_path / "config.json").write_text(json.dumps(stored))
+  with pytest.raises(ValueError, match=re.escape("(seed, optim.lr differ from the study config)")):
+    study.train_run(config, str(tmp_path), print)
+
+
 def test_training_seconds_counts_the_last_execution_of_each_window(tmp_path):
   rows = [{"step": 10, "loss": 5.0, "steps_per_s": 5.0}, {"step": 20, "loss": 4.0, "steps_per_s": 2.0},
           {"step": 20, "loss": 4.1, "steps_per_s": 10.0},  # replayed after a resume from step 10
