@@ -1,6 +1,6 @@
 """NPP against next-token prediction on Fashion-MNIST, at matched images and matched FLOPs (`python -m npp_jax.study`).
 
-  python -m npp_jax.study --config configs/study_fashion.py --workdir runs/study          # about 45 min, 2 CPU cores
+  python -m npp_jax.study --config configs/study_fashion.py --workdir runs/study          # 47 min on 2 CPU cores here
   python -m npp_jax.study --config configs/study_fashion.py --workdir runs/quick --config.study.quick=True
 
 Every arm is the default run (configs/fashion.py: the shipped 8x8 tokenizer, the 4-layer GPT, batch 64, the

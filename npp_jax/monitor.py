@@ -63,13 +63,19 @@ class Monitor:
     return values
 
   def _images(self, sampler: sampling.Sampler, labels: np.ndarray, offset: int = 0) -> np.ndarray:
-    """uint8 images for `labels`, in batches; sample i's key depends only on (seed, offset + i)."""
-    batch = self._config.eval.batch_size
-    out = []
-    for start in range(0, len(labels), batch):
-      tokens = sampler(labels[start:start + batch], self._key, self._settings, sample_offset=offset + start)
-      out.append(images.to_uint8(self._decode(tokens)))
-    return np.concatenate(out)
+    return sample_images(sampler, self._decode, labels, self._key, self._settings,
+                         batch_size=self._config.eval.batch_size, offset=offset)
+
+
+def sample_images(sampler: sampling.Sampler, decode: Callable[[jax.Array], jax.Array], labels: np.ndarray,
+                  key: jax.Array, settings: sampling.SamplingSettings, *, batch_size: int, offset: int = 0
+                  ) -> np.ndarray:
+  """uint8 images for `labels`, in batches; sample i's key depends only on (key, offset + i)."""
+  out = []
+  for start in range(0, len(labels), batch_size):
+    tokens = sampler(labels[start:start + batch_size], key, settings, sample_offset=offset + start)
+    out.append(images.to_uint8(decode(tokens)))
+  return np.concatenate(out)
 
 
 def _make_metric(eval_cfg: ml_collections.ConfigDict) -> Callable[[np.ndarray, np.ndarray], dict] | None:

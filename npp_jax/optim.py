@@ -27,7 +27,7 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, stages: Sequence[np
   if optim.schedule not in ("constant", "stagewise"):
     raise ValueError(f"optim.schedule must be 'constant' or 'stagewise', got {optim.schedule!r}")
   if optim.schedule == "constant" and len(set(peaks)) == 1:
-    return optax.constant_schedule(optim.lr)
+    return optax.constant_schedule(peaks[0])
   starts = jnp.asarray([s.start for s in stages])
   ends = jnp.asarray([s.end for s in stages])
   peak = jnp.asarray(peaks, jnp.float32)

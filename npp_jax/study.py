@@ -38,9 +38,9 @@ from absl import logging
 from npp_jax import checkpoint
 from npp_jax import cli
 from npp_jax import fileio
-from npp_jax import images
 from npp_jax import integrity
 from npp_jax import metrics as metrics_lib
+from npp_jax import monitor
 from npp_jax import npp
 from npp_jax import sampling
 from npp_jax import study_report
@@ -270,10 +270,8 @@ class Judge:
     key = jax.random.key(settings["seed"])
     scores = {}
     for scale in self.scales:
-      samples = np.concatenate([
-          images.to_uint8(self._decode(sampler(labels[i:i + self._batch], key, self._sampling(scale),
-                                               sample_offset=i)))
-          for i in range(0, n, self._batch)])
+      samples = monitor.sample_images(sampler, self._decode, labels, key, self._sampling(scale),
+                                      batch_size=self._batch)
       result = self._evaluator(samples, labels, bootstrap=self.settings["bootstrap"])
       scores[str(scale)] = {k: float(result[k]) for k in ("fd", "agreement", "fd_se", "agreement_se")}
     fileio.write_text(cache, json.dumps({"settings": settings, "scores": scores}, indent=1))
@@ -305,6 +303,7 @@ def run_study(config: ml_collections.ConfigDict, workdir: str, *, command: str =
       records.append(_record(run, cfg, run_dir, scores, trained))
       log(f"[{i + 1}/{len(runs)}] {run.name}: " + ", ".join(
           f"cfg {scale}: fd={s['fd']:.4g} agreement={s['agreement']:.4f}" for scale, s in scores.items()))
+    baseline_model = arms[config.study.baseline].model
     results = {
         "command": command,
         "study": config.study.to_dict(),
@@ -313,9 +312,8 @@ def run_study(config: ml_collections.ConfigDict, workdir: str, *, command: str =
         "eval": judge.settings,
         "arms": {name: {"stages": [list(s) for s in arm.npp.stages],
                         "overrides": config.study.arms[name].to_dict()} for name, arm in arms.items()},
-        "model": {"parameters": gpt.num_parameters(arms[config.study.baseline].model),
-                  "grid": gpt.grid_side(arms[config.study.baseline].model),
-                  "vocab_size": arms[config.study.baseline].model.vocab_size},
+        "model": {"parameters": gpt.num_parameters(baseline_model), "grid": gpt.grid_side(baseline_model),
+                  "vocab_size": baseline_model.vocab_size},
         "machine": {"cpu_count": os.cpu_count(), "device": jax.devices()[0].device_kind, "jax": jax.__version__,
                     "python": platform.python_version()},
         "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

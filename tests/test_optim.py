@@ -81,6 +81,8 @@ def test_stage_lr_scales_scale_each_stage_peak():
   np.testing.assert_allclose(got[500:], base[500:], rtol=1e-6)
   constant = optim.learning_rate_schedule(optim_config(schedule="constant", stage_lr_scales=(0.5, 2.0)), stages, 10)
   assert [float(constant(s)) for s in (0, 499, 500, 999)] == pytest.approx([5e-5, 5e-5, 2e-4, 2e-4])
+  uniform = optim.learning_rate_schedule(optim_config(schedule="constant", stage_lr_scales=(2.0, 2.0)), stages, 10)
+  assert [float(uniform(s)) for s in (0, 999)] == pytest.approx([2e-4, 2e-4])
   for bad in ((1.0,), (1.0, 0.0)):
     with pytest.raises(ValueError, match="one positive number per stage"):
       optim.learning_rate_schedule(optim_config(stage_lr_scales=bad), stages, 10)
