@@ -278,9 +278,9 @@ def _dense(x, w):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _low_precision_matmul(x: jnp.ndarray, w: jnp.ndarray, w_dtype: Any) -> jnp.ndarray:
-  """(M, K) x (K, N) -> float32 (M, N) in x's (narrow) dtype: w, of dtype `w_dtype` (float32 master weights in
-  training), is cast to it. The backward pass's two products also take narrow operands and accumulate in float32,
-  and the weight's gradient comes back in `w_dtype` straight from the float32 accumulator.
+  """(M, K) x (K, N) -> float32 (M, N), computed in x's narrow dtype (bfloat16): w, of dtype `w_dtype` (the float32
+  master weights in training), is cast to it. The backward pass's two products also take narrow operands and
+  accumulate in float32, and the weight's gradient comes back in `w_dtype` straight from the float32 accumulator.
 
   Plain autodiff would feed the float32 cotangent to both backward products and so run them in float32. Here the
   cotangent is cast to the operands' dtype first (the usual mixed-precision rule), and each product is laid out in
