@@ -29,14 +29,14 @@ import numpy as np
 
 from npp_jax import images as image_io
 from npp_jax import sample
-from npp_jax import sampling
+from npp_jax.sampling import decoding
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Trainer workdir or converted model directory.")
 _VQ = flags.DEFINE_string("vq", None, "VQ tokenizer: a save_vq directory, .pt or .safetensors file.")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to serve on (0.0.0.0 serves every network interface).")
 _PORT = flags.DEFINE_integer("port", 7860, "Port to serve on.")
 _MAX_IMAGES = flags.DEFINE_integer("max_images", 16, "Most images per request (the compiled batch size).")
-_DTYPE = flags.DEFINE_enum("dtype", None, sampling.COMPUTE_DTYPES, "Compute dtype (default: the model config's).")
+_DTYPE = flags.DEFINE_enum("dtype", None, decoding.COMPUTE_DTYPES, "Compute dtype (default: the model config's).")
 _SPECULATIVE_WINDOW = flags.DEFINE_integer(
     "speculative_window", 0, "Speculative Jacobi decoding with this many draft tokens per forward pass (0 = off).")
 
@@ -66,11 +66,11 @@ def class_choices(num_classes: int, names: list[str]) -> list[tuple[str, int]]:
   return [(f"{i}: {names[i]}" if i < len(names) else str(i), i) for i in range(num_classes)]
 
 
-def default_settings(config: Any) -> sampling.SamplingSettings:
+def default_settings(config: Any) -> decoding.SamplingSettings:
   """The checkpoint's config.sample (its guidance scale, temperature, top-k, top-p), where it has one."""
   sample = config.get("sample") or {}
   fields = ("cfg_scale", "temperature", "top_k", "top_p")
-  return sampling.SamplingSettings(**{k: sample[k] for k in fields if k in sample})
+  return decoding.SamplingSettings(**{k: sample[k] for k in fields if k in sample})
 
 
 def enlarge(images: np.ndarray, side: int = DISPLAY_SIDE) -> np.ndarray:
@@ -85,20 +85,20 @@ class GridSampler:
   def __init__(self, model: Any, decode_fn: Callable[[Any], Any], *, max_images: int, dtype: str | None = None):
     if max_images < 1:
       raise ValueError(f"--max_images must be at least 1, got {max_images}")
-    self.sampler = sampling.Sampler(model, dtype=dtype)
+    self.sampler = decoding.Sampler(model, dtype=dtype)
     self.num_classes, self.vocab_size = model.cfg.num_classes, model.cfg.vocab_size
     self.max_images = max_images
     self._decode = decode_fn
     self._lock = threading.Lock()  # one device, one request: a second waits instead of competing for it
 
-  def images(self, label: int, num_images: int, seed: int, settings: sampling.SamplingSettings) -> np.ndarray:
+  def images(self, label: int, num_images: int, seed: int, settings: decoding.SamplingSettings) -> np.ndarray:
     """uint8 (num_images, H, W, 3): images 0..num_images-1 of `label` under `seed`; ValueError on a bad request."""
     if not 1 <= num_images <= self.max_images:
       raise ValueError(f"the number of images must be between 1 and {self.max_images}, got {num_images}")
     if not 0 <= seed <= MAX_SEED:
       raise ValueError(f"the seed must be a whole number between 0 and {MAX_SEED}, got {seed}")
     settings.validate(self.vocab_size)
-    labels = sampling.check_labels([label] * self.max_images, self.num_classes)
+    labels = decoding.check_labels([label] * self.max_images, self.num_classes)
     with self._lock:
       tokens = self.sampler(labels, sample.sample_key(seed), settings)
       decoded = np.asarray(self._decode(tokens))
@@ -123,7 +123,7 @@ def _given(name: str, value: Any) -> Any:
   return value
 
 
-def build_page(backend: GridSampler, names: list[str], defaults: sampling.SamplingSettings, title: str):
+def build_page(backend: GridSampler, names: list[str], defaults: decoding.SamplingSettings, title: str):
   """The Gradio page; each request shows the grid and one status line (the time, or the error sentence)."""
   import gradio as gr  # pylint: disable=g-import-not-at-top
 
@@ -132,7 +132,7 @@ def build_page(backend: GridSampler, names: list[str], defaults: sampling.Sampli
   def generate(label, num_images, cfg_scale, temperature, top_k, top_p, seed):
     try:
       label, num_images, seed = _whole("class", label), _whole("number of images", num_images), _whole("seed", seed)
-      settings = sampling.SamplingSettings(cfg_scale=float(_given("guidance scale", cfg_scale)),
+      settings = decoding.SamplingSettings(cfg_scale=float(_given("guidance scale", cfg_scale)),
                                            temperature=float(_given("temperature", temperature)),
                                            top_k=_given("top-k", top_k), top_p=float(_given("top-p", top_p)),
                                            speculative_window=defaults.speculative_window)

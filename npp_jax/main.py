@@ -14,8 +14,8 @@ from absl import flags
 
 from npp_jax import cli
 from npp_jax import distributed
-from npp_jax import dry_run
-from npp_jax import train
+from npp_jax.trainers import dry_run
+from npp_jax.trainers import gpt_trainer
 
 
 def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
@@ -36,12 +36,12 @@ def run(fv: flags.FlagValues) -> None:
   if fv.dry_run:
     dry_run.run(fv.config)
   else:
-    train.run(fv.config, fv.workdir)
+    gpt_trainer.run(fv.config, fv.workdir)
 
 
 def main(argv: list[str] | None = None) -> int:
   return cli.main(run, define_flags, argv, doc=__doc__, required=("config",),
-                  errors=(distributed.StartupError, train.NonFiniteLossError))
+                  errors=(distributed.StartupError, gpt_trainer.NonFiniteLossError))
 
 
 if __name__ == "__main__":

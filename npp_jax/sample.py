@@ -25,11 +25,11 @@ from absl import flags
 from flax import nnx
 from tqdm import tqdm
 
-from npp_jax import checkpoint
+from npp_jax.trainers import checkpoint
 from npp_jax import cli
 from npp_jax import config as config_lib
 from npp_jax import images as image_io
-from npp_jax import sampling
+from npp_jax.sampling import decoding
 from npp_jax.models import vq as vq_lib
 
 SAMPLE_STREAM, LABEL_STREAM = 0, 1  # fold_in tags under the seed's key
@@ -41,7 +41,7 @@ LABEL_MODES = ("balanced", "uniform")
 class RunSettings:
   """Everything a sampling run records next to its images."""
 
-  sampling: sampling.SamplingSettings
+  sampling: decoding.SamplingSettings
   seed: int = 0
   batch_size: int = 32
   dtype: str = "bfloat16"
@@ -89,10 +89,10 @@ def run(model: nnx.Module, vq_decode_fn: Callable[[jax.Array], jax.Array], label
   the last batch padded, so it compiles once).
   """
   settings.sampling.validate(model.cfg.vocab_size)
-  labels = sampling.check_labels(labels, model.cfg.num_classes)
+  labels = decoding.check_labels(labels, model.cfg.num_classes)
   if settings.batch_size < 1:
     raise ValueError(f"batch size must be at least 1, got {settings.batch_size}")
-  sampler = sampling.Sampler(model, dtype=settings.dtype)
+  sampler = decoding.Sampler(model, dtype=settings.dtype)
   key = sample_key(settings.seed)
   out = pathlib.Path(out_dir)
   (out / "images").mkdir(parents=True, exist_ok=True)
@@ -180,11 +180,11 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
   flags.DEFINE_bool("greedy", False, "Argmax decoding.", flag_values=fv)
   flags.DEFINE_integer("speculative_window", 0, "Speculative Jacobi decoding with this many draft tokens per forward "
                        "pass (0 = off): the same output distribution in fewer passes.", flag_values=fv)
-  flags.DEFINE_enum("draft_init", sampling.SamplingSettings.draft_init, sampling.DRAFT_INITS,
+  flags.DEFINE_enum("draft_init", decoding.SamplingSettings.draft_init, decoding.DRAFT_INITS,
                     "How speculative drafts entering the window are first drawn.", flag_values=fv)
   flags.DEFINE_integer("seed", 0, "Seed of the sample and label keys.", flag_values=fv)
   flags.DEFINE_integer("batch_size", 32, "Images per sampling batch (all devices).", flag_values=fv)
-  flags.DEFINE_enum("dtype", "bfloat16", sampling.COMPUTE_DTYPES, "Compute dtype.", flag_values=fv)
+  flags.DEFINE_enum("dtype", "bfloat16", decoding.COMPUTE_DTYPES, "Compute dtype.", flag_values=fv)
   flags.DEFINE_string("out", None, "Output directory.", flag_values=fv)
   flags.DEFINE_bool("progress", True, "Progress bar (--noprogress: none).", flag_values=fv)
 
@@ -220,11 +220,11 @@ def run_from_flags(fv: flags.FlagValues) -> str:
 SAMPLE_FLAGS = ("cfg_scale", "temperature", "top_k", "top_p")
 
 
-def sampling_settings(fv: flags.FlagValues, defaults: ml_collections.ConfigDict) -> sampling.SamplingSettings:
+def sampling_settings(fv: flags.FlagValues, defaults: ml_collections.ConfigDict) -> decoding.SamplingSettings:
   """The flags given on the command line, the rest from `defaults` (a config's `sample` section)."""
   base = config_lib.base_config().sample
   given = {k: fv[k].value for k in SAMPLE_FLAGS if fv[k].value is not None}
-  return sampling.SamplingSettings(**{**{k: defaults.get(k, base[k]) for k in SAMPLE_FLAGS}, **given},
+  return decoding.SamplingSettings(**{**{k: defaults.get(k, base[k]) for k in SAMPLE_FLAGS}, **given},
                                    cfg_interval=fv.cfg_interval, greedy=fv.greedy,
                                    speculative_window=fv.speculative_window, draft_init=fv.draft_init).validate()
 

@@ -35,17 +35,17 @@ import numpy as np
 from absl import flags
 from absl import logging
 
-from npp_jax import checkpoint
+from npp_jax.trainers import checkpoint
 from npp_jax import cli
 from npp_jax import fileio
-from npp_jax import integrity
-from npp_jax import metrics as metrics_lib
-from npp_jax import monitor
+from npp_jax.trainers import integrity
+from npp_jax.trainers import metrics as metrics_lib
+from npp_jax.trainers import monitor
 from npp_jax import npp
-from npp_jax import sampling
-from npp_jax import study_report
-from npp_jax import train
-from npp_jax import workdir_lock
+from npp_jax.sampling import decoding
+from npp_jax.eval import study_report
+from npp_jax.trainers import gpt_trainer
+from npp_jax.trainers import workdir_lock
 from npp_jax.data import prepare
 from npp_jax.eval import fashion
 from npp_jax.models import gpt
@@ -198,10 +198,10 @@ def _changed_fields(stored: Any, planned: Any) -> list[str]:
 def train_run(config: ml_collections.ConfigDict, run_dir: str, log: Callable[[str], None]) -> bool:
   """Trains (or resumes) the run unless it is finished; True if it trained."""
   _check_same_run(run_dir, config)
-  if os.path.exists(os.path.join(run_dir, train.DONE_FILE)):
+  if os.path.exists(os.path.join(run_dir, gpt_trainer.DONE_FILE)):
     return False
   log(f"training {os.path.basename(run_dir)}")
-  train.run(config, run_dir)
+  gpt_trainer.run(config, run_dir)
   return True
 
 
@@ -249,9 +249,9 @@ class Judge:
     self._evaluator = fashion.Evaluator()
     self._decode = vq_lib.make_decode_fn(checkpoint.load_vq(config.vq))
 
-  def _sampling(self, scale: float) -> sampling.SamplingSettings:
+  def _sampling(self, scale: float) -> decoding.SamplingSettings:
     s = self.settings
-    return sampling.SamplingSettings(cfg_scale=scale, temperature=s["temperature"], top_k=s["top_k"],
+    return decoding.SamplingSettings(cfg_scale=scale, temperature=s["temperature"], top_k=s["top_k"],
                                      top_p=s["top_p"])
 
   def __call__(self, run_dir: str, steps: int) -> dict[str, dict[str, float]]:
@@ -264,7 +264,7 @@ class Judge:
       if cached.get("settings") == settings:
         return cached["scores"]
     model, model_config = checkpoint.load_model(run_dir)
-    sampler = sampling.Sampler(model)
+    sampler = decoding.Sampler(model)
     n = settings["num_samples"]
     labels = np.arange(n) % model_config.model.num_classes
     key = jax.random.key(settings["seed"])
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     return f"wrote {os.path.join(os.path.abspath(fv.workdir), study_report.REPORT_FILE)}"
 
   return cli.main(run_from_flags, define_flags, argv, doc=__doc__, required=("config", "workdir"),
-                  errors=(train.NonFiniteLossError,))
+                  errors=(gpt_trainer.NonFiniteLossError,))
 
 
 if __name__ == "__main__":

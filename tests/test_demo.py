@@ -23,12 +23,12 @@ import pytest
 from PIL import Image
 
 from npp_jax import assets
-from npp_jax import checkpoint
+from npp_jax.trainers import checkpoint
 from npp_jax import demo
 from npp_jax import sample as sample_cli
-from npp_jax import sampling
+from npp_jax.sampling import decoding
 from npp_jax import sharding
-from npp_jax import train
+from npp_jax.trainers import gpt_trainer
 from npp_jax.config import load_file as load_config_file
 from npp_jax.models import vq as vq_lib
 from test_main_cli import cli_env
@@ -45,12 +45,12 @@ GUIDANCE = 2.5  # the test checkpoint's config.sample.cfg_scale, which the page 
 
 
 def test_images_are_the_samplers_whatever_the_batch(tiny_gpt):  # noqa: F811
-  settings = sampling.SamplingSettings(cfg_scale=2.0, temperature=0.9, top_k=20)
+  settings = decoding.SamplingSettings(cfg_scale=2.0, temperature=0.9, top_k=20)
   backend = demo.GridSampler(tiny_gpt, jax.jit(fake_decode), max_images=5, dtype="float32")
   shown = backend.images(2, 3, 7, settings)  # sampled as a batch of 5, the first 3 shown
 
   # Independently: exactly 3 samples of class 2 under the sample CLI's key for seed 7.
-  tokens = sampling.Sampler(tiny_gpt, dtype="float32")([2, 2, 2], sample_cli.sample_key(7), settings)
+  tokens = decoding.Sampler(tiny_gpt, dtype="float32")([2, 2, 2], sample_cli.sample_key(7), settings)
   expected = np.clip(127.5 * np.asarray(fake_decode(tokens)) + 128, 0, 255).astype(np.uint8)
   assert shown.dtype == np.uint8 and shown.shape == (3, 8, 8, 3)
   np.testing.assert_array_equal(shown, expected)
@@ -69,7 +69,7 @@ def test_images_are_the_samplers_whatever_the_batch(tiny_gpt):  # noqa: F811
 def test_bad_requests_are_one_sentence(tiny_gpt, label, num_images, seed, settings, message):  # noqa: F811
   backend = demo.GridSampler(tiny_gpt, fake_decode, max_images=5, dtype="float32")
   with pytest.raises(ValueError, match=message):
-    backend.images(label, num_images, seed, sampling.SamplingSettings(**settings))
+    backend.images(label, num_images, seed, decoding.SamplingSettings(**settings))
 
 
 def test_requests_run_one_at_a_time(tiny_gpt):  # noqa: F811
@@ -84,7 +84,7 @@ def test_requests_run_one_at_a_time(tiny_gpt):  # noqa: F811
     return np.zeros((len(labels), 16), np.int32)
 
   backend.sampler = slow_sampler
-  threads = [threading.Thread(target=backend.images, args=(0, 1, i, sampling.SamplingSettings()))
+  threads = [threading.Thread(target=backend.images, args=(0, 1, i, decoding.SamplingSettings()))
              for i in range(4)]
   for t in threads:
     t.start()
@@ -282,7 +282,7 @@ def trained_checkpoint(tmp_path_factory) -> pathlib.Path:
   config.train.update(global_batch_size=4, total_steps=2, log_every=1, checkpoint_every=2)
   config.optim.warmup_steps = 1
   config.sample.cfg_scale = GUIDANCE
-  train.run(config, str(root / "run"), mesh=sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+  gpt_trainer.run(config, str(root / "run"), mesh=sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
   return root / "run"
 
 
@@ -327,7 +327,7 @@ def test_the_page_in_a_browser(trained_checkpoint):
 
       page.enter("top_p", 1.5)
       with pytest.raises(ValueError) as expected:
-        sampling.SamplingSettings(cfg_scale=GUIDANCE, top_p=1.5).validate()
+        decoding.SamplingSettings(cfg_scale=GUIDANCE, top_p=1.5).validate()
       assert page.generate("error: ") == f"error: {expected.value}"
       assert page.grid() is None
       assert "Traceback" not in driver.page_source

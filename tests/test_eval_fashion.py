@@ -13,7 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from npp_jax import assets, checkpoint, train_classifier
+from npp_jax import assets
+from npp_jax.trainers import checkpoint
+from npp_jax.trainers import classifier_trainer
 from npp_jax.eval import adm, fashion
 from npp_jax import images as images_lib
 from npp_jax.data import augment, sources
@@ -166,7 +168,7 @@ def test_random_shift_is_an_exact_translation():
   small = rng.integers(1, 256, (28, 28, 1), dtype=np.uint8)
   canvas = augment.pad_to(small, 32)
   key = jax.random.key(3)
-  shifted = np.asarray(train_classifier.random_shift(np.stack([canvas] * 16), key))
+  shifted = np.asarray(classifier_trainer.random_shift(np.stack([canvas] * 16), key))
   offsets = set()
   for image in shifted:
     rows, cols = np.nonzero(image[..., 0])
@@ -195,7 +197,7 @@ def test_train_classifier_cli_writes_a_loadable_classifier(tmp_path, capsys):
     _write_idx(data / f"{prefix}-labels-idx1-ubyte.gz", labels)
   out = tmp_path / "cls"
   config = ["--config", "configs/fashion_classifier.py", f"--config.data_dir={data}"]
-  assert train_classifier.main(["train_classifier", *config, "--out", str(out), "--config.steps=3",
+  assert classifier_trainer.main(["train_classifier", *config, "--out", str(out), "--config.steps=3",
                                 "--config.batch_size=16", "--config.warmup=1"]) == 0
   model, meta = checkpoint.load_classifier(out)
   assert meta["recipe"]["steps"] == 3 and 0 <= meta["test_accuracy"] <= 1
@@ -207,7 +209,7 @@ def test_train_classifier_cli_writes_a_loadable_classifier(tmp_path, capsys):
   result = fashion.classifier_metrics(test_images, test_labels, model=fashion.Evaluator(out))
   assert result["agreement"] == pytest.approx(meta["test_accuracy"], abs=1e-4)
 
-  assert train_classifier.main(["train_classifier", "--config", "configs/fashion_classifier.py", "--out", str(out),
+  assert classifier_trainer.main(["train_classifier", "--config", "configs/fashion_classifier.py", "--out", str(out),
                                 f"--config.data_dir={tmp_path / 'missing'}"]) == 1
   assert "does not exist" in capsys.readouterr().err
 

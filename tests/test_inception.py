@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from npp_jax import torch_io
+from npp_jax.model_files import torch_io
 from npp_jax.models import inception
 from fixture_rules import fid_state_dict  # pylint: disable=g-bad-import-order
 

@@ -9,7 +9,7 @@ from flax import nnx
 
 from npp_jax import config as config_lib
 from npp_jax import npp
-from npp_jax import optim
+from npp_jax.trainers import optim
 from npp_jax.models import gpt
 
 

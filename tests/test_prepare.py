@@ -273,11 +273,11 @@ def tiny_vq(fixtures_dir):
 
   Loaded rather than initialised: an eager VQModel init takes ~20 s on 8 forced CPU devices.
   """
-  from npp_jax import convert
+  from npp_jax.model_files import param_mapping
   from npp_jax.models import vq
   cfg = vq.default_config()
   cfg.update(TINY_VQ)
-  return cfg, convert.vq_from_torch(fixtures_dir / "llamagen_tiny" / "vq.pt", cfg)
+  return cfg, param_mapping.vq_from_torch(fixtures_dir / "llamagen_tiny" / "vq.pt", cfg)
 
 
 def test_real_tiny_vq_codes(tmp_path, tiny_vq):
@@ -326,7 +326,7 @@ def get_config():
 
 def test_cli_end_to_end_and_errors(tmp_path, tiny_vq):
   import runpy
-  from npp_jax import checkpoint
+  from npp_jax.trainers import checkpoint
   from npp_jax.data import prepare as prepare_lib
 
   cfg, model = tiny_vq

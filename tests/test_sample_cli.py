@@ -11,11 +11,11 @@ import pytest
 from flax import nnx
 
 from npp_jax import assets
-from npp_jax import checkpoint
+from npp_jax.trainers import checkpoint
 from npp_jax import config as config_lib
 from npp_jax import images as image_io
 from npp_jax import sample as sample_cli
-from npp_jax import sampling
+from npp_jax.sampling import decoding
 from npp_jax.models import vq as vq_lib
 from npp_jax.models.gpt import GPT
 
@@ -46,12 +46,12 @@ def fake_decode(codes: jax.Array) -> jax.Array:
 def test_run_writes_pngs_grid_and_samples_npz(tiny_gpt, tmp_path):
   labels = [0, 2, 1, 1, 0, 2]
   settings = sample_cli.RunSettings(
-      sampling=sampling.SamplingSettings(cfg_scale=2.0, temperature=0.9, top_k=20, top_p=0.9), seed=7,
+      sampling=decoding.SamplingSettings(cfg_scale=2.0, temperature=0.9, top_k=20, top_p=0.9), seed=7,
       batch_size=4, dtype="float32", checkpoint="/ckpt/dir", vq="/vq.pt", label_mode="given")
   npz_path = sample_cli.run(tiny_gpt, jax.jit(fake_decode), labels, settings, tmp_path, progress=False)
 
   # Independent recomputation: one batch of 6 on every device (the run used batches of 4, the last one padded).
-  tokens = sampling.Sampler(tiny_gpt, dtype="float32")(labels, sample_cli.sample_key(7), settings.sampling)
+  tokens = decoding.Sampler(tiny_gpt, dtype="float32")(labels, sample_cli.sample_key(7), settings.sampling)
   expected = np.clip(127.5 * np.asarray(fake_decode(tokens)) + 128, 0, 255).astype(np.uint8)
   assert len(np.unique(expected.reshape(6, -1), axis=0)) == 6
 
@@ -77,7 +77,7 @@ def test_run_writes_pngs_grid_and_samples_npz(tiny_gpt, tmp_path):
     ([0], dict(top_k=VOCAB + 1), "vocabulary size 32"),
 ])
 def test_run_refuses_invalid_requests(tiny_gpt, tmp_path, labels, sampling_kwargs, message):
-  settings = sample_cli.RunSettings(sampling=sampling.SamplingSettings(cfg_scale=1.5, **sampling_kwargs))
+  settings = sample_cli.RunSettings(sampling=decoding.SamplingSettings(cfg_scale=1.5, **sampling_kwargs))
   with pytest.raises(ValueError, match=message):
     sample_cli.run(tiny_gpt, fake_decode, labels, settings, tmp_path, progress=False)
   assert not (tmp_path / "samples.npz").exists()

@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from npp_jax import sharding
-from npp_jax import train
+from npp_jax.trainers import gpt_trainer
 from npp_jax.data import pipeline
 from npp_jax.models import gpt
 from npp_jax.config import load_file as load_config_file
@@ -53,7 +53,7 @@ def first_batch() -> dict[str, np.ndarray]:
 @functools.lru_cache(maxsize=None)
 def initial_state() -> dict:
   """The freshly initialised train state as host numpy (made once on one device, placed on each mesh after)."""
-  setup = train.build(tiny_config(), single_device_mesh(), 2048)
+  setup = gpt_trainer.build(tiny_config(), single_device_mesh(), 2048)
   state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)()
   return jax.device_get(state)
 
@@ -64,10 +64,10 @@ def two_steps(config, mesh, patch_side: int):
   Two steps, because the zero-initialised head makes the first loss log(vocab) whatever the rest computes.
   The step is compiled here (not at its first call) to pass FAST_COMPILE.
   """
-  setup = train.build(config, mesh, config.data.num_images)
+  setup = gpt_trainer.build(config, mesh, config.data.num_images)
   state = jax.device_put(initial_state(), setup.state_shardings)
   batch = sharding.global_batch(first_batch(), mesh)
-  step = train.make_train_step(setup, patch_side).lower(state, batch).compile(compiler_options=FAST_COMPILE)
+  step = gpt_trainer.make_train_step(setup, patch_side).lower(state, batch).compile(compiler_options=FAST_COMPILE)
   state, _ = step(state, batch)
   state, metrics = step(state, batch)
   return state, float(metrics.compute()["loss"])
@@ -163,10 +163,10 @@ def test_resolve_mesh_shape():
 
 @pytest.mark.parametrize("batch, accum, message", [
     (12, 1, "micro-batch of 12 does not split over the 8 devices"),
-    (32, 3, "not a multiple of train.grad_accum_steps=3"),
+    (32, 3, "not a multiple of gpt_trainer.grad_accum_steps=3"),
     (32, 8, "micro-batch of 4 does not split over the 8 devices"),
 ])
 def test_batches_that_do_not_split_are_refused(batch, accum, message):
   config = tiny_config(global_batch_size=batch, grad_accum_steps=accum)
   with pytest.raises(ValueError, match=message):
-    train.build(config, sharding.make_mesh((8, 1, 1)), 2048)
+    gpt_trainer.build(config, sharding.make_mesh((8, 1, 1)), 2048)

@@ -15,8 +15,8 @@ import pytest
 from flax import nnx
 
 from npp_jax import assets
-from npp_jax import checkpoint
-from npp_jax import train_tokenizer as tt
+from npp_jax.trainers import checkpoint
+from npp_jax.trainers import tokenizer_trainer as tt
 from npp_jax.data import sources
 from npp_jax.models import vq
 

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from npp_jax import assets
-from npp_jax import checkpoint
+from npp_jax.trainers import checkpoint
 from npp_jax.data import augment, sources
 from npp_jax.eval import adm
 from npp_jax.models import classifier as classifier_lib

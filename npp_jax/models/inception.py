@@ -33,7 +33,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from npp_jax import sharding
-from npp_jax import torch_io
+from npp_jax.model_files import torch_io
 
 IMAGE_SIZE = 299
 POOL_DIM = 2048

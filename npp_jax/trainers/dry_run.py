@@ -14,11 +14,11 @@ import ml_collections
 import jax
 from jax.experimental import topologies
 
-from npp_jax import chips
-from npp_jax import metrics as metrics_lib
+from npp_jax.trainers import chips
+from npp_jax.trainers import metrics as metrics_lib
 from npp_jax import npp
 from npp_jax import sharding
-from npp_jax import train
+from npp_jax.trainers import gpt_trainer
 from npp_jax.models import gpt
 
 # Generations whose slice names count TensorCores (two per chip, driven as one "megacore" device) and whose chips
@@ -80,7 +80,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     entry = chips.chip(devices[0].device_kind)
     hbm_gib = entry.hbm_gib if entry else None
   mesh = sharding.make_mesh(config.mesh.shape, devices)
-  setup = train.build(config, mesh, config.train.num_images)
+  setup = gpt_trainer.build(config, mesh, config.train.num_images)
   where = config.mesh.topology or f"{len(devices)} x {devices[0].device_kind}"
   print(f"compiling for {where}, mesh {dict(mesh.shape)}", flush=True)
   print(f"parameters: {gpt.num_parameters(config.model):,}", flush=True)
@@ -88,11 +88,11 @@ def run(config: ml_collections.ConfigDict) -> dict:
   report = {"parameters": gpt.num_parameters(config.model), "stages": {}}
   grid = gpt.grid_side(config.model)
   for patch_side in sorted({s.patch_side for s in setup.stages}):
-    step = train.make_train_step(setup, patch_side)
+    step = gpt_trainer.make_train_step(setup, patch_side)
     seq = npp.coarse_grid(grid, patch_side) ** 2
     flops = metrics_lib.train_flops_per_sequence(config.model, seq) * config.train.global_batch_size
     try:
-      compiled = step.lower(setup.abstract_state, train.abstract_batch(setup)).compile()
+      compiled = step.lower(setup.abstract_state, gpt_trainer.abstract_batch(setup)).compile()
     except jax.errors.JaxRuntimeError as e:
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise

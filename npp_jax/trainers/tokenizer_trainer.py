@@ -46,13 +46,13 @@ from clu import metrics as clu_metrics
 from etils import epath
 from flax import nnx
 
-from npp_jax import checkpoint
+from npp_jax.trainers import checkpoint
 from npp_jax import cli
 from npp_jax import images as images_lib
-from npp_jax import metrics as metrics_lib
+from npp_jax.trainers import metrics as metrics_lib
 from npp_jax import npp
-from npp_jax import optim
-from npp_jax import workdir_lock
+from npp_jax.trainers import optim
+from npp_jax.trainers import workdir_lock
 from npp_jax.data import augment
 from npp_jax.data import prepare
 from npp_jax.data import sources

@@ -16,7 +16,7 @@ import ml_collections
 from etils import epath
 from tensorboardX import SummaryWriter
 
-from npp_jax import chips
+from npp_jax.trainers import chips
 from npp_jax.models import gpt
 
 def train_flops_per_sequence(model: ml_collections.ConfigDict, seq_len: int) -> float:

@@ -24,9 +24,9 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from npp_jax import checkpoint
+from npp_jax.trainers import checkpoint
 from npp_jax import cli
-from npp_jax import torch_io
+from npp_jax.model_files import torch_io
 from npp_jax.models import gpt
 from npp_jax.models import vq as vq_lib
 

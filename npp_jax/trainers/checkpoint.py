@@ -42,7 +42,7 @@ from flax import nnx
 
 from npp_jax import assets
 from npp_jax import fileio
-from npp_jax import integrity
+from npp_jax.trainers import integrity
 from npp_jax import sharding
 from npp_jax.models import classifier as classifier_lib
 from npp_jax.models import gpt
@@ -410,8 +410,8 @@ def load_vq(vq_cfg: ml_collections.ConfigDict) -> vq_lib.VQModel:
   if not path.exists():
     raise FileNotFoundError(f"vq.checkpoint {path} does not exist")
   # A PyTorch file is converted in memory. Imported here: the converter's CLI writes through this module.
-  from npp_jax import convert  # pylint: disable=g-import-not-at-top
-  return convert.vq_from_torch(path, vq_cfg)
+  from npp_jax.model_files import param_mapping  # pylint: disable=g-import-not-at-top
+  return param_mapping.vq_from_torch(path, vq_cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

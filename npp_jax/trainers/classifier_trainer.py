@@ -26,7 +26,7 @@ from absl import flags
 from absl import logging
 from flax import nnx
 
-from npp_jax import checkpoint
+from npp_jax.trainers import checkpoint
 from npp_jax import cli
 from npp_jax.eval import adm
 from npp_jax.eval import fashion

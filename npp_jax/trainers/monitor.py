@@ -18,7 +18,7 @@ from jax.experimental import multihost_utils
 
 from npp_jax import fileio
 from npp_jax import images
-from npp_jax import sampling
+from npp_jax.sampling import decoding
 from npp_jax.eval import adm
 from npp_jax.eval import fashion
 from npp_jax.models import inception
@@ -34,7 +34,7 @@ class Monitor:
     self._graphdef = graphdef
     self._decode = vq_lib.make_decode_fn(vq_model)
     self._dir = epath.Path(workdir) / "samples"
-    self._settings = sampling.SamplingSettings(cfg_scale=config.sample.cfg_scale,
+    self._settings = decoding.SamplingSettings(cfg_scale=config.sample.cfg_scale,
                                                temperature=config.sample.temperature, top_k=config.sample.top_k,
                                                top_p=config.sample.top_p)
     self._settings.validate(config.model.vocab_size)
@@ -44,7 +44,7 @@ class Monitor:
   def __call__(self, step: int, params: dict) -> dict[str, float]:
     if jax.process_count() > 1:
       params = multihost_utils.process_allgather(params, tiled=True)  # sampling runs on local devices
-    sampler = sampling.Sampler(nnx.merge(self._graphdef, params))
+    sampler = decoding.Sampler(nnx.merge(self._graphdef, params))
     classes, per_class = self._config.model.num_classes, self._config.eval.grid_columns
     labels = np.repeat(np.arange(classes), per_class)
     grid = images.make_grid(self._images(sampler, labels), rows=classes, pad=1)
@@ -62,13 +62,13 @@ class Monitor:
         self._writer.scalars(step, {f"eval/{k}": v for k, v in values.items()})
     return values
 
-  def _images(self, sampler: sampling.Sampler, labels: np.ndarray, offset: int = 0) -> np.ndarray:
+  def _images(self, sampler: decoding.Sampler, labels: np.ndarray, offset: int = 0) -> np.ndarray:
     return sample_images(sampler, self._decode, labels, self._key, self._settings,
                          batch_size=self._config.eval.batch_size, offset=offset)
 
 
-def sample_images(sampler: sampling.Sampler, decode: Callable[[jax.Array], jax.Array], labels: np.ndarray,
-                  key: jax.Array, settings: sampling.SamplingSettings, *, batch_size: int, offset: int = 0
+def sample_images(sampler: decoding.Sampler, decode: Callable[[jax.Array], jax.Array], labels: np.ndarray,
+                  key: jax.Array, settings: decoding.SamplingSettings, *, batch_size: int, offset: int = 0
                   ) -> np.ndarray:
   """uint8 images for `labels`, in batches; sample i's key depends only on (key, offset + i)."""
   out = []
