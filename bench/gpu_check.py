@@ -23,12 +23,12 @@ from flax import nnx
 
 from npp_jax import cli
 from npp_jax import config as config_lib
-from npp_jax.trainers import metrics as metrics_lib
 from npp_jax import npp
-from npp_jax.sampling import decoding
 from npp_jax import sharding
-from npp_jax.trainers import gpt_trainer
 from npp_jax.models import gpt
+from npp_jax.sampling import decoding
+from npp_jax.trainers import gpt_trainer
+from npp_jax.trainers import metrics as metrics_lib
 
 TRAIN_BATCHES = (256, 128, 64, 32, 16)  # tried largest first; the first that compiles and runs is reported
 SAMPLE_BATCHES = (64, 256)

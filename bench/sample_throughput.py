@@ -27,8 +27,8 @@ from flax import nnx
 
 from npp_jax import cli
 from npp_jax import config as config_lib
-from npp_jax.sampling import decoding
 from npp_jax.models.gpt import GPT
+from npp_jax.sampling import decoding
 
 
 def make_model(name: str, layers: int, dtype: str) -> GPT:

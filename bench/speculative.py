@@ -33,8 +33,8 @@ from npp_jax import assets
 from npp_jax import cli
 from npp_jax import config as config_lib
 from npp_jax import sample as sample_cli
-from npp_jax.sampling import decoding
 from npp_jax.models.gpt import GPT
+from npp_jax.sampling import decoding
 
 
 

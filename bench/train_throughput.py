@@ -25,11 +25,11 @@ import numpy as np
 from absl import flags
 
 from npp_jax import cli
-from npp_jax.trainers import metrics as metrics_lib
 from npp_jax import npp
 from npp_jax import sharding
-from npp_jax.trainers import gpt_trainer
 from npp_jax.models import gpt
+from npp_jax.trainers import gpt_trainer
+from npp_jax.trainers import metrics as metrics_lib
 
 
 def synthetic_batch(config, mesh, seed: int = 0) -> dict:

@@ -38,10 +38,10 @@ from flax import nnx
 
 from npp_jax import cli
 from npp_jax import config as config_lib
-from npp_jax.sampling import decoding
 from npp_jax import sharding
-from npp_jax.trainers import gpt_trainer
 from npp_jax.models import gpt
+from npp_jax.sampling import decoding
+from npp_jax.trainers import gpt_trainer
 
 WIDTHS = {
     "tiny": dict(dim=256, n_layer=4, n_head=4, vocab_size=512, block_size=64, num_classes=10),

@@ -10,13 +10,13 @@ import sys
 import jax.numpy as jnp
 import pytest
 
-from npp_jax.trainers import checkpoint
 from npp_jax import config as config_lib
-from npp_jax.model_files import param_mapping
+from npp_jax import convert
 from npp_jax import evaluate
 from npp_jax import sample
-from npp_jax.trainers import classifier_trainer
-from npp_jax.trainers import tokenizer_trainer
+from npp_jax import train_classifier
+from npp_jax import train_tokenizer
+from npp_jax.trainers import checkpoint
 from npp_jax.trainers import workdir_lock
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -134,19 +134,19 @@ def test_evaluate_samples_that_are_a_directory(tmp_path, capsys):
 def test_convert_a_broken_config_and_an_empty_source(tmp_path, capsys, broken_config):
   src = tmp_path / "gpt.pt"
   src.write_bytes(b"")
-  assert param_mapping.main(["convert", "gpt", "--src", str(src), "--out", str(tmp_path / "o"), "--config",
+  assert convert.main(["convert", "gpt", "--src", str(src), "--out", str(tmp_path / "o"), "--config",
                        str(broken_config)]) == 1
   one_sentence(capsys.readouterr().err, f"config file {broken_config} cannot be loaded")
-  assert param_mapping.main(["convert", "gpt", "--src", str(src), "--out", str(tmp_path / "o"), "--config", TINY]) == 1
+  assert convert.main(["convert", "gpt", "--src", str(src), "--out", str(tmp_path / "o"), "--config", TINY]) == 1
   one_sentence(capsys.readouterr().err, str(src))
 
 
 def test_train_tokenizer_a_second_trainer_and_a_broken_config(tmp_path, capsys, broken_config):
-  assert tokenizer_trainer.main(["t", "--config", str(broken_config), "--workdir", str(tmp_path)]) == 1
+  assert train_tokenizer.main(["t", "--config", str(broken_config), "--workdir", str(tmp_path)]) == 1
   one_sentence(capsys.readouterr().err, "cannot be loaded: SyntaxError")
   lock = workdir_lock.acquire(str(tmp_path))
   try:
-    assert tokenizer_trainer.main(["t", "--config", str(REPO / "configs" / "vq_fashion.py"), "--workdir",
+    assert train_tokenizer.main(["t", "--config", str(REPO / "configs" / "vq_fashion.py"), "--workdir",
                                  str(tmp_path)]) == 1
   finally:
     lock.close()
@@ -154,6 +154,6 @@ def test_train_tokenizer_a_second_trainer_and_a_broken_config(tmp_path, capsys, 
 
 
 def test_train_classifier_missing_data(tmp_path, capsys):
-  assert classifier_trainer.main(["train_classifier", "--config", str(REPO / "configs" / "fashion_classifier.py"),
+  assert train_classifier.main(["train_classifier", "--config", str(REPO / "configs" / "fashion_classifier.py"),
                                 "--out", str(tmp_path / "c"), f"--config.data_dir={tmp_path / 'none'}"]) == 1
   one_sentence(capsys.readouterr().err, str(tmp_path / "none"))

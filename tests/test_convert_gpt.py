@@ -6,11 +6,12 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from npp_jax.trainers import checkpoint
 from npp_jax import config as config_lib
-from npp_jax.model_files import param_mapping
+from npp_jax import convert
 from npp_jax import npp
+from npp_jax.model_files import param_mapping
 from npp_jax.model_files import torch_io
+from npp_jax.trainers import checkpoint
 
 FIXTURE_MODEL = dict(dim=128, n_layer=2, n_head=4, vocab_size=512, num_classes=10, block_size=64,
                      dtype="float32")
@@ -103,28 +104,28 @@ def test_ema_container_is_chosen_by_key(gpt_pt, tmp_path):
 
 def test_cli_writes_a_model_directory_that_loads_and_exports(gpt_pt, gpt_io, tmp_path):
   out = tmp_path / "converted"
-  assert param_mapping.main(["convert", "gpt", "--src", str(gpt_pt), "--config", "configs/tiny.py", "--out", str(out),
+  assert convert.main(["convert", "gpt", "--src", str(gpt_pt), "--config", "configs/tiny.py", "--out", str(out),
                        *OVERRIDES]) == 0
   model, config = checkpoint.load_model(str(out))
   assert config.model.vocab_size == 512
   logits = model(jnp.asarray(gpt_io["tokens"]), jnp.asarray(gpt_io["labels"]))
   np.testing.assert_allclose(logits, gpt_io["logits"], atol=1e-5, rtol=0)
   exported = tmp_path / "exported.pt"
-  assert param_mapping.main(["convert", "export", "--checkpoint", str(out), "--out", str(exported)]) == 0
+  assert convert.main(["convert", "export", "--checkpoint", str(out), "--out", str(exported)]) == 0
   original = torch_io.load_state_dict(gpt_pt)
   for key, value in torch_io.load_state_dict(exported).items():
     np.testing.assert_array_equal(value, original[key], err_msg=key)
   # A second conversion into the same directory must not overwrite it.
-  assert param_mapping.main(["convert", "gpt", "--src", str(gpt_pt), "--config", "configs/tiny.py", "--out", str(out),
+  assert convert.main(["convert", "gpt", "--src", str(gpt_pt), "--config", "configs/tiny.py", "--out", str(out),
                        *OVERRIDES]) == 1
 
 
 def test_cli_errors_are_one_line(gpt_pt, tmp_path, capsys):
-  assert param_mapping.main(["convert", "gpt", "--src", str(tmp_path / "nope.pt"), "--config", "configs/tiny.py",
+  assert convert.main(["convert", "gpt", "--src", str(tmp_path / "nope.pt"), "--config", "configs/tiny.py",
                        "--out", str(tmp_path / "o"), *OVERRIDES]) == 1
   err = capsys.readouterr().err.strip()
   assert err.startswith("error: ") and "nope.pt" in err and "\n" not in err
-  assert param_mapping.main(["convert", "gpt", "--src", str(gpt_pt), "--config", "configs/tiny.py",
+  assert convert.main(["convert", "gpt", "--src", str(gpt_pt), "--config", "configs/tiny.py",
                        "--out", str(tmp_path / "o")]) == 1  # the tiny model's shapes do not fit
   assert "does not match the model" in capsys.readouterr().err
 
@@ -132,7 +133,7 @@ def test_cli_errors_are_one_line(gpt_pt, tmp_path, capsys):
 def test_fine_tune_starts_from_converted_parameters(gpt_pt, tmp_path):
   from npp_jax.trainers import gpt_trainer  # pylint: disable=g-import-not-at-top
   out = tmp_path / "converted"
-  assert param_mapping.main(["convert", "gpt", "--src", str(gpt_pt), "--config", "configs/tiny.py", "--out", str(out),
+  assert convert.main(["convert", "gpt", "--src", str(gpt_pt), "--config", "configs/tiny.py", "--out", str(out),
                        *OVERRIDES]) == 0
   config = config_lib.base_config()
   config.model = fixture_cfg()

@@ -6,10 +6,11 @@ import pathlib
 import numpy as np
 import pytest
 
+from npp_jax import convert
 from npp_jax.model_files import param_mapping
 from npp_jax.model_files import torch_io
-from npp_jax.trainers import checkpoint
 from npp_jax.models import vq
+from npp_jax.trainers import checkpoint
 from test_vq import tiny_config
 
 KERNEL = "decoder.conv_out.weight"
@@ -147,16 +148,16 @@ def test_main_vq(tmp_path, vq_pt, ref, capsys):
   argv = ["convert", "--src", str(vq_pt), "--out", str(out), "--config", VQ16_CONFIG,
           "--config.vq.ch=32", "--config.vq.encoder_ch_mult=(1,2)", "--config.vq.decoder_ch_mult=(1,2)",
           "--config.vq.z_channels=32", "--config.vq.codebook_size=64", "--config.vq.image_size=32"]
-  assert param_mapping.main([argv[0], "vq", *argv[1:]]) == 0
+  assert convert.main([argv[0], "vq", *argv[1:]]) == 0
   saved_cfg, _ = checkpoint.read_saved_vq(out)
   np.testing.assert_array_equal(checkpoint.load_vq(saved_cfg).encode(ref["images"]), ref["codes"])
   capsys.readouterr()
   # Without the overrides the VQ-16 config does not fit the tiny checkpoint: one line, non-zero status.
-  assert param_mapping.main(["convert", "vq", "--src", str(vq_pt), "--out", str(tmp_path / "x"),
+  assert convert.main(["convert", "vq", "--src", str(vq_pt), "--out", str(tmp_path / "x"),
                           "--config", VQ16_CONFIG]) == 1
   err = capsys.readouterr().err
   assert err.startswith("error: ") and "mis-shaped keys" in err and err.count("\n") == 1
   assert not (tmp_path / "x").exists()
-  assert param_mapping.main(["convert", "vq", "--src", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "y"),
+  assert convert.main(["convert", "vq", "--src", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "y"),
                           "--config", VQ16_CONFIG]) == 1
   assert "nope.pt" in capsys.readouterr().err

@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 
 from npp_jax import assets
+from npp_jax import images as images_lib
+from npp_jax import train_classifier
+from npp_jax.data import augment, sources
+from npp_jax.eval import adm, fashion
+from npp_jax.models import classifier as classifier_lib
 from npp_jax.trainers import checkpoint
 from npp_jax.trainers import classifier_trainer
-from npp_jax.eval import adm, fashion
-from npp_jax import images as images_lib
-from npp_jax.data import augment, sources
-from npp_jax.models import classifier as classifier_lib
 
 ACCURACY_MARGIN = 0.03  # 1000 test images: the binomial standard error is ~1%.
 
@@ -197,7 +198,7 @@ def test_train_classifier_cli_writes_a_loadable_classifier(tmp_path, capsys):
     _write_idx(data / f"{prefix}-labels-idx1-ubyte.gz", labels)
   out = tmp_path / "cls"
   config = ["--config", "configs/fashion_classifier.py", f"--config.data_dir={data}"]
-  assert classifier_trainer.main(["train_classifier", *config, "--out", str(out), "--config.steps=3",
+  assert train_classifier.main(["train_classifier", *config, "--out", str(out), "--config.steps=3",
                                 "--config.batch_size=16", "--config.warmup=1"]) == 0
   model, meta = checkpoint.load_classifier(out)
   assert meta["recipe"]["steps"] == 3 and 0 <= meta["test_accuracy"] <= 1
@@ -209,7 +210,7 @@ def test_train_classifier_cli_writes_a_loadable_classifier(tmp_path, capsys):
   result = fashion.classifier_metrics(test_images, test_labels, model=fashion.Evaluator(out))
   assert result["agreement"] == pytest.approx(meta["test_accuracy"], abs=1e-4)
 
-  assert classifier_trainer.main(["train_classifier", "--config", "configs/fashion_classifier.py", "--out", str(out),
+  assert train_classifier.main(["train_classifier", "--config", "configs/fashion_classifier.py", "--out", str(out),
                                 f"--config.data_dir={tmp_path / 'missing'}"]) == 1
   assert "does not exist" in capsys.readouterr().err
 

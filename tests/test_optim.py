@@ -9,8 +9,8 @@ from flax import nnx
 
 from npp_jax import config as config_lib
 from npp_jax import npp
-from npp_jax.trainers import optim
 from npp_jax.models import gpt
+from npp_jax.trainers import optim
 
 
 def optim_config(**overrides) -> ml_collections.ConfigDict:

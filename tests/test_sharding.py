@@ -11,10 +11,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from npp_jax import sharding
-from npp_jax.trainers import gpt_trainer
+from npp_jax.config import load_file as load_config_file
 from npp_jax.data import pipeline
 from npp_jax.models import gpt
-from npp_jax.config import load_file as load_config_file
+from npp_jax.trainers import gpt_trainer
 
 TINY = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
 MESHES = [(8, 1, 1), (2, 4, 1), (1, 8, 1), (2, 2, 2)]

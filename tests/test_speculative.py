@@ -10,8 +10,8 @@ import scipy.stats
 from flax import nnx
 
 from npp_jax import config as config_lib
-from npp_jax.sampling import decoding
 from npp_jax.models import gpt
+from npp_jax.sampling import decoding
 from test_sampling import _numpy_filter, loops_touching, reference, sampler  # noqa: F401 (fixtures)
 
 

@@ -16,8 +16,8 @@ from PIL import Image
 from npp_jax import config as config_lib
 from npp_jax import study
 from npp_jax.eval import study_report
-from npp_jax.trainers import gpt_trainer
 from npp_jax.models import gpt
+from npp_jax.trainers import gpt_trainer
 
 from test_cli_errors import one_sentence
 from test_default_pipeline import image_folder

@@ -12,12 +12,12 @@ import jax
 import numpy as np
 import pytest
 
+from npp_jax import sharding
+from npp_jax.config import load_file as load_config_file
 from npp_jax.trainers import checkpoint
+from npp_jax.trainers import gpt_trainer
 from npp_jax.trainers import integrity
 from npp_jax.trainers import metrics as metrics_lib
-from npp_jax import sharding
-from npp_jax.trainers import gpt_trainer
-from npp_jax.config import load_file as load_config_file
 
 TINY = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
 TOTAL, STOP_AFTER, CHECKPOINT_EVERY = 40, 12, 15

@@ -15,10 +15,11 @@ import pytest
 from flax import nnx
 
 from npp_jax import assets
-from npp_jax.trainers import checkpoint
-from npp_jax.trainers import tokenizer_trainer as tt
+from npp_jax import train_tokenizer
 from npp_jax.data import sources
 from npp_jax.models import vq
+from npp_jax.trainers import checkpoint
+from npp_jax.trainers import tokenizer_trainer as tt
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "vq_fashion.py")
@@ -76,7 +77,7 @@ def tiny_overrides(data_dir: pathlib.Path) -> list[str]:
 
 
 def cli(workdir: pathlib.Path, *args: str) -> int:
-  return tt.main(["train_tokenizer", "--config", CONFIG, "--workdir", str(workdir), *args])
+  return train_tokenizer.main(["train_tokenizer", "--config", CONFIG, "--workdir", str(workdir), *args])
 
 
 @pytest.fixture(scope="module")

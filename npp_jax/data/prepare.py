@@ -35,9 +35,9 @@ from array_record.python import array_record_module
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from npp_jax.trainers import checkpoint
 from npp_jax import fileio
 from npp_jax import sharding
+from npp_jax.trainers import checkpoint
 
 from npp_jax.data import augment
 from npp_jax.data import records

@@ -5,27 +5,21 @@ transform between the two layouts (and its inverse, for export). Buffers the NNX
 `quantize.codebook_used`) are rules without a path. `import_params` checks a state dict against the rules and the
 config-built model and reports every problem in one ValueError; `export_params` is the exact inverse.
 
-This module holds that machinery, the GPT's and the VQ tokenizer's rules (`gpt_from_torch`, `gpt_to_torch`,
-`vq_from_torch`, `vq_to_torch`) and the CLI. The native directories it writes belong to `npp_jax.checkpoint`.
+This module holds that machinery and the GPT's and the VQ tokenizer's rules (`gpt_from_torch`, `gpt_to_torch`,
+`vq_from_torch`, `vq_to_torch`). The command line is `npp_jax.convert`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
-import sys
 from typing import Any, Callable, Sequence
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import flags
 from flax import nnx
 
-from npp_jax.trainers import checkpoint
-from npp_jax import cli
 from npp_jax.model_files import torch_io
 from npp_jax.models import gpt
 from npp_jax.models import vq as vq_lib
@@ -238,68 +232,3 @@ def vq_from_torch(path: PathLike, vq_cfg: ml_collections.ConfigDict, *, key: str
 def vq_to_torch(model: vq_lib.VQModel) -> dict[str, np.ndarray]:
   """A state dict that LlamaGen's `VQModel.load_state_dict` accepts strictly (codebook_used as zeros)."""
   return export_params(model, vq_rules(model))
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# CLI: python -m npp_jax.convert gpt|vq --src FILE --config CONFIG --out DIR [--key ema] [--config.x=y ...]
-#      python -m npp_jax.convert export --checkpoint DIR --out FILE.pt|.safetensors [--raw]
-
-USAGE = ("usage: python -m npp_jax.convert gpt|vq --src FILE --config CONFIG --out DIR [--key ema] "
-         "[--config.key=value ...]\n       python -m npp_jax.convert export --checkpoint DIR --out FILE "
-         "[--raw]")
-
-
-def _convert_gpt(src: str, config: ml_collections.ConfigDict, out: str, key: str | None) -> str:
-  model = gpt_from_torch(src, config.model, key=key)
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    config.converted_from = str(src)
-  checkpoint.save_gpt(model, config, out)
-  return f"wrote {out}: {sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param))):,} parameters"
-
-
-def _convert_vq(src: str, config: ml_collections.ConfigDict, out: str, key: str | None) -> str:
-  checksum = checkpoint.save_vq(vq_from_torch(src, config.vq, key=key), config.vq, out)
-  return f"wrote {out} (params checksum {checksum})"
-
-
-def _export(directory: str, out: str, raw: bool) -> str:
-  """A trained or converted model directory back to a PyTorch state dict ({"model": sd} unless raw)."""
-  model, _ = checkpoint.load_model(directory, ema=False)
-  torch_io.save_state_dict(gpt_to_torch(model), out, container=None if raw else "model")
-  return f"wrote {out}"
-
-
-COMMANDS = ("gpt", "vq", "export")
-
-
-def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
-  cli.define_config(fv, argv, "Config file (gpt, vq): its `model` or `vq` section builds the model.")
-  flags.DEFINE_string("src", None, "LlamaGen/NPP checkpoint (.pt/.pth/.bin or .safetensors).", flag_values=fv)
-  flags.DEFINE_string("out", None, "Directory (gpt, vq) or file (export) to write.", flag_values=fv)
-  flags.DEFINE_string("key", None, "Checkpoint container entry to read (e.g. ema); default model.", flag_values=fv)
-  flags.DEFINE_string("checkpoint", None, "Model directory to export.", flag_values=fv)
-  flags.DEFINE_bool("raw", False, "Export a bare state dict instead of {'model': ...}.", flag_values=fv)
-
-
-def _run(command: str, fv: flags.FlagValues) -> str:
-  required = ("checkpoint", "out") if command == "export" else ("src", "out", "config")
-  for name in required:
-    if fv[name].value is None:
-      raise ValueError(f"--{name} is required for `convert {command}`")
-  if command == "export":
-    return _export(fv.checkpoint, fv.out, fv.raw)
-  section = "model" if command == "gpt" else "vq"
-  if section not in fv.config:
-    raise ValueError(f"the config {fv['config'].config_filename} has no {section} section")
-  return (_convert_gpt if command == "gpt" else _convert_vq)(fv.src, fv.config, fv.out, fv.key)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  """The CLI; argv as sys.argv (program name, then the subcommand). Returns the exit status."""
-  commands = {command: functools.partial(_run, command) for command in COMMANDS}
-  return cli.main_with_commands(commands, define_flags, argv, doc=__doc__ + "\n" + USAGE)
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -14,7 +14,6 @@ mean and covariance of the features over the 10,000 test images, the online FD's
 
 from __future__ import annotations
 
-import sys
 import time
 
 import jax
@@ -22,15 +21,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import flags
 from absl import logging
 from flax import nnx
 
-from npp_jax.trainers import checkpoint
-from npp_jax import cli
 from npp_jax.eval import adm
 from npp_jax.eval import fashion
 from npp_jax.models import classifier as classifier_lib
+from npp_jax.trainers import checkpoint
 
 MAX_SHIFT = 2  # The `pad` canvas leaves 2 black pixels on each side of a 28x28 image in 32x32.
 
@@ -89,11 +86,6 @@ def train(images: np.ndarray, labels: np.ndarray, *, steps: int, batch_size: int
 RECIPE_FIELDS = ("steps", "batch_size", "lr", "weight_decay", "warmup", "seed")
 
 
-def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
-  cli.define_config(fv, argv, "Config file (configs/fashion_classifier.py).")
-  flags.DEFINE_string("out", None, "Directory to write the classifier to.", flag_values=fv)
-
-
 def run(config: ml_collections.ConfigDict, out: str) -> dict:
   """Trains on the config's recipe, evaluates, writes `out`; returns the saved meta."""
   if config.steps < 1 or config.batch_size < 1:
@@ -120,17 +112,3 @@ def run(config: ml_collections.ConfigDict, out: str) -> dict:
       "command": "python -m npp_jax.train_classifier --config configs/fashion_classifier.py " + " ".join(
           f"--config.{k}={v}" for k, v in recipe.items()) + " --out DIR",
       "reference_stats": "features of the 10000 Fashion-MNIST test images"}, (stats.mu, stats.sigma, len(features)))
-
-
-def run_from_flags(fv: flags.FlagValues) -> str:
-  meta = run(fv.config, fv.out)
-  return (f"test accuracy {meta['test_accuracy']:.4f}, train accuracy {meta['train_accuracy']:.4f}, "
-          f"{meta['train_seconds']} s of training; wrote {fv.out}")
-
-
-def main(argv: list[str] | None = None) -> int:
-  return cli.main(run_from_flags, define_flags, argv, doc=__doc__, required=("config", "out"))
-
-
-if __name__ == "__main__":
-  sys.exit(main())

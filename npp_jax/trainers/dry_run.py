@@ -14,12 +14,12 @@ import ml_collections
 import jax
 from jax.experimental import topologies
 
-from npp_jax.trainers import chips
-from npp_jax.trainers import metrics as metrics_lib
 from npp_jax import npp
 from npp_jax import sharding
-from npp_jax.trainers import gpt_trainer
 from npp_jax.models import gpt
+from npp_jax.trainers import chips
+from npp_jax.trainers import gpt_trainer
+from npp_jax.trainers import metrics as metrics_lib
 
 # Generations whose slice names count TensorCores (two per chip, driven as one "megacore" device) and whose chips
 # form a 3D torus; the others count chips on a 2D torus.

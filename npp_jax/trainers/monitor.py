@@ -18,11 +18,11 @@ from jax.experimental import multihost_utils
 
 from npp_jax import fileio
 from npp_jax import images
-from npp_jax.sampling import decoding
 from npp_jax.eval import adm
 from npp_jax.eval import fashion
 from npp_jax.models import inception
 from npp_jax.models import vq as vq_lib
+from npp_jax.sampling import decoding
 
 
 class Monitor:

@@ -31,32 +31,29 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import flags
 from absl import logging
 from clu import metrics as clu_metrics
 from etils import epath
 from flax import nnx
 
-from npp_jax.trainers import checkpoint
-from npp_jax import cli
 from npp_jax import images as images_lib
-from npp_jax.trainers import metrics as metrics_lib
 from npp_jax import npp
-from npp_jax.trainers import optim
-from npp_jax.trainers import workdir_lock
 from npp_jax.data import augment
 from npp_jax.data import prepare
 from npp_jax.data import sources
 from npp_jax.models import vq as vq_lib
+from npp_jax.trainers import checkpoint
+from npp_jax.trainers import metrics as metrics_lib
+from npp_jax.trainers import optim
+from npp_jax.trainers import workdir_lock
 
 TOKENIZER_DIR = "tokenizer"
 EVAL_FILE = "eval.json"
@@ -375,25 +372,3 @@ def _finish(trainer: Trainer, params: dict, writer: metrics_lib.Writer, test_set
   result = {**test, "checksum": checksum, "steps": trainer.steps}
   (workdir / EVAL_FILE).write_text(json.dumps(result, indent=1) + "\n")
   return result
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# CLI.
-
-
-def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
-  cli.define_config(fv, argv, "Config file (configs/vq_fashion.py).")
-  flags.DEFINE_string("workdir", None, "Where checkpoints, logs and the final tokenizer go.", flag_values=fv)
-
-
-def run_from_flags(fv: flags.FlagValues) -> None:
-  run(fv.config, fv.workdir)  # It logs its own results.
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  """python -m npp_jax.train_tokenizer --config FILE --workdir DIR [--config.key=value ...]; returns the status."""
-  return cli.main(run_from_flags, define_flags, argv, doc=__doc__, required=("config", "workdir"))
-
-
-if __name__ == "__main__":
-  sys.exit(main())
