@@ -36,6 +36,7 @@ from PIL import Image
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from npp_jax import cli  # noqa: E402
+from npp_jax.checkpoints import checkpoint  # noqa: E402
 from npp_jax.data import augment  # noqa: E402
 from npp_jax.data import pipeline  # noqa: E402
 from npp_jax.data import prepare  # noqa: E402
@@ -43,7 +44,6 @@ from npp_jax.data import sources  # noqa: E402
 from npp_jax.model_files import param_mapping  # noqa: E402
 from npp_jax.models import gpt  # noqa: E402
 from npp_jax.models import vq  # noqa: E402
-from npp_jax.trainers import checkpoint  # noqa: E402
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 

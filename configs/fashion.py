@@ -8,8 +8,8 @@ then single codes; a sample grid (one row per class) and the classifier metric c
 
 from npp_jax import assets
 from npp_jax import config as base
+from npp_jax.checkpoints import checkpoint
 from npp_jax.models import vq
-from npp_jax.trainers import checkpoint
 
 
 def get_config():

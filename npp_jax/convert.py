@@ -19,9 +19,9 @@ from absl import flags
 from flax import nnx
 
 from npp_jax import cli
+from npp_jax.checkpoints import checkpoint
 from npp_jax.model_files import param_mapping
 from npp_jax.model_files import torch_io
-from npp_jax.trainers import checkpoint
 
 
 USAGE = ("usage: python -m npp_jax.convert gpt|vq --src FILE --config CONFIG --out DIR [--key ema] "

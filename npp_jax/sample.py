@@ -28,9 +28,9 @@ from tqdm import tqdm
 from npp_jax import cli
 from npp_jax import config as config_lib
 from npp_jax import images as image_io
+from npp_jax.checkpoints import checkpoint
 from npp_jax.models import vq as vq_lib
 from npp_jax.sampling import decoding
-from npp_jax.trainers import checkpoint
 
 SAMPLE_STREAM, LABEL_STREAM = 0, 1  # fold_in tags under the seed's key
 GRID_IMAGES = 64

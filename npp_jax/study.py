@@ -38,18 +38,18 @@ from absl import logging
 from npp_jax import cli
 from npp_jax import fileio
 from npp_jax import npp
+from npp_jax.checkpoints import checkpoint
+from npp_jax.checkpoints import integrity
+from npp_jax.checkpoints import workdir_lock
 from npp_jax.data import prepare
 from npp_jax.eval import fashion
 from npp_jax.eval import study_report
 from npp_jax.models import gpt
 from npp_jax.models import vq as vq_lib
 from npp_jax.sampling import decoding
-from npp_jax.trainers import checkpoint
 from npp_jax.trainers import gpt_trainer
-from npp_jax.trainers import integrity
 from npp_jax.trainers import metrics as metrics_lib
 from npp_jax.trainers import monitor
-from npp_jax.trainers import workdir_lock
 
 MATCHES = ("images", "flops")
 RESULTS_FILE = "results.json"

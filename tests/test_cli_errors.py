@@ -16,8 +16,8 @@ from npp_jax import evaluate
 from npp_jax import sample
 from npp_jax import train_classifier
 from npp_jax import train_tokenizer
-from npp_jax.trainers import checkpoint
-from npp_jax.trainers import workdir_lock
+from npp_jax.checkpoints import checkpoint
+from npp_jax.checkpoints import workdir_lock
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.py")

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 from npp_jax import config as config_lib
 from npp_jax import convert
 from npp_jax import npp
+from npp_jax.checkpoints import checkpoint
 from npp_jax.model_files import param_mapping
 from npp_jax.model_files import torch_io
-from npp_jax.trainers import checkpoint
 
 FIXTURE_MODEL = dict(dim=128, n_layer=2, n_head=4, vocab_size=512, num_classes=10, block_size=64,
                      dtype="float32")

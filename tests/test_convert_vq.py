@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from npp_jax import convert
+from npp_jax.checkpoints import checkpoint
 from npp_jax.model_files import param_mapping
 from npp_jax.model_files import torch_io
 from npp_jax.models import vq
-from npp_jax.trainers import checkpoint
 from test_vq import tiny_config
 
 KERNEL = "decoder.conv_out.weight"

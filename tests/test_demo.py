@@ -26,10 +26,10 @@ from npp_jax import assets
 from npp_jax import demo
 from npp_jax import sample as sample_cli
 from npp_jax import sharding
+from npp_jax.checkpoints import checkpoint
 from npp_jax.config import load_file as load_config_file
 from npp_jax.models import vq as vq_lib
 from npp_jax.sampling import decoding
-from npp_jax.trainers import checkpoint
 from npp_jax.trainers import gpt_trainer
 from test_main_cli import cli_env
 from test_pipeline import write_codes

@@ -16,10 +16,10 @@ import pytest
 from npp_jax import assets
 from npp_jax import images as images_lib
 from npp_jax import train_classifier
+from npp_jax.checkpoints import checkpoint
 from npp_jax.data import augment, sources
 from npp_jax.eval import adm, fashion
 from npp_jax.models import classifier as classifier_lib
-from npp_jax.trainers import checkpoint
 from npp_jax.trainers import classifier_trainer
 
 ACCURACY_MARGIN = 0.03  # 1000 test images: the binomial standard error is ~1%.

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from npp_jax.checkpoints import checkpoint
 from npp_jax.config import load_file as load_config_file
 from npp_jax.models import gpt
-from npp_jax.trainers import checkpoint
 from test_pipeline import labelled_views, write_codes
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

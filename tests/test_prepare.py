@@ -326,7 +326,7 @@ def get_config():
 
 def test_cli_end_to_end_and_errors(tmp_path, tiny_vq):
   import runpy
-  from npp_jax.trainers import checkpoint
+  from npp_jax.checkpoints import checkpoint
   from npp_jax.data import prepare as prepare_lib
 
   cfg, model = tiny_vq

@@ -14,10 +14,10 @@ from npp_jax import assets
 from npp_jax import config as config_lib
 from npp_jax import images as image_io
 from npp_jax import sample as sample_cli
+from npp_jax.checkpoints import checkpoint
 from npp_jax.models import vq as vq_lib
 from npp_jax.models.gpt import GPT
 from npp_jax.sampling import decoding
-from npp_jax.trainers import checkpoint
 
 VOCAB, CLASSES, GRID = 32, 3, 4
 

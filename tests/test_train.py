@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from npp_jax import sharding
+from npp_jax.checkpoints import checkpoint
+from npp_jax.checkpoints import integrity
 from npp_jax.config import load_file as load_config_file
-from npp_jax.trainers import checkpoint
 from npp_jax.trainers import gpt_trainer
-from npp_jax.trainers import integrity
 from npp_jax.trainers import metrics as metrics_lib
 
 TINY = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py"

@@ -16,9 +16,9 @@ from flax import nnx
 
 from npp_jax import assets
 from npp_jax import train_tokenizer
+from npp_jax.checkpoints import checkpoint
 from npp_jax.data import sources
 from npp_jax.models import vq
-from npp_jax.trainers import checkpoint
 from npp_jax.trainers import tokenizer_trainer as tt
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

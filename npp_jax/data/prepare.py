@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from npp_jax import fileio
 from npp_jax import sharding
-from npp_jax.trainers import checkpoint
+from npp_jax.checkpoints import checkpoint
 
 from npp_jax.data import augment
 from npp_jax.data import records

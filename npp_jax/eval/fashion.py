@@ -24,10 +24,10 @@ import jax
 import numpy as np
 
 from npp_jax import assets
+from npp_jax.checkpoints import checkpoint
 from npp_jax.data import augment, sources
 from npp_jax.eval import adm
 from npp_jax.models import classifier as classifier_lib
-from npp_jax.trainers import checkpoint
 
 DEFAULT_BATCH_SIZE = 500
 

@@ -24,10 +24,10 @@ import optax
 from absl import logging
 from flax import nnx
 
+from npp_jax.checkpoints import checkpoint
 from npp_jax.eval import adm
 from npp_jax.eval import fashion
 from npp_jax.models import classifier as classifier_lib
-from npp_jax.trainers import checkpoint
 
 MAX_SHIFT = 2  # The `pad` canvas leaves 2 black pixels on each side of a 28x28 image in 32x32.
 

@@ -27,15 +27,15 @@ from jax.experimental import multihost_utils
 
 from npp_jax import npp
 from npp_jax import sharding
+from npp_jax.checkpoints import checkpoint
+from npp_jax.checkpoints import workdir_lock
 from npp_jax.data import pipeline
 from npp_jax.data import prepare
 from npp_jax.models import gpt
 from npp_jax.models import vq
-from npp_jax.trainers import checkpoint
 from npp_jax.trainers import metrics as metrics_lib
 from npp_jax.trainers import monitor
 from npp_jax.trainers import optim
-from npp_jax.trainers import workdir_lock
 
 DONE_FILE = "DONE"
 

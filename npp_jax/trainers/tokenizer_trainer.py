@@ -46,14 +46,14 @@ from flax import nnx
 
 from npp_jax import images as images_lib
 from npp_jax import npp
+from npp_jax.checkpoints import checkpoint
+from npp_jax.checkpoints import workdir_lock
 from npp_jax.data import augment
 from npp_jax.data import prepare
 from npp_jax.data import sources
 from npp_jax.models import vq as vq_lib
-from npp_jax.trainers import checkpoint
 from npp_jax.trainers import metrics as metrics_lib
 from npp_jax.trainers import optim
-from npp_jax.trainers import workdir_lock
 
 TOKENIZER_DIR = "tokenizer"
 EVAL_FILE = "eval.json"

@@ -43,10 +43,10 @@ from flax import nnx
 from npp_jax import assets
 from npp_jax import fileio
 from npp_jax import sharding
+from npp_jax.checkpoints import integrity
 from npp_jax.models import classifier as classifier_lib
 from npp_jax.models import gpt
 from npp_jax.models import vq as vq_lib
-from npp_jax.trainers import integrity
 
 PathLike = str | os.PathLike
 CONFIG_FILE = "config.json"
