@@ -8,13 +8,13 @@ then single codes; a sample grid (one row per class) and the classifier metric c
 
 from npp_jax import assets
 from npp_jax import config as base
-from npp_jax.checkpoints import checkpoint
+from npp_jax.model_files import store
 from npp_jax.models import vq
 
 
 def get_config():
   c = base.base_config()
-  c.vq, _ = checkpoint.read_saved_vq(assets.FASHION_TOKENIZER)  # the shipped tokenizer's own config
+  c.vq, _ = store.read_saved_vq(assets.FASHION_TOKENIZER)  # the shipped tokenizer's own config
   c.model.update(dim=192, n_layer=4, n_head=6, vocab_size=c.vq.codebook_size, num_classes=10,
                  block_size=vq.grid_size(c.vq) ** 2, dtype="float32", remat="none",
                  scan_layers=False,  # unrolled layers: a faster step on CPU, and 4 layers compile quickly

@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.pad_value = 0
   c.data.val_images = 1000  # The last training images, held out for validation during training.
 
-  # AdamW with npp_jax.optim's schedule: linear warmup, constant, linear decay over the last decay_fraction.
+  # AdamW with npp_jax.trainers.optim's schedule: linear warmup, constant, linear decay over the last decay_fraction.
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 2e-3
   c.optim.end_lr = 1e-4

@@ -19,8 +19,8 @@ from absl import flags
 from flax import nnx
 
 from npp_jax import cli
-from npp_jax.checkpoints import checkpoint
 from npp_jax.model_files import param_mapping
+from npp_jax.model_files import store
 from npp_jax.model_files import torch_io
 
 
@@ -34,18 +34,18 @@ def _convert_gpt(src: str, config: ml_collections.ConfigDict, out: str, key: str
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.converted_from = str(src)
-  checkpoint.save_gpt(model, config, out)
+  store.save_gpt(model, config, out)
   return f"wrote {out}: {sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param))):,} parameters"
 
 
 def _convert_vq(src: str, config: ml_collections.ConfigDict, out: str, key: str | None) -> str:
-  checksum = checkpoint.save_vq(param_mapping.vq_from_torch(src, config.vq, key=key), config.vq, out)
+  checksum = store.save_vq(param_mapping.vq_from_torch(src, config.vq, key=key), config.vq, out)
   return f"wrote {out} (params checksum {checksum})"
 
 
 def _export(directory: str, out: str, raw: bool) -> str:
   """A trained or converted model directory back to a PyTorch state dict ({"model": sd} unless raw)."""
-  model, _ = checkpoint.load_model(directory, ema=False)
+  model, _ = store.load_model(directory, ema=False)
   torch_io.save_state_dict(param_mapping.gpt_to_torch(model), out, container=None if raw else "model")
   return f"wrote {out}"
 

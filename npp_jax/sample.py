@@ -28,7 +28,7 @@ from tqdm import tqdm
 from npp_jax import cli
 from npp_jax import config as config_lib
 from npp_jax import images as image_io
-from npp_jax.checkpoints import checkpoint
+from npp_jax.model_files import store
 from npp_jax.models import vq as vq_lib
 from npp_jax.sampling import decoding
 
@@ -147,16 +147,16 @@ def load_model_and_tokenizer(checkpoint_dir: str, vq_path: str, config: ml_colle
   for name, path in (("checkpoint", checkpoint_dir), ("VQ checkpoint", vq_path)):
     if not pathlib.Path(path).exists():
       raise FileNotFoundError(f"{name} {path} does not exist")
-  model, config = checkpoint.load_model(checkpoint_dir, config)
+  model, config = store.load_model(checkpoint_dir, config)
   with config.unlocked():
     if pathlib.Path(vq_path).is_dir():  # a saved tokenizer: its own config says what it is
-      config.vq = checkpoint.read_saved_vq(vq_path)[0]
+      config.vq = store.read_saved_vq(vq_path)[0]
     else:
       if "vq" not in config:
         config.vq = vq_lib.default_config()
       config.vq.checkpoint = vq_path
   check_tokenizer_fits(model.cfg, config.vq, vq_lib.grid_size(config.vq))
-  return model, config, vq_lib.make_decode_fn(checkpoint.load_vq(config.vq))
+  return model, config, vq_lib.make_decode_fn(store.load_vq(config.vq))
 
 
 def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:

@@ -44,6 +44,7 @@ from npp_jax.checkpoints import workdir_lock
 from npp_jax.data import prepare
 from npp_jax.eval import fashion
 from npp_jax.eval import study_report
+from npp_jax.model_files import store
 from npp_jax.models import gpt
 from npp_jax.models import vq as vq_lib
 from npp_jax.sampling import decoding
@@ -247,7 +248,7 @@ class Judge:
       self._sampling(scale).validate(config.model.vocab_size)
     self._batch = int(config.eval.batch_size)
     self._evaluator = fashion.Evaluator()
-    self._decode = vq_lib.make_decode_fn(checkpoint.load_vq(config.vq))
+    self._decode = vq_lib.make_decode_fn(store.load_vq(config.vq))
 
   def _sampling(self, scale: float) -> decoding.SamplingSettings:
     s = self.settings
@@ -263,7 +264,7 @@ class Judge:
       cached = json.loads(cache.read_text())
       if cached.get("settings") == settings:
         return cached["scores"]
-    model, model_config = checkpoint.load_model(run_dir)
+    model, model_config = store.load_model(run_dir)
     sampler = decoding.Sampler(model)
     n = settings["num_samples"]
     labels = np.arange(n) % model_config.model.num_classes

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 from npp_jax import config as config_lib
 from npp_jax import convert
 from npp_jax import npp
-from npp_jax.checkpoints import checkpoint
 from npp_jax.model_files import param_mapping
+from npp_jax.model_files import store
 from npp_jax.model_files import torch_io
 
 FIXTURE_MODEL = dict(dim=128, n_layer=2, n_head=4, vocab_size=512, num_classes=10, block_size=64,
@@ -106,7 +106,7 @@ def test_cli_writes_a_model_directory_that_loads_and_exports(gpt_pt, gpt_io, tmp
   out = tmp_path / "converted"
   assert convert.main(["convert", "gpt", "--src", str(gpt_pt), "--config", "configs/tiny.py", "--out", str(out),
                        *OVERRIDES]) == 0
-  model, config = checkpoint.load_model(str(out))
+  model, config = store.load_model(str(out))
   assert config.model.vocab_size == 512
   logits = model(jnp.asarray(gpt_io["tokens"]), jnp.asarray(gpt_io["labels"]))
   np.testing.assert_allclose(logits, gpt_io["logits"], atol=1e-5, rtol=0)

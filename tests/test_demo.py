@@ -26,8 +26,8 @@ from npp_jax import assets
 from npp_jax import demo
 from npp_jax import sample as sample_cli
 from npp_jax import sharding
-from npp_jax.checkpoints import checkpoint
 from npp_jax.config import load_file as load_config_file
+from npp_jax.model_files import store
 from npp_jax.models import vq as vq_lib
 from npp_jax.sampling import decoding
 from npp_jax.trainers import gpt_trainer
@@ -267,7 +267,7 @@ class Page:
 def trained_checkpoint(tmp_path_factory) -> pathlib.Path:
   """A 1-layer GPT trained for 2 steps on random codes of the shipped tokenizer, with named classes."""
   root = tmp_path_factory.mktemp("demo")
-  vq_cfg, _ = checkpoint.read_saved_vq(assets.FASHION_TOKENIZER)
+  vq_cfg, _ = store.read_saved_vq(assets.FASHION_TOKENIZER)
   grid = vq_lib.grid_size(vq_cfg)
   views = np.random.default_rng(0).integers(0, vq_cfg.codebook_size, (12, 1, grid * grid)).astype(np.uint16)
   codes = write_codes(root / "codes", views, [i % 3 for i in range(12)], vocab=vq_cfg.codebook_size, grid=grid,

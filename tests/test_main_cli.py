@@ -122,7 +122,7 @@ def test_sigterm_saves_exits_zero_and_resumes(tmp_path):
   args = ["--config", TINY, "--workdir", str(workdir), "--config.train.total_steps=30",
           "--config.train.log_every=1", "--config.train.checkpoint_every=25"]
   with open(tmp_path / "stderr.txt", "w") as stderr:
-    # Progress is absl logging on stderr ("I... train.py:NNN] [3/30] ..."); stdout would hold only results.
+    # Progress is absl logging on stderr ("I... gpt_trainer.py:NNN] [3/30] ..."); stdout would hold only results.
     proc = subprocess.Popen([sys.executable, "-m", "npp_jax.main", *args], cwd=REPO, env=cli_env(),
                             stdout=stderr, stderr=subprocess.PIPE, text=True)
     output = []

@@ -326,12 +326,12 @@ def get_config():
 
 def test_cli_end_to_end_and_errors(tmp_path, tiny_vq):
   import runpy
-  from npp_jax.checkpoints import checkpoint
+  from npp_jax.model_files import store
   from npp_jax.data import prepare as prepare_lib
 
   cfg, model = tiny_vq
   vq_dir = tmp_path / "vq"
-  checkpoint.save_vq(model, cfg, vq_dir)
+  store.save_vq(model, cfg, vq_dir)
   root = make_folder(tmp_path / "images", counts=(2, 1))
   (root / "class0" / "readme.txt").write_text("ignored")
   text = CLI_CONFIG.format(dir=str(root), vq_cfg=TINY_VQ, checkpoint=str(vq_dir))

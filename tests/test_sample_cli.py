@@ -14,7 +14,7 @@ from npp_jax import assets
 from npp_jax import config as config_lib
 from npp_jax import images as image_io
 from npp_jax import sample as sample_cli
-from npp_jax.checkpoints import checkpoint
+from npp_jax.model_files import store
 from npp_jax.models import vq as vq_lib
 from npp_jax.models.gpt import GPT
 from npp_jax.sampling import decoding
@@ -190,7 +190,7 @@ def test_cli_reads_a_tokenizer_directory_and_the_checkpoint_sampling_defaults(tm
   config.model.update(dim=32, n_layer=1, n_head=2, vocab_size=512, num_classes=10, block_size=64, multiple_of=32,
                       dtype="float32")
   config.sample.update(cfg_scale=1.7, temperature=0.8, top_k=5, top_p=0.9)
-  checkpoint.save_gpt(GPT(config.model, rngs=nnx.Rngs(0)), config, tmp_path / "model")
+  store.save_gpt(GPT(config.model, rngs=nnx.Rngs(0)), config, tmp_path / "model")
   common = ["sample", "--checkpoint", str(tmp_path / "model"), "--vq", str(assets.FASHION_TOKENIZER),
             "--labels", "3,4", "--batch_size", "2", "--dtype", "float32", "--noprogress"]
 

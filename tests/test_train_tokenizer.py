@@ -16,8 +16,8 @@ from flax import nnx
 
 from npp_jax import assets
 from npp_jax import train_tokenizer
-from npp_jax.checkpoints import checkpoint
 from npp_jax.data import sources
+from npp_jax.model_files import store
 from npp_jax.models import vq
 from npp_jax.trainers import tokenizer_trainer as tt
 
@@ -141,9 +141,9 @@ def test_training_lowers_the_loss_and_writes_the_tokenizer(tiny_run):
   assert [m["step"] for m in read_metrics(tiny_run) if "restarted_codes" in m] == [4, 8]
   result = json.loads((tiny_run / "eval.json").read_text())
   assert result["images"] == 16 and 0 < result["usage"] <= 1
-  vq_cfg, checksum = checkpoint.read_saved_vq(tiny_run / "tokenizer")
+  vq_cfg, checksum = store.read_saved_vq(tiny_run / "tokenizer")
   assert checksum == result["checksum"]
-  model = checkpoint.load_vq(vq_cfg)  # Checks the parameters against the stored checksum.
+  model = store.load_vq(vq_cfg)  # Checks the parameters against the stored checksum.
   assert vq.params_checksum(model) == checksum and vq_cfg.codebook_size == 16
 
 
@@ -176,9 +176,9 @@ def test_missing_dataset_is_one_clear_error(tmp_path, capsys):
 def test_shipped_tokenizer_loads_and_reconstructs():
   config = load_config()
   assert pathlib.Path(config.vq.checkpoint) == assets.FASHION_TOKENIZER
-  saved_cfg, checksum = checkpoint.read_saved_vq(config.vq.checkpoint)
+  saved_cfg, checksum = store.read_saved_vq(config.vq.checkpoint)
   assert checksum == SHIPPED_CHECKSUM
-  model = checkpoint.load_vq(config.vq)
+  model = store.load_vq(config.vq)
   assert vq.params_checksum(model) == SHIPPED_CHECKSUM
   assert {k: saved_cfg[k] for k in config.vq if k != "checkpoint"} == {
       k: config.vq[k] for k in config.vq if k != "checkpoint"}

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from npp_jax import fileio
 from npp_jax import sharding
-from npp_jax.checkpoints import checkpoint
+from npp_jax.model_files import store
 
 from npp_jax.data import augment
 from npp_jax.data import records
@@ -409,7 +409,7 @@ def prepare_from_config(config, out_dir: str, process_index: int = -1, process_c
                      "with 0 <= process_index < process_count")
   source = sources.make_source(data)  # first: a bad data path fails before the tokenizer loads
 
-  model = checkpoint.load_vq(config.vq)
+  model = store.load_vq(config.vq)
   encoder = device_encoder(vq.make_encode_fn(model))
   batch_size = -(-int(data.get("encode_batch_size", 256)) // encoder.num_devices) * encoder.num_devices
   summary = prepare_codes(

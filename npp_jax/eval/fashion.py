@@ -24,9 +24,9 @@ import jax
 import numpy as np
 
 from npp_jax import assets
-from npp_jax.checkpoints import checkpoint
 from npp_jax.data import augment, sources
 from npp_jax.eval import adm
+from npp_jax.model_files import store
 from npp_jax.models import classifier as classifier_lib
 
 DEFAULT_BATCH_SIZE = 500
@@ -83,9 +83,9 @@ class Evaluator:
 
   def __init__(self, directory: str | os.PathLike = assets.FASHION_CLASSIFIER,
                batch_size: int = DEFAULT_BATCH_SIZE):
-    self.model, self.meta = checkpoint.load_classifier(directory)
+    self.model, self.meta = store.load_classifier(directory)
     self.apply_fn = classifier_lib.make_apply_fn(self.model)
-    self.reference = checkpoint.load_reference_stats(directory)
+    self.reference = store.load_reference_stats(directory)
     self.batch_size = batch_size
 
   def __call__(self, images: Any, labels: Any, *, bootstrap: int = 0) -> dict:
@@ -130,7 +130,7 @@ def classifier_metrics(images: Any, labels: Any, model: Evaluator | classifier_l
     reference = model.reference if reference is None else reference
   else:
     apply_fn, batch_size, num_classes = classifier_lib.make_apply_fn(model), DEFAULT_BATCH_SIZE, model.head.out_features
-    reference = checkpoint.load_reference_stats() if reference is None else reference
+    reference = store.load_reference_stats() if reference is None else reference
   images = np.asarray(jax.device_get(images))
   labels = np.asarray(jax.device_get(labels)).astype(np.int64).reshape(-1)
   if len(labels) != len(images):

@@ -11,8 +11,8 @@ stages of 3x3 convs with ReLU, each stage ending in a 2x2 max pool (16 -> 8 -> 4
 features are taken before the ReLU so that no unit is stuck at zero on every image, which would make their
 covariance (and the Frechet distance's square root) singular.
 
-Weights ship as `npp_jax/assets/fashion_classifier/`, a directory that `npp_jax.checkpoint.save_classifier` writes
-and `load_classifier` reads (written by `npp_jax.train_classifier`).
+Weights ship as `npp_jax/assets/fashion_classifier/`, a directory that `npp_jax.model_files.store.save_classifier`
+writes and `load_classifier` reads (written by `npp_jax.train_classifier`).
 """
 
 from __future__ import annotations

@@ -24,9 +24,9 @@ import optax
 from absl import logging
 from flax import nnx
 
-from npp_jax.checkpoints import checkpoint
 from npp_jax.eval import adm
 from npp_jax.eval import fashion
+from npp_jax.model_files import store
 from npp_jax.models import classifier as classifier_lib
 
 MAX_SHIFT = 2  # The `pad` canvas leaves 2 black pixels on each side of a 28x28 image in 32x32.
@@ -105,7 +105,7 @@ def run(config: ml_collections.ConfigDict, out: str) -> dict:
   train_logits, _ = fashion.predict(train_images, apply_fn)
   train_accuracy, _ = fashion.agreement(train_logits, train_labels, arch["num_classes"])
   stats = adm.compute_statistics(np.asarray(features, np.float64))
-  return checkpoint.save_classifier(out, model, arch, {
+  return store.save_classifier(out, model, arch, {
       "test_accuracy": round(test_accuracy, 4), "train_accuracy": round(train_accuracy, 4),
       "test_per_class_accuracy": [round(a, 4) for a in per_class], "recipe": recipe,
       "train_seconds": round(train_seconds), "jax_version": jax.__version__,

@@ -31,6 +31,7 @@ from npp_jax.checkpoints import checkpoint
 from npp_jax.checkpoints import workdir_lock
 from npp_jax.data import pipeline
 from npp_jax.data import prepare
+from npp_jax.model_files import store
 from npp_jax.models import gpt
 from npp_jax.models import vq
 from npp_jax.trainers import metrics as metrics_lib
@@ -293,7 +294,7 @@ def _load_tokenizer(config: ml_collections.ConfigDict):
   """(VQ model, its checksum), or None when the config names no tokenizer."""
   if "vq" not in config or not config.vq.checkpoint:
     return None
-  model = checkpoint.load_vq(config.vq)
+  model = store.load_vq(config.vq)
   if config.vq.codebook_size != config.model.vocab_size:
     raise ValueError(f"the tokenizer has {config.vq.codebook_size} codes but model.vocab_size="
                      f"{config.model.vocab_size}")

@@ -10,7 +10,7 @@ pretrained VGG and a discriminator and would cost several times this CPU run:
 
 with codebook_loss = |z_q - sg(z)|^2 and commit_loss = beta * |sg(z_q) - z|^2 on the L2-normalised vectors (the
 model's own quantizer computes them). AdamW and the warmup/constant/linear-decay schedule come from
-`npp_jax.optim`, the same as the GPT's.
+`npp_jax.trainers.optim`, the same as the GPT's.
 
 Dead codes: a short run leaves many codes that no encoder output ever picks. Every `train.restart_every` steps,
 the codes unused since the last restart are set to encoder outputs of the current batch (chosen at random), so
@@ -23,7 +23,7 @@ set of images and `perplexity` the exponential of the entropy of their frequenci
 `data.val_images` training images (held out of training); the final evaluation uses the test split.
 
 Workdir: config.json, checkpoints/<step>/{state,meta} (Orbax; a rerun resumes from the newest), metrics.jsonl,
-tensorboard/, and at the end eval.json (test metrics) and tokenizer/ (a `checkpoint.save_vq` directory).
+tensorboard/, and at the end eval.json (test metrics) and tokenizer/ (a `store.save_vq` directory).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from npp_jax.checkpoints import workdir_lock
 from npp_jax.data import augment
 from npp_jax.data import prepare
 from npp_jax.data import sources
+from npp_jax.model_files import store
 from npp_jax.models import vq as vq_lib
 from npp_jax.trainers import metrics as metrics_lib
 from npp_jax.trainers import optim
@@ -360,14 +361,14 @@ def _finish(trainer: Trainer, params: dict, writer: metrics_lib.Writer, test_set
   model = trainer.model(params)
   out = workdir / TOKENIZER_DIR
   if (out / "config.json").exists():
-    _, checksum = checkpoint.read_saved_vq(out)
+    _, checksum = store.read_saved_vq(out)
     if checksum != vq_lib.params_checksum(model):
       raise ValueError(f"{out} holds another tokenizer than this run's final step; move it away and rerun")
     _log(f"{out} already written (params checksum {checksum})")
   else:
     vq_cfg = trainer.config.vq.copy_and_resolve_references()
     vq_cfg.checkpoint = ""  # The directory itself is the checkpoint; read_saved_vq fills it in.
-    checksum = checkpoint.save_vq(model, vq_cfg, out)
+    checksum = store.save_vq(model, vq_cfg, out)
     _log(f"wrote {out} (params checksum {checksum})")
   result = {**test, "checksum": checksum, "steps": trainer.steps}
   (workdir / EVAL_FILE).write_text(json.dumps(result, indent=1) + "\n")
