@@ -18,6 +18,7 @@ from npp_jax.checkpoints import integrity
 from npp_jax.config import load_file as load_config_file
 from npp_jax.trainers import gpt_trainer
 from npp_jax.trainers import metrics as metrics_lib
+from npp_jax.trainers import workdir as workdir_lib
 
 TINY = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
 TOTAL, STOP_AFTER, CHECKPOINT_EVERY = 40, 12, 15
@@ -65,7 +66,7 @@ def test_uninterrupted_run(uninterrupted):
   workdir, _, losses = uninterrupted
   assert sorted(losses) == list(range(1, TOTAL + 1))
   assert saved_steps(workdir) == [15, 30, 40]
-  assert (workdir / gpt_trainer.DONE_FILE).read_text().strip() == str(TOTAL)
+  assert (workdir / workdir_lib.DONE_FILE).read_text().strip() == str(TOTAL)
   for step in (15, 30, TOTAL):  # every step, the final one included, got its integrity record
     assert integrity.verify(workdir / checkpoint.CHECKPOINT_DIR / str(step)) is None
   # The synthetic patterns are learnable: the loss falls well below log(vocab) = 4.16 in both stages.
@@ -90,7 +91,7 @@ def test_sigterm_then_resume_equals_the_uninterrupted_run(uninterrupted, tmp_pat
   assert int(state["step"]) == STOP_AFTER
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the loop gave the signal back
   assert saved_steps(workdir) == [STOP_AFTER]  # the SIGTERM save (not a periodic one)
-  assert not (workdir / gpt_trainer.DONE_FILE).exists()
+  assert not (workdir / workdir_lib.DONE_FILE).exists()
   before = {m["step"]: m["loss"] for m in logged(workdir)}
   assert sorted(before) == list(range(1, STOP_AFTER + 1))
 
@@ -102,7 +103,7 @@ def test_sigterm_then_resume_equals_the_uninterrupted_run(uninterrupted, tmp_pat
   got = host(state["params"])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), got, final_params)
   assert saved_steps(workdir) == [15, 30, 40]  # keep_checkpoints=3
-  assert (workdir / gpt_trainer.DONE_FILE).exists()
+  assert (workdir / workdir_lib.DONE_FILE).exists()
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -117,7 +118,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 
   monkeypatch.setattr(checkpoint, "save", remember)
   message = r"non-finite (loss|grad_norm)=[-a-z]+(, grad_norm=[-a-z]+)? at step \d+; the last good checkpoint is kept"
-  with pytest.raises(gpt_trainer.NonFiniteLossError, match=message) as failure:
+  with pytest.raises(workdir_lib.NonFiniteLossError, match=message) as failure:
     gpt_trainer.run(config, str(tmp_path), mesh=single_device_mesh())
   bad_step = int(str(failure.value).split("at step ")[1].split(";")[0])
   good_step = bad_step - 1
@@ -140,7 +141,7 @@ def test_a_checkpoint_between_log_steps_never_holds_non_finite_parameters(tmp_pa
   # step but not a log step, so only the pre-save check stands between the NaN update and the disk.
   config = tiny_config(log_every=10, checkpoint_every=3)
   config.optim.lr = 1e30
-  with pytest.raises(gpt_trainer.NonFiniteLossError):
+  with pytest.raises(workdir_lib.NonFiniteLossError):
     gpt_trainer.run(config, str(tmp_path), mesh=single_device_mesh())
   setup = gpt_trainer.build(config, single_device_mesh(), config.data.num_images)
   mngr = checkpoint.manager(str(tmp_path), read_only=True)
@@ -189,7 +190,7 @@ def test_done_is_written_only_after_the_final_step_is_committed_and_recorded(tmp
   with monkeypatch.context() as patch, pytest.raises(Killed):
     patch.setattr(integrity, "write_record", killed_at(3))
     gpt_trainer.run(config, str(tmp_path), mesh=single_device_mesh())
-  assert not (tmp_path / gpt_trainer.DONE_FILE).exists() and saved_steps(tmp_path) == [3]
+  assert not (tmp_path / workdir_lib.DONE_FILE).exists() and saved_steps(tmp_path) == [3]
   caplog.set_level(logging.INFO)  # the trainer logs through absl
   caplog.clear()
   # Killed after the final step committed but before it was recorded and verified: still no DONE.
@@ -199,10 +200,10 @@ def test_done_is_written_only_after_the_final_step_is_committed_and_recorded(tmp
   out = caplog.text
   assert "has no integrity record" in out and "resumed from step 3" in out
   assert "step 4: the loss and grad_norm above average the 1 steps since the resume at step 3, not 2" in out
-  assert saved_steps(tmp_path) == [3, 6] and not (tmp_path / gpt_trainer.DONE_FILE).exists()
+  assert saved_steps(tmp_path) == [3, 6] and not (tmp_path / workdir_lib.DONE_FILE).exists()
   # The next start finds the run complete: it restores step 6, trains nothing and writes DONE.
   gpt_trainer.run(config, str(tmp_path), mesh=single_device_mesh())
-  assert (tmp_path / gpt_trainer.DONE_FILE).read_text().strip() == "6"
+  assert (tmp_path / workdir_lib.DONE_FILE).read_text().strip() == "6"
 
 
 def test_sigterm_during_start_up_saves_instead_of_killing(tmp_path, monkeypatch):
@@ -219,5 +220,5 @@ def test_sigterm_during_start_up_saves_instead_of_killing(tmp_path, monkeypatch)
   monkeypatch.setattr(gpt_trainer, "_load_tokenizer", signal_during_start_up)
   state = gpt_trainer.run(config, str(tmp_path), mesh=single_device_mesh())
   assert int(state["step"]) == 1 and saved_steps(tmp_path) == [1]
-  assert not (tmp_path / gpt_trainer.DONE_FILE).exists()
+  assert not (tmp_path / workdir_lib.DONE_FILE).exists()
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

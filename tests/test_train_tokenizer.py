@@ -3,7 +3,6 @@
 import gzip
 import importlib.util
 import json
-import os
 import pathlib
 import shutil
 import struct
@@ -20,6 +19,7 @@ from npp_jax.data import sources
 from npp_jax.model_files import store
 from npp_jax.models import vq
 from npp_jax.trainers import tokenizer_trainer as tt
+import system_packages
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "vq_fashion.py")
@@ -37,12 +37,9 @@ def load_config():
 
 
 def real_fashion_mnist() -> pathlib.Path:
-  """The installed dataset; CI installs it, so there a missing copy fails instead of skipping."""
+  """The installed dataset (a missing copy fails, with the line that installs it)."""
   path = pathlib.Path(sources.FASHION_MNIST_DIR)
-  if not path.is_dir():
-    if os.environ.get("CI"):
-      pytest.fail(f"Fashion-MNIST not found at {path}")
-    pytest.skip("dataset-fashion-mnist is not installed")
+  system_packages.require("dataset-fashion-mnist", path.is_dir())
   return path
 
 

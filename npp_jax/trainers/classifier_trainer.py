@@ -24,6 +24,7 @@ import optax
 from absl import logging
 from flax import nnx
 
+from npp_jax import errors
 from npp_jax.eval import adm
 from npp_jax.eval import fashion
 from npp_jax.model_files import store
@@ -89,11 +90,11 @@ RECIPE_FIELDS = ("steps", "batch_size", "lr", "weight_decay", "warmup", "seed")
 def run(config: ml_collections.ConfigDict, out: str) -> dict:
   """Trains on the config's recipe, evaluates, writes `out`; returns the saved meta."""
   if config.steps < 1 or config.batch_size < 1:
-    raise ValueError(f"steps and batch_size must be positive, got {config.steps} and {config.batch_size}")
+    raise errors.InvalidInput(f"steps and batch_size must be positive, got {config.steps} and {config.batch_size}")
   train_images, train_labels = fashion.load_real_images("train", config.data_dir)
   test_images, test_labels = fashion.load_real_images("test", config.data_dir)
   if config.batch_size > len(train_images):
-    raise ValueError(f"batch_size {config.batch_size} exceeds the {len(train_images)} training images")
+    raise errors.InvalidInput(f"batch_size {config.batch_size} exceeds the {len(train_images)} training images")
   arch = dict(classifier_lib.DEFAULT_ARCH)
   recipe = {k: config[k] for k in RECIPE_FIELDS}
   started = time.time()

@@ -14,6 +14,7 @@ import ml_collections
 import jax
 from jax.experimental import topologies
 
+from npp_jax import errors
 from npp_jax import npp
 from npp_jax import sharding
 from npp_jax.models import gpt
@@ -29,7 +30,7 @@ _MEGACORE_3D = ("v4", "v5p")
 def _torus(chips: int, dims: int) -> tuple[int, ...]:
   """Splits a power-of-two chip count over `dims` torus axes as evenly as possible, larger axes last."""
   if chips < 1 or chips & (chips - 1):
-    raise ValueError(f"a TPU slice has a power-of-two number of chips, got {chips}")
+    raise errors.InvalidInput(f"a TPU slice has a power-of-two number of chips, got {chips}")
   shape = [1] * dims
   axis = dims - 1
   while chips > 1:
@@ -47,12 +48,12 @@ def topology_name(accelerator: str) -> tuple[str, str]:
     generation, count = accelerator.lower().split("-")
     count = int(count)
   except ValueError:
-    raise ValueError(f"mesh.topology must look like v5p-64 or v5e-16, got {accelerator!r}") from None
+    raise errors.InvalidInput(f"mesh.topology must look like v5p-64 or v5e-16, got {accelerator!r}") from None
   if generation in ("v5litepod", "v5lite"):
     generation = "v5e"
   if generation not in chips.TPU_GENERATIONS:
-    raise ValueError(f"unknown TPU generation {generation!r} in {accelerator!r}; known: "
-                     f"{sorted(chips.TPU_GENERATIONS)}")
+    raise errors.InvalidInput(f"unknown TPU generation {generation!r} in {accelerator!r}; known: "
+                              f"{sorted(chips.TPU_GENERATIONS)}")
   if generation in _MEGACORE_3D:
     shape = _torus(max(count // 2, 1), 3)
     return f"{generation}:{'x'.join(map(str, shape))}", "megacore"
@@ -67,8 +68,8 @@ def topology_devices(accelerator: str) -> tuple[list, float | None]:
                                         chips_per_host_bounds=(2, 2, 1), num_slices=1)
   except Exception as e:  # noqa: BLE001  (missing libtpu, unknown name: one sentence for the user)
     hint = "" if importlib.util.find_spec("libtpu") else "; it needs libtpu: pip install -e '.[tpu]'"
-    raise ValueError(f"cannot compile for TPU topology {accelerator!r} = {name} "
-                     f"({str(e).strip().splitlines()[0][:200]}){hint}") from None
+    raise errors.InvalidInput(f"cannot compile for TPU topology {accelerator!r} = {name} "
+                              f"({str(e).strip().splitlines()[0][:200]}){hint}") from None
   return list(desc.devices), chips.TPU_GENERATIONS[name.split(":")[0]].hbm_gib
 
 

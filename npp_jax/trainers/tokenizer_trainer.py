@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 from typing import Any
 
@@ -44,10 +43,8 @@ from clu import metrics as clu_metrics
 from etils import epath
 from flax import nnx
 
+from npp_jax import errors
 from npp_jax import images as images_lib
-from npp_jax import npp
-from npp_jax.checkpoints import checkpoint
-from npp_jax.checkpoints import workdir_lock
 from npp_jax.data import augment
 from npp_jax.data import prepare
 from npp_jax.data import sources
@@ -55,6 +52,7 @@ from npp_jax.model_files import store
 from npp_jax.models import vq as vq_lib
 from npp_jax.trainers import metrics as metrics_lib
 from npp_jax.trainers import optim
+from npp_jax.trainers import workdir as workdir_lib
 
 TOKENIZER_DIR = "tokenizer"
 EVAL_FILE = "eval.json"
@@ -102,12 +100,13 @@ def load_data(data_cfg: ml_collections.ConfigDict) -> tuple[ImageSet, ImageSet, 
   The validation set is the last `data.val_images` training images, which training never sees.
   """
   if data_cfg.source != "fashion_mnist":
-    raise ValueError(f"train_tokenizer reads data.source='fashion_mnist' only, got {data_cfg.source!r}")
+    raise errors.InvalidInput(f"train_tokenizer reads data.source='fashion_mnist' only, got {data_cfg.source!r}")
   train = sources.FashionMnistSource(data_cfg.dir, "train")
   test_images, _ = sources.load_fashion_mnist(data_cfg.dir, "test")
   n_val = int(data_cfg.val_images)
   if not 0 < n_val < len(train) // 2:
-    raise ValueError(f"data.val_images={n_val} must be positive and under half of the {len(train)} training images")
+    raise errors.InvalidInput(f"data.val_images={n_val} must be positive and under half of the {len(train)} training "
+                              "images")
   fingerprint = json.dumps({"images": train.fingerprint(), "val_images": n_val,
                             "augmentation": data_cfg.augmentation, "image_size": data_cfg.image_size,
                             "pad_value": data_cfg.pad_value}, sort_keys=True)
@@ -127,7 +126,7 @@ def batch_indices(step: int, num: int, batch: int, seed: int) -> np.ndarray:
   """
   per_epoch = num // batch
   if per_epoch == 0:
-    raise ValueError(f"train.batch_size={batch} is larger than the {num} training images")
+    raise errors.InvalidInput(f"train.batch_size={batch} is larger than the {num} training images")
   epoch, i = divmod(step, per_epoch)
   return _epoch_order(seed, epoch, num)[i * batch:(i + 1) * batch]
 
@@ -168,13 +167,12 @@ class Trainer:
     self.vq_cfg = config.vq
     self.steps = int(config.train.steps)
     if self.steps <= 0:
-      raise ValueError(f"train.steps must be positive, got {self.steps}")
+      raise errors.InvalidInput(f"train.steps must be positive, got {self.steps}")
     abstract = nnx.eval_shape(lambda: vq_lib.VQModel(self.vq_cfg, rngs=nnx.Rngs(0)))
     self.graphdef = nnx.graphdef(abstract)
     abstract_params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
-    stage = npp.Stage(index=0, patch_side=1, start=0, end=self.steps)
-    self.tx, self.schedule = optim.make_optimizer(config.optim, [stage], abstract_params,
-                                                  warmup_steps=int(config.optim.warmup_steps))
+    self.schedule = optim.learning_rate_schedule(config.optim, [(0, self.steps)], int(config.optim.warmup_steps))
+    self.tx = optim.make_optimizer(config.optim, self.schedule, abstract_params)
     self.key = jax.random.key(config.seed)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     self.abstract_state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
@@ -266,51 +264,36 @@ def _image_grid(originals: np.ndarray, recon: jax.Array) -> np.ndarray:
   return images_lib.make_grid(np.concatenate([originals, images_lib.to_uint8(recon)]), rows=2, pad=2)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
   """Trains (or resumes) in `workdir`, evaluates on the test split and writes workdir/tokenizer.
 
-  Returns the test metrics with the tokenizer's checksum.
+  Returns the test metrics with the tokenizer's checksum, or None when a SIGTERM stopped the run (it saved; a rerun
+  resumes).
   """
-  workdir = epath.Path(workdir)
   train_cfg = config.train
   vq_lib.grid_size(config.vq)  # Fails early on an image size the encoder cannot divide.
   if config.data.image_size != config.vq.image_size:
-    raise ValueError(f"data.image_size={config.data.image_size} differs from vq.image_size={config.vq.image_size}")
-  lock = workdir_lock.acquire(str(workdir) if "://" in str(workdir) else os.path.abspath(workdir), _log)
-  try:
+    raise errors.InvalidInput(f"data.image_size={config.data.image_size} differs from vq.image_size="
+                              f"{config.vq.image_size}")
+  with workdir_lib.Run(workdir, _log) as run_dir:
     train_set, val_set, test_set, fingerprint = load_data(config.data)
     trainer = Trainer(config)
     # A workdir resumes only a run of the same tokenizer on the same data (where the weights are read from may
     # differ).
-    checkpoint.write_config(str(workdir), config, sections=("vq", "data"), ignore=("checkpoint",))
-    for stale in checkpoint.remove_temporaries(workdir / checkpoint.CHECKPOINT_DIR):
-      _log(f"removed {stale}, the partial save of an earlier run that stopped mid-save")
-    mngr = checkpoint.manager(str(workdir), keep=train_cfg.keep_checkpoints)
-    writer = metrics_lib.Writer(str(workdir))
-    try:
-      params = _train(trainer, mngr, writer, train_set, val_set, fingerprint)
-      checkpoint.finish(mngr)
-      result = _finish(trainer, params, writer, test_set, workdir)
-    finally:
-      mngr.close()
-      writer.close()
-  finally:
-    lock.close()
+    run_dir.open(config, keep=train_cfg.keep_checkpoints, sections=("vq", "data"), ignore=("checkpoint",))
+    state, start = run_dir.restore_or_init(trainer.abstract_state, fingerprint, jax.jit(trainer.init_state))
+    state = _train(trainer, run_dir, state, start, train_set, val_set, fingerprint)
+    if state is None:
+      return None
+    result = _finish(trainer, state["params"], run_dir.writer, test_set, epath.Path(run_dir.path))
+    run_dir.finish(trainer.steps, restored_final=start == trainer.steps)
   return result
 
 
-def _train(trainer: Trainer, mngr, writer: metrics_lib.Writer, train_set: ImageSet, val_set: ImageSet,
-           fingerprint: str) -> dict:
+def _train(trainer: Trainer, run_dir: workdir_lib.Run, state: dict, start: int, train_set: ImageSet,
+           val_set: ImageSet, fingerprint: str) -> dict | None:
+  """Trains from `start`; returns the final state, or None after a SIGTERM (saved)."""
   config, train_cfg = trainer.config, trainer.config.train
-  restored = checkpoint.restore_newest(mngr, trainer.abstract_state, _log)
-  if restored is not None:
-    state, meta, latest = restored
-    if meta.get("data") != fingerprint:
-      raise ValueError(f"the checkpoint at step {latest} was trained on other data or views; use a new workdir")
-    _log(f"resumed from step {latest}")
-  else:
-    state = jax.jit(trainer.init_state)()
-  start = int(state["step"])
   num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   _log(f"tokenizer: {num_params:,} parameters, {config.vq.image_size}px -> {vq_lib.grid_size(config.vq)}^2 codes "
        f"of {config.vq.codebook_size}; data: {len(train_set):,} training, {len(val_set):,} validation images; "
@@ -330,8 +313,7 @@ def _train(trainer: Trainer, mngr, writer: metrics_lib.Writer, train_set: ImageS
     if done % train_cfg.log_every == 0 or done == trainer.steps:
       values.update({k: float(v) for k, v in accumulated.compute().items()})
       accumulated = None
-      if not np.isfinite(values["loss"]):
-        raise ValueError(f"the loss became {values['loss']} at step {done}; lower optim.lr (checkpoints are kept)")
+      run_dir.check_finite(values, done)
       now = time.time()
       values["images_per_s"] = (done - last_log_step) * train_cfg.batch_size / max(now - last_log, 1e-9)
       last_log, last_log_step = now, done
@@ -342,12 +324,16 @@ def _train(trainer: Trainer, mngr, writer: metrics_lib.Writer, train_set: ImageS
       _log(f"[{done}/{trainer.steps}] validation: " + " ".join(f"{k}={v:.4g}" for k, v in val.items()))
       batch = padded_views(val_set, 0, train_cfg.eval_batch_size)  # The eval shape: no new compilation.
       recon = trainer.reconstruct(state["params"], batch)[0]
-      writer.image(done, "val/reconstructions", _image_grid(batch[:8], recon[:8]))
+      run_dir.writer.image(done, "val/reconstructions", _image_grid(batch[:8], recon[:8]))
     if values:
-      writer.scalars(done, values)
-    if done % train_cfg.checkpoint_every == 0 or done == trainer.steps:
-      checkpoint.save(mngr, done, state, {"step": done, "data": fingerprint})
-  return state["params"]
+      run_dir.writer.scalars(done, values)
+    stop = run_dir.stop_requested(done, train_cfg.log_every)
+    if done % train_cfg.checkpoint_every == 0 or done == trainer.steps or stop:
+      run_dir.save(done, state, {"step": done, "data": fingerprint})
+    if stop:
+      run_dir.leave(done)
+      return None
+  return state
 
 
 def _finish(trainer: Trainer, params: dict, writer: metrics_lib.Writer, test_set: ImageSet,
@@ -363,7 +349,7 @@ def _finish(trainer: Trainer, params: dict, writer: metrics_lib.Writer, test_set
   if (out / "config.json").exists():
     _, checksum = store.read_saved_vq(out)
     if checksum != vq_lib.params_checksum(model):
-      raise ValueError(f"{out} holds another tokenizer than this run's final step; move it away and rerun")
+      raise errors.InvalidInput(f"{out} holds another tokenizer than this run's final step; move it away and rerun")
     _log(f"{out} already written (params checksum {checksum})")
   else:
     vq_cfg = trainer.config.vq.copy_and_resolve_references()
