@@ -31,6 +31,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from npp_jax import config as config_lib
+from npp_jax import errors
 from npp_jax.checkpoints import integrity
 
 CONFIG_FILE = "config.json"
@@ -40,7 +42,7 @@ CORRUPT_MARK = ".corrupt-"
 FREE_SPACE_MARGIN = 1.05  # Orbax writes a little metadata beside the arrays
 
 
-class CheckpointError(OSError):
+class CheckpointError(errors.UserError, OSError):
   """A checkpoint cannot be saved or restored; the message is one sentence naming the path and the cause."""
 
 
@@ -240,17 +242,15 @@ def restore_params(directory: str, abstract_params: Any, *, ema: bool = False, s
 def write_config(directory: str, config: ml_collections.ConfigDict, *, sections: Sequence[str] = ("model",),
                  ignore: Sequence[str] = ()) -> None:
   """Writes config.json; a workdir that already has one must hold a run with the same `sections` (resuming another
-  run is an error). Fields named in `ignore` may differ (e.g. where the tokenizer's weights are read from)."""
+  run is an error; `config.differences` says what counts). Fields named in `ignore` may differ (e.g. where the
+  tokenizer's weights are read from)."""
   path = epath.Path(directory)
   if (path / CONFIG_FILE).exists():
     previous = json.loads((path / CONFIG_FILE).read_text())
-    current = json.loads(config.to_json_best_effort())
-    changed = [f"{section}.{k}" for section in sections
-               for k in sorted(set(previous.get(section, {})) | set(current.get(section, {})))
-               if k not in ignore and previous.get(section, {}).get(k) != current.get(section, {}).get(k)]
+    changed = config_lib.differences(previous, json.loads(config.to_json_best_effort()), sections, ignore=ignore)
     if changed:
-      raise ValueError(f"{directory} holds a run with other settings ({', '.join(changed)} differ); "
-                       "use a new workdir")
+      raise errors.InvalidInput(f"{directory} holds a run with other settings ({', '.join(changed)} differ); "
+                                "use a new workdir")
   if jax.process_index() != 0:
     return
   path.mkdir(parents=True, exist_ok=True)
