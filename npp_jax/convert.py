@@ -19,6 +19,7 @@ from absl import flags
 from flax import nnx
 
 from npp_jax import cli
+from npp_jax import errors
 from npp_jax.model_files import param_mapping
 from npp_jax.model_files import store
 from npp_jax.model_files import torch_io
@@ -66,12 +67,12 @@ def _run(command: str, fv: flags.FlagValues) -> str:
   required = ("checkpoint", "out") if command == "export" else ("src", "out", "config")
   for name in required:
     if fv[name].value is None:
-      raise ValueError(f"--{name} is required for `convert {command}`")
+      raise errors.InvalidInput(f"--{name} is required for `convert {command}`")
   if command == "export":
     return _export(fv.checkpoint, fv.out, fv.raw)
   section = "model" if command == "gpt" else "vq"
   if section not in fv.config:
-    raise ValueError(f"the config {fv['config'].config_filename} has no {section} section")
+    raise errors.InvalidInput(f"the config {fv['config'].config_filename} has no {section} section")
   return (_convert_gpt if command == "gpt" else _convert_vq)(fv.src, fv.config, fv.out, fv.key)
 
 

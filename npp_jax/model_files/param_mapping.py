@@ -5,23 +5,26 @@ transform between the two layouts (and its inverse, for export). Buffers the NNX
 `quantize.codebook_used`) are rules without a path. `import_params` checks a state dict against the rules and the
 config-built model and reports every problem in one ValueError; `export_params` is the exact inverse.
 
-This module holds that machinery and the GPT's and the VQ tokenizer's rules (`gpt_from_torch`, `gpt_to_torch`,
-`vq_from_torch`, `vq_to_torch`). The command line is `npp_jax.convert`.
+This module holds that machinery, the GPT's and the VQ tokenizer's rules (`gpt_from_torch`, `gpt_to_torch`,
+`vq_from_torch`, `vq_to_torch`) and pytorch-fid's Inception weights (`inception_from_torch`). It imports no
+checkpoint or model-directory module; the command line is `npp_jax.convert`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
+from npp_jax import errors
 from npp_jax.model_files import torch_io
 from npp_jax.models import gpt
+from npp_jax.models import inception
 from npp_jax.models import vq as vq_lib
 
 PathLike = str | os.PathLike
@@ -118,7 +121,7 @@ def import_params(model: nnx.Module, state_dict: dict[str, np.ndarray], rules: S
   problems = [f"{name} keys: {_name_keys(keys)}" for name, keys in
               (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
   if problems:
-    raise ValueError(f"{source} does not match the model built from the config; " + "; ".join(problems))
+    raise errors.InvalidInput(f"{source} does not match the model built from the config; " + "; ".join(problems))
   for path, layers in stacked.items():
     values.append((path, jnp.asarray(np.stack([layers[i] for i in range(len(layers))]))))
   nnx.update(model, nnx.from_flat_state(values))
@@ -232,3 +235,72 @@ def vq_from_torch(path: PathLike, vq_cfg: ml_collections.ConfigDict, *, key: str
 def vq_to_torch(model: vq_lib.VQModel) -> dict[str, np.ndarray]:
   """A state dict that LlamaGen's `VQModel.load_state_dict` accepts strictly (codebook_used as zeros)."""
   return export_params(model, vq_rules(model))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# pytorch-fid's FID Inception (npp_jax.models.inception).
+
+# Our leaf name -> (torch key suffix, layout change), for the leaves of a BasicConv.
+_INCEPTION_CONV_LEAVES = {
+    "kernel": ("conv.weight", lambda w: w.transpose(2, 3, 1, 0)),  # OIHW -> HWIO
+    "scale": ("bn.weight", None),
+    "bias": ("bn.bias", None),
+    "mean": ("bn.running_mean", None),
+    "var": ("bn.running_var", None),
+}
+_INCEPTION_TOP_LEAVES = {"fc_kernel": ("fc.weight", lambda w: w.T), "fc_bias": ("fc.bias", None)}
+
+
+def _inception_torch_name(path: Sequence) -> tuple[str, Callable | None]:
+  """Our parameter path -> (its torch key, the function that turns the torch array into ours)."""
+  path = [str(p) for p in path]
+  if len(path) == 1:
+    return _INCEPTION_TOP_LEAVES[path[0]]
+  suffix, transform = _INCEPTION_CONV_LEAVES[path[-1]]
+  return ".".join(path[:-1] + [suffix]), transform
+
+
+def inception_from_torch(source: str | os.PathLike | Mapping[str, np.ndarray], **kwargs) -> inception.InceptionV3:
+  """Builds the FID Inception from pytorch-fid's state dict (a path to the .pth file, or the dict itself).
+
+  Strict: every torch key must be used and every shape must match; `*.num_batches_tracked` is ignored.
+  `kwargs` go to `InceptionV3` (preprocessing, precision).
+
+  Raises:
+    FileNotFoundError: the weight file does not exist.
+    ValueError: the file is unreadable, or keys are missing, unexpected or mis-shaped (all named in one message).
+  """
+  if isinstance(source, Mapping):
+    state_dict, where = source, "the state dict"
+  else:
+    state_dict, where = torch_io.load_state_dict(source), f"Inception weight file {source}"
+  state_dict = {k: v for k, v in state_dict.items() if not k.endswith(".num_batches_tracked")}
+  model = nnx.eval_shape(lambda: inception.InceptionV3(**kwargs))  # Shapes only: the values come from the state dict.
+  variables = {}
+  for path, var in nnx.to_flat_state(nnx.state(model)):
+    key, transform = _inception_torch_name(path)
+    variables[key] = (var, transform)
+
+  missing = [k for k in variables if k not in state_dict]
+  unexpected = [k for k in state_dict if k not in variables]
+  misshaped = []
+  for key, (var, transform) in variables.items():
+    if key in state_dict:
+      value = np.asarray(state_dict[key])
+      value = transform(value) if transform else value
+      if value.shape != var.shape:
+        misshaped.append(f"{key} {tuple(np.asarray(state_dict[key]).shape)}")
+  problems = []
+  if missing:
+    problems.append(f"missing {_name_keys(sorted(missing))}")
+  if unexpected:
+    problems.append(f"unexpected {_name_keys(sorted(unexpected))}")
+  if misshaped:
+    problems.append(f"wrongly shaped {_name_keys(sorted(misshaped))}")
+  if problems:
+    raise errors.InvalidInput(f"{where} is not pytorch-fid's FID Inception ({'; '.join(problems)})")
+
+  for key, (var, transform) in variables.items():
+    value = np.asarray(state_dict[key], dtype=np.float32)
+    var.set_value(jnp.asarray(transform(value) if transform else value))
+  return model

@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from npp_jax import assets
+from npp_jax import errors
 from npp_jax import fileio
 from npp_jax import sharding
 from npp_jax.checkpoints import checkpoint
@@ -49,7 +50,7 @@ def load_model(directory: str, config: ml_collections.ConfigDict | None = None, 
   abstract = nnx.eval_shape(lambda: gpt.GPT(config.model, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract)
   devices = mesh.devices.flatten() if mesh is not None else jax.devices()
-  replicated = jax.sharding.NamedSharding(sharding.one_axis_mesh("d", devices), jax.sharding.PartitionSpec())
+  replicated = jax.sharding.NamedSharding(sharding.one_axis_mesh(devices), jax.sharding.PartitionSpec())
   params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
                         nnx.to_pure_dict(abstract_state))
   params = checkpoint.restore_params(directory, params, ema=ema)
@@ -128,7 +129,7 @@ def _load_vq_dir(directory: pathlib.Path, vq_cfg: ml_collections.ConfigDict) -> 
   differ = [f"{f} (saved {saved_cfg[f]}, config {vq_cfg[f]})" for f in _VQ_ARCH_FIELDS
             if _normalise(saved_cfg[f]) != _normalise(vq_cfg[f])]
   if differ:
-    raise ValueError(f"the tokenizer saved in {directory} does not match the vq config: {', '.join(differ)}")
+    raise errors.InvalidInput(f"the tokenizer saved in {directory} does not match the vq config: {', '.join(differ)}")
   model = vq_lib.abstract_model(vq_cfg)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
@@ -136,8 +137,8 @@ def _load_vq_dir(directory: pathlib.Path, vq_cfg: ml_collections.ConfigDict) -> 
   restored = ocp.StandardCheckpointer().restore(directory.absolute() / VQ_PARAMS_DIR, target)
   nnx.update(model, restored)
   if vq_lib.params_checksum(model) != checksum:
-    raise ValueError(f"the parameters in {directory / VQ_PARAMS_DIR} do not match the checksum in its "
-                     f"{checkpoint.CONFIG_FILE}")
+    raise errors.InvalidInput(f"the parameters in {directory / VQ_PARAMS_DIR} do not match the checksum in its "
+                              f"{checkpoint.CONFIG_FILE}")
   return model
 
 
@@ -152,7 +153,8 @@ def load_vq(vq_cfg: ml_collections.ConfigDict) -> vq_lib.VQModel:
   .safetensors file, or a directory written by `save_vq`.
   """
   if not vq_cfg.checkpoint:
-    raise ValueError("vq.checkpoint is empty: give the tokenizer weights (a .pt, .safetensors or save_vq directory)")
+    raise errors.InvalidInput("vq.checkpoint is empty: give the tokenizer weights (a .pt, .safetensors or save_vq "
+                              "directory)")
   path = pathlib.Path(vq_cfg.checkpoint)
   if path.is_dir():
     return _load_vq_dir(path, vq_cfg)
@@ -200,8 +202,8 @@ def _checked_file(directory: pathlib.Path, name: str, meta: dict) -> pathlib.Pat
     raise FileNotFoundError(f"classifier file {path} not found")
   expected = meta.get("sha256", {}).get(name)
   if expected != fileio.file_sha256(path):
-    raise ValueError(f"{path} does not match the sha256 in {directory / CLASSIFIER_META_FILE}; the file is damaged "
-                     "or stale")
+    raise errors.InvalidInput(f"{path} does not match the sha256 in {directory / CLASSIFIER_META_FILE}; the file is "
+                              "damaged or stale")
   return path
 
 
@@ -214,8 +216,8 @@ def load_classifier(directory: PathLike = assets.FASHION_CLASSIFIER) -> tuple[cl
   model = classifier_lib.build(meta["arch"])
   expected = classifier_lib.flat_params(model)
   if set(stored) != set(expected) or any(stored[k].shape != v.shape for k, v in expected.items()):
-    raise ValueError(f"{directory / CLASSIFIER_PARAMS_FILE} does not hold the parameters of the architecture in "
-                     f"{CLASSIFIER_META_FILE}")
+    raise errors.InvalidInput(f"{directory / CLASSIFIER_PARAMS_FILE} does not hold the parameters of the architecture "
+                              f"in {CLASSIFIER_META_FILE}")
   flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
   nnx.update(model, nnx.from_flat_state({path: var.replace(jnp.asarray(stored["/".join(map(str, path))]))
                                          for path, var in flat}))
