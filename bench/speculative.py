@@ -35,13 +35,14 @@ from npp_jax import config as config_lib
 from npp_jax import sample as sample_cli
 from npp_jax.models.gpt import GPT
 from npp_jax.sampling import decoding
+from npp_jax.sampling import generation
 
 
 
 def make_model(name: str, args) -> tuple[GPT, str, object]:
   """(model, where its weights come from, VQ decode function or None)."""
   if name == "fashion" and args.checkpoint:
-    model, _, decode = sample_cli.load_model_and_tokenizer(args.checkpoint, str(assets.FASHION_TOKENIZER))
+    model, _, decode = generation.load_model_and_tokenizer(args.checkpoint, str(assets.FASHION_TOKENIZER))
     return model, f"trained weights from {args.checkpoint}", decode
   if name == "fashion":
     cfg = config_lib.load_file("configs/fashion.py").model
@@ -102,7 +103,7 @@ def quality_table(model, decode, args) -> None:
   print(f"\nquality: {n} samples (balanced labels), cfg_scale {args.cfg_scale}, shipped classifier; plain sampling "
         "at a second seed shows the seed-to-seed spread")
   for window, seed in [(0, 0), (0, 1)] + [(w, 0) for w in args.quality_windows]:
-    key = sample_cli.sample_key(seed)
+    key = generation.sample_key(seed)
     settings = decoding.SamplingSettings(cfg_scale=args.cfg_scale, speculative_window=window)
     images, passes, start = [], [], time.perf_counter()
     for offset in range(0, n, batch):

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
+from absl import flags
 
 from npp_jax import assets
 from npp_jax import demo
@@ -30,6 +31,7 @@ from npp_jax.config import load_file as load_config_file
 from npp_jax.model_files import store
 from npp_jax.models import vq as vq_lib
 from npp_jax.sampling import decoding
+from npp_jax.sampling import generation
 from npp_jax.trainers import gpt_trainer
 from test_main_cli import cli_env
 from test_pipeline import write_codes
@@ -50,12 +52,27 @@ def test_images_are_the_samplers_whatever_the_batch(tiny_gpt):  # noqa: F811
   shown = backend.images(2, 3, 7, settings)  # sampled as a batch of 5, the first 3 shown
 
   # Independently: exactly 3 samples of class 2 under the sample CLI's key for seed 7.
-  tokens = decoding.Sampler(tiny_gpt, dtype="float32")([2, 2, 2], sample_cli.sample_key(7), settings)
+  tokens = decoding.Sampler(tiny_gpt, dtype="float32")([2, 2, 2], generation.sample_key(7), settings)
   expected = np.clip(127.5 * np.asarray(fake_decode(tokens)) + 128, 0, 255).astype(np.uint8)
   assert shown.dtype == np.uint8 and shown.shape == (3, 8, 8, 3)
   np.testing.assert_array_equal(shown, expected)
   assert len(np.unique(shown.reshape(3, -1), axis=0)) == 3
   assert not np.array_equal(backend.images(2, 3, 8, settings), shown)
+
+
+def test_the_page_and_sample_give_the_same_images_by_default(tiny_gpt, tmp_path):  # noqa: F811
+  """Image i of a request is image i of `sample --labels c,c,... --seed s`: one sampling path, one default dtype."""
+  for module in (demo, sample_cli):
+    fv = flags.FlagValues()
+    module.define_flags(fv, [module.__name__])
+    assert fv["dtype"].default is None  # the model config's dtype in both
+  settings = decoding.SamplingSettings(cfg_scale=2.0, temperature=0.9, top_k=20)
+  shown = demo.GridSampler(tiny_gpt, jax.jit(fake_decode), max_images=4).images(1, 3, 5, settings)
+  npz = sample_cli.run(tiny_gpt, jax.jit(fake_decode), [1, 1, 1], sample_cli.RunSettings(sampling=settings, seed=5),
+                       tmp_path, progress=False)
+  with np.load(npz) as written:
+    np.testing.assert_array_equal(written["arr_0"], shown)
+    assert str(written["dtype"]) == tiny_gpt.cfg.dtype
 
 
 @pytest.mark.parametrize("label, num_images, seed, settings, message", [

@@ -18,6 +18,7 @@ from npp_jax.model_files import store
 from npp_jax.models import vq as vq_lib
 from npp_jax.models.gpt import GPT
 from npp_jax.sampling import decoding
+from npp_jax.sampling import generation
 
 VOCAB, CLASSES, GRID = 32, 3, 4
 
@@ -51,7 +52,7 @@ def test_run_writes_pngs_grid_and_samples_npz(tiny_gpt, tmp_path):
   npz_path = sample_cli.run(tiny_gpt, jax.jit(fake_decode), labels, settings, tmp_path, progress=False)
 
   # Independent recomputation: one batch of 6 on every device (the run used batches of 4, the last one padded).
-  tokens = decoding.Sampler(tiny_gpt, dtype="float32")(labels, sample_cli.sample_key(7), settings.sampling)
+  tokens = decoding.Sampler(tiny_gpt, dtype="float32")(labels, generation.sample_key(7), settings.sampling)
   expected = np.clip(127.5 * np.asarray(fake_decode(tokens)) + 128, 0, 255).astype(np.uint8)
   assert len(np.unique(expected.reshape(6, -1), axis=0)) == 6
 
@@ -134,13 +135,13 @@ def test_cli_reports_a_missing_checkpoint(tmp_path, capsys):
 def test_tokenizer_must_fit_the_gpt(tiny_gpt):
   vq_cfg = vq_lib.default_config()
   vq_cfg.update(codebook_size=VOCAB, image_size=64)  # 16x downsampling: a 4x4 grid
-  sample_cli.check_tokenizer_fits(tiny_gpt.cfg, vq_cfg, vq_lib.grid_size(vq_cfg))
+  generation.check_tokenizer_fits(tiny_gpt.cfg, vq_cfg, vq_lib.grid_size(vq_cfg))
   with pytest.raises(ValueError, match=r"decodes a 8x8 grid"):
     vq_cfg.image_size = 128
-    sample_cli.check_tokenizer_fits(tiny_gpt.cfg, vq_cfg, vq_lib.grid_size(vq_cfg))
+    generation.check_tokenizer_fits(tiny_gpt.cfg, vq_cfg, vq_lib.grid_size(vq_cfg))
   with pytest.raises(ValueError, match=r"vocabulary \(32 tokens\) does not match the tokenizer's codebook \(64"):
     vq_cfg.update(codebook_size=64, image_size=64)
-    sample_cli.check_tokenizer_fits(tiny_gpt.cfg, vq_cfg, vq_lib.grid_size(vq_cfg))
+    generation.check_tokenizer_fits(tiny_gpt.cfg, vq_cfg, vq_lib.grid_size(vq_cfg))
 
 
 def test_cli_exits_with_one_line_and_no_traceback(paths):
