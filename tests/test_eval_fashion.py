@@ -21,6 +21,7 @@ from npp_jax.eval import adm, fashion
 from npp_jax.model_files import store
 from npp_jax.models import classifier as classifier_lib
 from npp_jax.trainers import classifier_trainer
+import system_packages
 
 ACCURACY_MARGIN = 0.03  # 1000 test images: the binomial standard error is ~1%.
 
@@ -31,10 +32,7 @@ def evaluator() -> fashion.Evaluator:
 
 
 def _require_dataset() -> None:
-  if not os.path.isdir(sources.FASHION_MNIST_DIR):
-    if os.environ.get("CI"):
-      pytest.fail(f"Fashion-MNIST not found at {sources.FASHION_MNIST_DIR}")
-    pytest.skip(f"Fashion-MNIST not found at {sources.FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist)")
+  system_packages.require("dataset-fashion-mnist", os.path.isdir(sources.FASHION_MNIST_DIR))
 
 
 @pytest.fixture(scope="module")

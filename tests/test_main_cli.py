@@ -175,8 +175,6 @@ def test_dry_run_reports_parameters_and_memory():
 @pytest.mark.slow
 def test_dry_run_of_gpt_b():
   """Compiles GPT-B's two stages from the abstract state (about a minute on a CPU)."""
-  if not (REPO / "configs" / "gpt_b.py").exists():
-    pytest.skip("configs/gpt_b.py does not exist")
   result = run_cli("--config", "configs/gpt_b.py", "--dry_run", timeout=900)
   _check_dry_run(result, 110_888_448, [(2, 64), (1, 256)])
 

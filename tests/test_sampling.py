@@ -241,10 +241,12 @@ def loops_touching(hlo: str, cache: str, weights: set[str], writes: tuple[str, .
   named after one of `writes` (in-place updates), and never copies a `weights`-shaped array; returns how many
   bodies hold a `cache`-shaped array."""
   bodies = _while_bodies(hlo)
+  assert bodies, "no while-loop body found in the HLO text"
   for body in bodies.values():
     for line in body:
       array = re.match(r"(?:ROOT )?%\S+ = (\w+\[[\d,]*\])(?:\{[\d,]*\})? ([\w-]+)\(", line)
-      if array is None:  # a tuple-shaped instruction
+      if array is None:  # a tuple-shaped instruction, or a line this check cannot read: then it must fail
+        assert re.match(r"(?:ROOT )?%\S+ = \(.*\) [\w-]+\(", line), f"an HLO line the check cannot parse: {line[:200]}"
         continue
       shape, op = array.groups()
       if shape == cache:
