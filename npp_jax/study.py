@@ -325,13 +325,7 @@ def _prepare_codes(config: ml_collections.ConfigDict, workdir: str, log: Callabl
   """One set of codes for every run: the base config's codes_dir, or WORKDIR/codes prepared once."""
   if config.data.codes_dir:
     return config.data.codes_dir
-  codes = os.path.join(workdir, "codes")
-  if not os.path.exists(os.path.join(codes, "manifest.json")):
-    if not config.data.source:
-      raise errors.InvalidInput("the study config sets neither data.codes_dir nor data.source")
-    log(f"preparing {config.data.source} codes into {codes} (once for every run)")
-    prepare.prepare_from_config(config, codes)
-  return codes
+  return prepare.prepare_once(config, os.path.join(workdir, "codes"), log)
 
 
 def _record(run: Run, config: ml_collections.ConfigDict, run_dir: str, scores: dict, trained: bool) -> dict:

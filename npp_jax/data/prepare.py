@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from array_record.python import array_record_module
+from etils import epath
 from tqdm import tqdm
 
 from npp_jax import errors
@@ -382,6 +383,20 @@ def skipped_details(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
   for path in sorted((pathlib.Path(out_dir) / PROGRESS_DIR).glob("*.json")):
     entries += json.loads(path.read_text())["skipped"]
   return sorted(entries, key=lambda e: e["index"])
+
+
+def prepare_once(config, out_dir: str, log: Callable[[str], None]) -> str:
+  """`out_dir`, holding the config's codes: prepared now unless an earlier run did (its manifest is there).
+
+  How a trainer (WORKDIR/codes) and the study (one set for every run) get codes of a small dataset.
+  """
+  if not (epath.Path(out_dir) / records.MANIFEST).exists():  # a trainer's workdir may be gs://
+    if not config.data.source:
+      raise errors.InvalidInput(f"{out_dir} holds no codes and data.source is empty: set data.source or "
+                                "data.codes_dir")
+    log(f"preparing {config.data.source} codes into {out_dir} (once; later runs reuse them)")
+    prepare_from_config(config, out_dir)
+  return out_dir
 
 
 def prepare_from_config(config, out_dir: str, process_index: int = -1, process_count: int = -1):

@@ -191,7 +191,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding.M
 def _run(config: ml_collections.ConfigDict, run_dir: workdir_lib.Run, mesh: jax.sharding.Mesh | None) -> dict:
   mesh = mesh or sharding.make_mesh(config.mesh.shape)
   tokenizer = _load_tokenizer(config)
-  codes_dir = _codes_dir(config, run_dir.path, tokenizer)
+  codes_dir = _codes_dir(config, run_dir.path)
   checksum = config.data.tokenizer_checksum or (tokenizer[1] if tokenizer else "")
   spec = pipeline.InputSpec(config.model.vocab_size, gpt.grid_side(config.model), config.model.num_classes,
                             checksum)
@@ -229,18 +229,11 @@ def _load_tokenizer(config: ml_collections.ConfigDict):
   return model, vq.params_checksum(model)
 
 
-def _codes_dir(config: ml_collections.ConfigDict, workdir: str, tokenizer) -> str | None:
+def _codes_dir(config: ml_collections.ConfigDict, workdir: str) -> str | None:
   """The codes to train on; small datasets (data.source set, no codes_dir) are prepared into WORKDIR/codes."""
   if config.data.kind != "codes" or config.data.codes_dir or not config.data.source:
     return None
-  codes = str(epath.Path(workdir) / "codes")
-  if (epath.Path(codes) / "manifest.json").exists():
-    return codes
-  if tokenizer is None:
-    raise errors.InvalidInput("data.source is set but vq.checkpoint is empty: preparing codes needs the tokenizer")
-  log(f"preparing {config.data.source} codes into {codes} (once; later runs reuse them)")
-  prepare.prepare_from_config(config, codes)
-  return codes
+  return prepare.prepare_once(config, str(epath.Path(workdir) / "codes"), log)
 
 
 def _initial_state(setup: Setup) -> dict:
