@@ -21,7 +21,6 @@ import contextlib
 import json
 import shutil
 import time
-import weakref
 from typing import Any, Callable, Sequence
 
 import jax
@@ -46,33 +45,36 @@ class CheckpointError(errors.UserError, OSError):
   """A checkpoint cannot be saved or restored; the message is one sentence naming the path and the cause."""
 
 
-# Steps saved by this process whose integrity record is still to be written (once the step has committed).
-_UNRECORDED: "weakref.WeakKeyDictionary[ocp.CheckpointManager, list[int]]" = weakref.WeakKeyDictionary()
+class Manager(ocp.CheckpointManager):
+  """Orbax's manager of WORKDIR/checkpoints, plus the steps this process saved whose integrity record is still to
+  be written (`save` adds one, `finish` writes the records once the steps have committed)."""
+
+  def __init__(self, *args: Any, **kwargs: Any):
+    super().__init__(*args, **kwargs)
+    self.unrecorded: list[int] = []
 
 
-def manager(workdir: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False
-            ) -> ocp.CheckpointManager:
+def manager(workdir: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False) -> Manager:
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
                                          enable_async_checkpointing=async_save)
   path = epath.Path(workdir)
   path = path if "://" in str(workdir) else path.absolute()  # Orbax refuses relative paths
-  return ocp.CheckpointManager(path / CHECKPOINT_DIR, item_names=("state", "meta"),
-                               options=options)
+  return Manager(path / CHECKPOINT_DIR, item_names=("state", "meta"), options=options)
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
+def save(mngr: Manager, step: int, state: Any, meta: dict) -> None:
   """Starts an (asynchronous) save; the previous save is committed and recorded first."""
   finish(mngr)
   _check_free_space(mngr, step, state)
   with _removing_partial_save(mngr, step):
     mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
               force=True)
-  _UNRECORDED.setdefault(mngr, []).append(step)
+  mngr.unrecorded.append(step)
 
 
-def finish(mngr: ocp.CheckpointManager) -> None:
+def finish(mngr: Manager) -> None:
   """Waits until every started save is committed, then writes this process's integrity records of them."""
-  pending = _UNRECORDED.pop(mngr, [])
+  pending, mngr.unrecorded = mngr.unrecorded, []
   with _removing_partial_save(mngr, pending[-1] if pending else None):
     mngr.wait_until_finished()
   for step in pending:
