@@ -93,7 +93,7 @@ def test_requests_run_one_at_a_time(tiny_gpt):  # noqa: F811
   backend = demo.GridSampler(tiny_gpt, lambda tokens: np.zeros((len(tokens), 2, 2, 3)), max_images=2)
   running, most = [0], [0]
 
-  def slow_sampler(labels, key, settings):
+  def slow_sampler(labels, key, settings, sample_offset=0):
     running[0] += 1
     most[0] = max(most[0], running[0])
     time.sleep(0.05)

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+from npp_jax import sharding as npp_sharding
 from npp_jax.model_files import param_mapping
 from npp_jax.model_files import torch_io
 from npp_jax.models import inception
@@ -113,7 +114,7 @@ def test_outputs_match_pytorch_fid(outputs, io, batch, ours, theirs):
 def test_feature_fn_splits_the_batch_over_all_devices(outputs):
   for sharding in outputs["shardings"].values():
     assert len(sharding.device_set) == jax.device_count() == 8
-    assert sharding.spec[0] == "data"
+    assert sharding.spec[0] == npp_sharding.ONE_AXIS
 
 
 def test_converter_reads_the_pth_file(tmp_path, state_dict, model):

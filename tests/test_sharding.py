@@ -163,7 +163,7 @@ def test_resolve_mesh_shape():
 
 @pytest.mark.parametrize("batch, accum, message", [
     (12, 1, "micro-batch of 12 does not split over the 8 devices"),
-    (32, 3, "not a multiple of gpt_trainer.grad_accum_steps=3"),
+    (32, 3, "not a multiple of train.grad_accum_steps=3"),
     (32, 8, "micro-batch of 4 does not split over the 8 devices"),
 ])
 def test_batches_that_do_not_split_are_refused(batch, accum, message):
