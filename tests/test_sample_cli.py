@@ -12,6 +12,7 @@ from flax import nnx
 
 from npp_jax import assets
 from npp_jax import config as config_lib
+from npp_jax import errors
 from npp_jax import images as image_io
 from npp_jax import sample as sample_cli
 from npp_jax.model_files import store
@@ -203,3 +204,14 @@ def test_cli_reads_a_tokenizer_directory_and_the_checkpoint_sampling_defaults(tm
 
   assert recorded() == dict(cfg_scale=1.7, temperature=0.8, top_k=5, top_p=0.9)
   assert recorded("--cfg_scale", "3", "--top_k", "0") == dict(cfg_scale=3.0, temperature=0.8, top_k=0, top_p=0.9)
+
+
+def test_sampling_settings_from_a_config_section_and_overrides():
+  section = {"cfg_scale": 3.0, "temperature": 0.5, "top_k": 0, "top_p": 1.0, "unrelated": 1}
+  settings = decoding.SamplingSettings.from_config(section, top_k=7, greedy=None, speculative_window=2)
+  assert (settings.cfg_scale, settings.temperature, settings.top_k, settings.greedy) == (3.0, 0.5, 7, False)
+  assert settings.speculative_window == 2
+  assert decoding.SamplingSettings.from_config(None) == decoding.SamplingSettings()  # no section: the defaults
+  with pytest.raises(errors.InvalidInput, match="top_p must be in"):
+    decoding.SamplingSettings.from_config(section, top_p=0.0)
+

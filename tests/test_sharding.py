@@ -170,3 +170,22 @@ def test_batches_that_do_not_split_are_refused(batch, accum, message):
   config = tiny_config(global_batch_size=batch, grad_accum_steps=accum)
   with pytest.raises(ValueError, match=message):
     gpt_trainer.build(config, sharding.make_mesh((8, 1, 1)), 2048)
+
+
+def test_pad_shard_unpad_pads_splits_and_cuts_back():
+  mesh = sharding.one_axis_mesh(jax.devices())
+  seen = []
+
+  def rows(x, y, *, scale):
+    seen.append((x.shape, x.sharding.spec, y.dtype))
+    return {"sum": (x + y) * scale, "x": x}
+
+  out = sharding.pad_shard_unpad(rows, mesh)(np.arange(5), np.ones(5, np.int32), scale=2)
+  assert seen == [((8,), P(sharding.ONE_AXIS), np.int32)]  # padded to the 8 devices, split over them
+  np.testing.assert_array_equal(out["sum"], 2 * (np.arange(5) + 1))
+  assert out["x"].shape == (5,)
+  fixed = sharding.pad_shard_unpad(lambda x: x * 1, size=4)  # no mesh: one shape for every batch
+  np.testing.assert_array_equal(fixed(np.arange(3)), np.arange(3))
+  with pytest.raises(ValueError, match="does not pad to 4 rows"):
+    fixed(np.arange(5))
+

@@ -22,8 +22,9 @@ the reconstruction clipped to [-1, 1], both mapped to [0, 1]; codebook `usage` i
 set of images and `perplexity` the exponential of the entropy of their frequencies. Validation uses the last
 `data.val_images` training images (held out of training); the final evaluation uses the test split.
 
-Workdir: config.json, checkpoints/<step>/{state,meta} (Orbax; a rerun resumes from the newest), metrics.jsonl,
-tensorboard/, and at the end eval.json (test metrics) and tokenizer/ (a `store.save_vq` directory).
+Workdir (its life cycle is `workdir.Run`'s, the GPT trainer's too): config.json, checkpoints/<step>/{state,meta}
+(Orbax; a rerun resumes from the newest; SIGTERM saves and leaves), metrics.jsonl, tensorboard/, and at the end
+eval.json (test metrics), tokenizer/ (a `store.save_vq` directory) and DONE (once the final step verifies).
 """
 
 from __future__ import annotations
