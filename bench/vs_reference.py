@@ -8,7 +8,12 @@ torch.compile, and the NPP/NTP wall-clock ratio of whole schedules.
 
 Every measurement runs in a fresh process (ours: this interpreter; the reference: --torch_python over the checkouts,
 through bench/vs_reference_torch.py), the two sides interleaved round by round so that both see the same machine.
-Float32 on both sides, the same shapes, random weights. While a measurement runs, the CPU time of everything else on
+The same shapes and random weights on both sides, at each precision of --precisions: float32, and bfloat16 as each
+side's users run it (ours: model.dtype / the sampler's dtype bfloat16, products accumulating in float32; the
+reference: torch.autocast for training, eager and under torch.compile, and the model cast to bfloat16 for
+sampling). The table gives every cell, float32 against float32, and each side's best (fastest of its precisions,
+eager or compiled) against the other's; above it, both sides' measured matrix-product rates at both precisions,
+so a reader sees how close each side is to the machine. While a measurement runs, the CPU time of everything else on
 the machine is read from /proc/stat: a run during which other processes used more than --max_other_cores cores is
 discarded and repeated (up to --max_tries), since the machine's speed drifts between hours and neighbours. Reported
 figures are medians over the accepted rounds; "speed" is reference seconds / our seconds (above 1: we are faster).
@@ -82,9 +87,30 @@ MEASUREMENTS = {
 # Our side (runs in a child process: `vs_reference.py --worker SPEC`).
 
 
+# (rows, inner, cols) of the matrix products whose rates are printed: the default run's QKV, a GPT-B FFN at batch 2,
+# a GPT-B decode step with guidance, and a large square one.
+GEMM_SHAPES = [[4096, 192, 576], [512, 768, 3072], [32, 768, 2304], [2048, 2048, 2048]]
+
+
+def our_gemm_rates(shapes: list[list[int]], calls: int = 50) -> dict[str, dict[str, float]]:
+  """GFLOP/s of (rows x inner) @ (inner x cols), jitted, in float32 and in bfloat16 accumulating in float32."""
+  rates = {}
+  for dtype in ("float32", "bfloat16"):
+    for m, k, n in shapes:
+      a, b = jax.numpy.ones((m, k), dtype), jax.numpy.ones((k, n), dtype)
+      product = jax.jit(lambda a, b: jax.numpy.dot(a, b, preferred_element_type=jax.numpy.float32))
+      product(a, b).block_until_ready()
+      start = time.perf_counter()
+      for _ in range(calls):
+        out = product(a, b)
+      out.block_until_ready()
+      rates.setdefault(dtype, {})[f"{m}x{k}x{n}"] = 2 * m * k * n * calls / (time.perf_counter() - start) / 1e9
+  return rates
+
+
 def _our_config(spec: dict):
   config = config_lib.base_config()
-  config.model.update(**WIDTHS[spec["width"]], dtype="float32", scan_layers=spec["scan_layers"])
+  config.model.update(**WIDTHS[spec["width"]], dtype=spec["precision"], scan_layers=spec["scan_layers"])
   config.train.global_batch_size = spec["batch"]
   config.optim.lr, config.optim.warmup_steps = 1e-4, 0
   return config
@@ -111,7 +137,7 @@ def our_measurement(spec: dict) -> float:
   if spec["kind"] == "sample":
     model = gpt.GPT(_our_config(spec).model, rngs=nnx.Rngs(0))
     model.output[...] = np.random.default_rng(0).normal(0, 0.02, model.output.shape).astype(np.float32)
-    sampler = decoding.Sampler(model, dtype="float32", devices=jax.devices()[:1])
+    sampler = decoding.Sampler(model, dtype=spec["precision"], devices=jax.devices()[:1])
     labels = np.arange(spec["batch"]) % model.cfg.num_classes
     settings = decoding.SamplingSettings(cfg_scale=spec["cfg_scale"])
     sampler(labels, jax.random.key(0), settings).block_until_ready()  # compile + warm-up
@@ -191,6 +217,7 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
   flags.DEFINE_float("max_other_cores", 0.15, "Discard a run during which other processes used more cores.",
                      flag_values=fv)
   flags.DEFINE_integer("max_tries", 3, "Runs tried per accepted run.", flag_values=fv)
+  flags.DEFINE_list("precisions", ["float32", "bfloat16"], "Precisions to measure each side at.", flag_values=fv)
   flags.DEFINE_bool("ours_scan_layers", False, "Our layers under lax.scan instead of unrolled.", flag_values=fv)
   flags.DEFINE_string("worker", None, "Internal: run one of our measurements (JSON spec) and print its result.",
                       flag_values=fv)
@@ -198,7 +225,11 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
 
 def run(fv: flags.FlagValues) -> None:
   if fv.worker:  # a child: one of our measurements
-    seconds = our_measurement(json.loads(fv.worker))
+    spec = json.loads(fv.worker)
+    if spec["kind"] == "gemm":
+      print(json.dumps({"gflops": our_gemm_rates(spec["shapes"])}))
+      return
+    seconds = our_measurement(spec)
     print(json.dumps({"seconds": seconds, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
     return
   for name in ("torch_python", "npp_repo"):
@@ -207,53 +238,88 @@ def run(fv: flags.FlagValues) -> None:
   unknown = sorted(set(fv.only) - set(MEASUREMENTS))
   if unknown:
     raise ValueError(f"unknown measurements {unknown}; choose from {sorted(MEASUREMENTS)}")
+  bad = sorted(set(fv.precisions) - set(decoding.COMPUTE_DTYPES))
+  if bad:
+    raise ValueError(f"unknown precisions {bad}; choose from {list(decoding.COMPUTE_DTYPES)}")
   here = pathlib.Path(__file__).resolve()
   reference_cmd = [fv.torch_python, str(here.with_name("vs_reference_torch.py")), "--npp_repo", fv.npp_repo]
   if fv.llamagen_repo:
     reference_cmd += ["--llamagen_repo", fv.llamagen_repo]
+  ours_cmd = [sys.executable, str(here), "--worker"]
   print(f"ours: jax {jax.__version__}, scan_layers={fv.ours_scan_layers}; reference: {fv.torch_python}", flush=True)
-  results = {}
+  gemm = json.dumps({"kind": "gemm", "shapes": GEMM_SHAPES})
+  print_gemm_rates({"reference": run_once(reference_cmd + ["--spec", gemm])[0]["gflops"],
+                    "ours": run_once(ours_cmd + [gemm])[0]["gflops"]})
+  results = {}  # name -> (side, precision) -> accepted runs
   for name in fv.only:
     label, spec = MEASUREMENTS[name]
     print(f"{name}: {label}", flush=True)
-    sides = {"reference": [], "ours": []}
+    cells = results[name] = {}
     for r in range(fv.rounds):
-      order = ("reference", "ours") if r % 2 == 0 else ("ours", "reference")
-      for side in order:
-        if side == "ours" and spec.get("compiled"):
-          continue  # our compiled step is the plain train_* measurement
-        ours_spec = {**spec, "scan_layers": fv.ours_scan_layers}
-        reference_spec = {**spec, "model": WIDTHS[spec["width"]]}  # the torch side has no width table
-        command = (reference_cmd + ["--spec", json.dumps(reference_spec)] if side == "reference"
-                   else [sys.executable, str(here), "--worker", json.dumps(ours_spec)])
-        result = measure(command, fv.max_other_cores, fv.max_tries)
-        if result:
-          sides[side].append(result)
-          print(f"    {side}: {result['seconds']:.4f} s, peak RSS {result['peak_rss_mib']:,.0f} MiB", flush=True)
-    results[name] = sides
-  print_table(results)
+      for precision in fv.precisions:
+        for side in (("reference", "ours") if r % 2 == 0 else ("ours", "reference")):
+          if side == "ours" and spec.get("compiled"):
+            continue  # our compiled step is the plain train_* measurement
+          side_spec = {**spec, "precision": precision}
+          command = (reference_cmd + ["--spec", json.dumps({**side_spec, "model": WIDTHS[spec["width"]]})]
+                     if side == "reference" else ours_cmd + [json.dumps({**side_spec,
+                                                                          "scan_layers": fv.ours_scan_layers})])
+          result = measure(command, fv.max_other_cores, fv.max_tries)
+          if result:
+            cells.setdefault((side, precision), []).append(result)
+            print(f"    {side} {precision}: {result['seconds']:.4f} s, peak RSS {result['peak_rss_mib']:,.0f} MiB",
+                  flush=True)
+  print_table(results, fv.precisions)
 
 
-def print_table(results: dict) -> None:
-  print("\n| measurement | reference (PyTorch) | npp-jax | npp-jax speed vs reference |")
-  print("|---|---|---|---|")
-  median = lambda runs, key="seconds": statistics.median(r[key] for r in runs) if runs else float("nan")
-  for name, sides in results.items():
+def print_gemm_rates(rates: dict) -> None:
+  print("\nmatrix products on this machine, GFLOP/s (ours: bfloat16 operands accumulate in float32)")
+  print("| rows x inner x cols | " + " | ".join(f"{side} {dtype}" for side in rates for dtype in rates[side]) + " |")
+  print("|---" * (1 + sum(len(v) for v in rates.values())) + "|")
+  for shape in rates["ours"]["float32"]:
+    print(f"| {shape} | " + " | ".join(f"{rates[side][dtype][shape]:,.0f}" for side in rates for dtype in rates[side])
+          + " |")
+  print(flush=True)
+
+
+def _median(runs: list[dict] | None, key: str = "seconds") -> float:
+  return statistics.median(r[key] for r in runs) if runs else float("nan")
+
+
+def print_table(results: dict, precisions: list[str]) -> None:
+  """Every cell, float32 against float32, and best against best; 'speed' is reference seconds / ours."""
+  columns = [f"reference {p}" for p in precisions] + [f"reference compiled {p}" for p in precisions] + [
+      f"npp-jax {p}" for p in precisions]
+  print("\n| measurement | " + " | ".join(columns) + " | f32 vs f32 | best vs best |")
+  print("|---" * (len(columns) + 3) + "|")
+  for name, cells in results.items():
     label, spec = MEASUREMENTS[name]
-    ours_runs = sides["ours"] or (results.get(name.replace("compiled", "train"), {}).get("ours", [])
-                                  if spec.get("compiled") else [])
-    ref, ours = median(sides["reference"]), median(ours_runs)
-    print(f"| {label} | {ref:.4f} | {ours:.4f} | {ref / ours:.2f}x |")
-  if "train_b_k1" in results:
-    ref, ours = (median(results["train_b_k1"][s], "peak_rss_mib") for s in ("reference", "ours"))
-    print(f"| peak RSS, GPT-B width training, batch 2 (MiB) | {ref:,.0f} | {ours:,.0f} | "
-          f"{ours / ref:.2f}x the memory |")
+    if spec.get("compiled"):
+      continue  # folded into its train_* row
+    compiled = results.get(name.replace("train", "compiled"), {})
+    reference = {p: _median(cells.get(("reference", p))) for p in precisions}
+    reference_compiled = {p: _median(compiled.get(("reference", p))) for p in precisions}
+    ours = {p: _median(cells.get(("ours", p))) for p in precisions}
+    row = [reference[p] for p in precisions] + [reference_compiled[p] for p in precisions] + [
+        ours[p] for p in precisions]
+    best = lambda values: min((v for v in values if v == v), default=float("nan"))  # NaN: not measured
+    f32 = reference.get("float32", float("nan")) / ours.get("float32", float("nan"))
+    best_ratio = best(list(reference.values()) + list(reference_compiled.values())) / best(list(ours.values()))
+    print(f"| {label} | " + " | ".join("—" if v != v else f"{v:.4f}" for v in row) +
+          f" | {f32:.2f}x | {best_ratio:.2f}x |")
+  for name in ("train_b_k1",):
+    if name in results:
+      for p in precisions:
+        ref, ours = (_median(results[name].get((side, p)), "peak_rss_mib") for side in ("reference", "ours"))
+        print(f"peak RSS, GPT-B width training, batch 2, {p}: reference {ref:,.0f} MiB, npp-jax {ours:,.0f} MiB "
+              f"({ours / ref:.2f}x the memory)")
   if "schedule_ntp" in results:
     for side in ("reference", "ours"):
-      base = median(results["schedule_ntp"][side])
-      ratios = [f"{name.split('_')[1]} {median(results[name][side]) / base:.3f}"
-                for name in ("schedule_2stage", "schedule_3stage") if name in results]
-      print(f"NPP/NTP wall-clock over 3,200 images, {side}: " + ", ".join(ratios))
+      for p in precisions:
+        base = _median(results["schedule_ntp"].get((side, p)))
+        ratios = [f"{name.split('_')[1]} {_median(results[name].get((side, p))) / base:.3f}"
+                  for name in ("schedule_2stage", "schedule_3stage") if name in results]
+        print(f"NPP/NTP wall-clock over 3,200 images, {side} {p}: " + ", ".join(ratios))
 
 
 def main(argv: list[str] | None = None) -> int:

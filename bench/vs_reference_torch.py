@@ -2,17 +2,21 @@
 interpreter over a checkout of the reference repositories (never part of this project).
 
   TORCH_PYTHON bench/vs_reference_torch.py --npp_repo NPP_CHECKOUT [--llamagen_repo LLAMAGEN_CHECKOUT] \
-      --spec '{"kind": "train", "model": {"dim": 256, ...}, "batch": 64, "patch_side": 1, ...}'
+      --spec '{"kind": "train", "precision": "bfloat16", "model": {"dim": 256, ...}, "batch": 64, ...}'
 
 The model is NPP's `autoregressive/models/gpt.py` (`Transformer(ModelArgs(...))`, train mode, dropout as in
 ModelArgs), trained with AdamW (lr 1e-4, betas (0.9, 0.95), weight decay 0.05 on >= 2-D parameters) and gradient
 clipping at 1.0 as NPP's train_c2i.py does; sampling is LlamaGen's `autoregressive/models/generate.py:generate`.
-Prints one JSON line: {"seconds": per batch or per step, "peak_rss_mib": ...}.
+Precision "bfloat16" is what the reference's users run: training under `torch.autocast("cpu", torch.bfloat16)`
+around the forward and loss (train_c2i.py's `--mixed-precision bf16`), sampling with the model cast to bfloat16
+(sample_c2i.py's default `--precision bf16`). Kind "gemm" measures torch's matrix-product rate (GFLOP/s) instead.
+Prints one JSON line: {"seconds": per batch or per step, "peak_rss_mib": ...} (gemm: {"gflops": {...}}).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import resource
@@ -53,7 +57,28 @@ def optimizer_for(model):
                            lr=1e-4, betas=(0.9, 0.95))
 
 
-def train_steps(gpt, model, batch: int, patch_sides: list[int], compiled: bool):
+def autocast(precision: str):
+  if precision == "float32":
+    return contextlib.nullcontext()
+  return torch.autocast("cpu", dtype=getattr(torch, precision))
+
+
+def gemm_rates(shapes: list[list[int]], calls: int = 50) -> dict[str, dict[str, float]]:
+  """GFLOP/s of (rows x inner) @ (inner x cols) in float32 and bfloat16, after a warm-up."""
+  rates = {}
+  for dtype in ("float32", "bfloat16"):
+    for m, k, n in shapes:
+      a, b = torch.randn(m, k, dtype=getattr(torch, dtype)), torch.randn(k, n, dtype=getattr(torch, dtype))
+      for _ in range(5):
+        a @ b
+      start = time.perf_counter()
+      for _ in range(calls):
+        a @ b
+      rates.setdefault(dtype, {})[f"{m}x{k}x{n}"] = 2 * m * k * n * calls / (time.perf_counter() - start) / 1e9
+  return rates
+
+
+def train_steps(gpt, model, batch: int, patch_sides: list[int], compiled: bool, precision: str = "float32"):
   """A callable running one step per entry of patch_sides, and the batch it trains on."""
   cfg = model.config
   grid = int(cfg.block_size ** 0.5)
@@ -69,7 +94,8 @@ def train_steps(gpt, model, batch: int, patch_sides: list[int], compiled: bool):
 
   def run():
     for k in patch_sides:
-      _, loss = forward(cond_idx=labels, idx=tokens, targets=tokens, p=k, patch_size=k * k, freqs_cis=freqs[k])
+      with autocast(precision):
+        _, loss = forward(cond_idx=labels, idx=tokens, targets=tokens, p=k, patch_size=k * k, freqs_cis=freqs[k])
       loss.backward()
       torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
       opt.step()
@@ -80,8 +106,10 @@ def train_steps(gpt, model, batch: int, patch_sides: list[int], compiled: bool):
 
 def measure(spec: dict, gpt, generate) -> float:
   model = make_model(gpt, spec["model"])
+  precision = spec.get("precision", "float32")
   if spec["kind"] == "sample":
     model.eval()
+    model.to(getattr(torch, precision))
     labels = torch.arange(spec["batch"]) % model.config.num_classes
 
     def run():
@@ -95,7 +123,7 @@ def measure(spec: dict, gpt, generate) -> float:
       run()
     return (time.perf_counter() - start) / spec["repeats"]
   if spec["kind"] == "train":
-    step = train_steps(gpt, model, spec["batch"], [spec["patch_side"]], spec.get("compiled", False))
+    step = train_steps(gpt, model, spec["batch"], [spec["patch_side"]], spec.get("compiled", False), precision)
     for _ in range(spec["warmup"]):
       step()
     start = time.perf_counter()
@@ -104,8 +132,8 @@ def measure(spec: dict, gpt, generate) -> float:
     return (time.perf_counter() - start) / spec["steps"]
   if spec["kind"] == "schedule":  # wall-clock of a whole schedule, every patch side warmed up first
     sides = [k for k, n in spec["schedule"] for _ in range(n)]
-    train_steps(gpt, model, spec["batch"], sorted(set(sides)), False)()
-    run = train_steps(gpt, model, spec["batch"], sides, False)
+    train_steps(gpt, model, spec["batch"], sorted(set(sides)), False, precision)()
+    run = train_steps(gpt, model, spec["batch"], sides, False, precision)
     start = time.perf_counter()
     run()
     return time.perf_counter() - start
@@ -118,8 +146,12 @@ def main() -> None:
   parser.add_argument("--llamagen_repo", default=None)
   parser.add_argument("--spec", required=True, help="the measurement, as JSON")
   args = parser.parse_args()
+  spec = json.loads(args.spec)
+  if spec["kind"] == "gemm":
+    print(json.dumps({"gflops": gemm_rates(spec["shapes"])}))
+    return
   gpt, generate = load_reference(args.npp_repo, args.llamagen_repo)
-  seconds = measure(json.loads(args.spec), gpt, generate)
+  seconds = measure(spec, gpt, generate)
   print(json.dumps({"seconds": seconds, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 

@@ -219,11 +219,12 @@ def _while_bodies(hlo: str) -> dict[str, list[str]]:
   return bodies
 
 
-def test_decode_loop_writes_the_cache_in_place_and_never_copies_weights(reference):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_loop_writes_the_cache_in_place_and_never_copies_weights(reference, dtype):
   """In the compiled sampler, a loop step touches a cache chunk only by reading it or by an in-place
   dynamic-update-slice of its one new slot; no chunk and no weight matrix is copied per step."""
   model, _ = reference
-  sampler = decoding.Sampler(model, dtype="float32", devices=jax.devices()[:1])
+  sampler = decoding.Sampler(model, dtype=dtype, devices=jax.devices()[:1])
   cfg = sampler.cfg
   labels = np.arange(3, dtype=np.int32)
   static = decoding._Static(cfg=cfg, guided=True, top_k=0, use_top_p=False, greedy=False, mesh=sampler.mesh)
@@ -231,8 +232,9 @@ def test_decode_loop_writes_the_cache_in_place_and_never_copies_weights(referenc
                                  jnp.float32(2.0), jnp.int32(-1), jnp.float32(1.0), jnp.float32(1.0),
                                  static=static).compile().as_text()
   head_dim = cfg.dim // cfg.n_head
-  chunk = f"f32[6,{cfg.n_head},{cfg.block_size // 4},{head_dim}]"  # 3 samples x (cond, null), 4 chunks
-  weights = {f"f32[{a},{b}]" for a, b in [(cfg.dim, 3 * cfg.dim), (cfg.dim, cfg.dim), (cfg.dim, cfg.vocab_size)]}
+  kind = {"float32": "f32", "bfloat16": "bf16"}[dtype]
+  chunk = f"{kind}[6,{cfg.n_head},{cfg.block_size // 4},{head_dim}]"  # 3 samples x (cond, null), 4 chunks
+  weights = {f"{kind}[{a},{b}]" for a, b in [(cfg.dim, 3 * cfg.dim), (cfg.dim, cfg.dim), (cfg.dim, cfg.vocab_size)]}
   assert loops_touching(hlo, chunk, weights, writes=("dynamic-update-slice",)) == 4  # one scan per chunk
 
 

@@ -10,6 +10,7 @@ Shapes: B batch, S = block_size = G*G codes, T sequence length, D dim, N heads, 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 import ml_collections
 
+from npp_jax import errors
 from npp_jax import npp
 from npp_jax.models import rope
 
@@ -38,7 +40,7 @@ def ffn_hidden_dim(cfg: ml_collections.ConfigDict) -> int:
 def grid_side(cfg: ml_collections.ConfigDict) -> int:
   grid = math.isqrt(cfg.block_size)
   if grid * grid != cfg.block_size:
-    raise ValueError(f"model.block_size={cfg.block_size} is not a square number of codes")
+    raise errors.InvalidInput(f"model.block_size={cfg.block_size} is not a square number of codes")
   return grid
 
 
@@ -53,11 +55,27 @@ def _param(init, key, shape, axes) -> nnx.Param:
   return nnx.Param(init(key, shape, jnp.float32), logical_axes=axes)
 
 
-def _rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float) -> jnp.ndarray:
-  """x * rsqrt(mean(x^2) + eps) in float32, cast back, then scaled (the reference's order of operations)."""
+def _rms_normalise(x: jnp.ndarray, eps: float) -> jnp.ndarray:
+  """x * rsqrt(mean(x^2) + eps) in float32, cast back. The RMSNorm weights are folded into the next product's
+  kernel (`_fold_norms`)."""
   x32 = x.astype(jnp.float32)
-  normed = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
-  return normed * weight.astype(x.dtype)
+  return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def _fold_norms(layer: dict[str, jnp.ndarray]) -> dict[str, jnp.ndarray]:
+  """One layer's parameters with each RMSNorm weight folded into the rows of the kernels it feeds:
+  (normalise(x) * g) @ W = normalise(x) @ (g[:, None] * W).
+
+  The same function, computed on weight-sized arrays: the training step then has no norm-weight gradient (a
+  reduction over every batch row, slow on XLA:CPU) and the sampler no per-step multiply.
+  """
+  return {"wqkv": _scale_rows(layer["attention_norm"], layer["wqkv"]), "wo": layer["wo"],
+          "w1": _scale_rows(layer["ffn_norm"], layer["w1"]), "w3": _scale_rows(layer["ffn_norm"], layer["w3"]),
+          "w2": layer["w2"]}
+
+
+def _scale_rows(g: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+  return g.reshape(-1, *(1,) * (w.ndim - 1)) * w
 
 
 def _dropout(x: jnp.ndarray, rate: float, key: jax.Array | None) -> jnp.ndarray:
@@ -127,9 +145,10 @@ class GPT(nnx.Module):
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     if cfg.dim % cfg.n_head:
-      raise ValueError(f"model.dim={cfg.dim} is not divisible by model.n_head={cfg.n_head}")
+      raise errors.InvalidInput(f"model.dim={cfg.dim} is not divisible by model.n_head={cfg.n_head}")
     if cfg.cls_token_num != 1:
-      raise ValueError(f"class-conditional models use one class token; got model.cls_token_num={cfg.cls_token_num}")
+      raise errors.InvalidInput("class-conditional models use one class token; got "
+                                f"model.cls_token_num={cfg.cls_token_num}")
     self.cfg = ml_collections.FrozenConfigDict(cfg)  # static and hashable inside the graph definition
     self.grid = grid_side(cfg)
     normal = jax.nn.initializers.normal(cfg.initializer_range)
@@ -180,7 +199,7 @@ class GPT(nnx.Module):
     seq = x.shape[1]  # class token + all patches but the last
     rotary = (jnp.asarray(cos[:seq])[None], jnp.asarray(sin[:seq])[None])
     x = self._blocks(x, rotary, layer_keys=keys.get("layers"))
-    return _head(x, self.norm[...], self.output[...], cfg.norm_eps)
+    return _head(x, _scale_rows(self.norm[...], self.output[...]), cfg.norm_eps)
 
   # -- decode path --------------------------------------------------------------------------------------------
 
@@ -191,22 +210,21 @@ class GPT(nnx.Module):
                       dtype or self.compute_dtype, 1)
 
   def decode_params(self, dtype: Any = None) -> dict[str, Any]:
-    """The parameters as `decode` reads them: the layers unstacked into one dict per layer, in `dtype` (default:
-    the compute dtype), which is also the dtype `decode` computes in.
+    """The parameters as `decode` reads them: the layers unstacked into one dict per layer, the RMSNorm weights
+    folded into the kernels they feed (`_fold_norms`), in `dtype` (default: the compute dtype), which is also the
+    dtype `decode` computes in.
 
     Unstacking once, outside the decode loop, gives every layer its own weight buffers; slicing the stacked arrays
     inside the loop would copy every layer's weights on every step.
     """
-    dtype = dtype or self.compute_dtype
-    cast = lambda a: a.astype(dtype)
+    cast = lambda tree: jax.tree.map(lambda a: a.astype(dtype or self.compute_dtype), tree)
     stacked = self.layers.stacked()
-    return {
-        "tok_embeddings": cast(self.tok_embeddings[...]),
-        "cls_embedding": cast(self.cls_embedding[...]),
-        "layers": tuple({name: cast(a[i]) for name, a in stacked.items()} for i in range(self.cfg.n_layer)),
-        "norm": cast(self.norm[...]),
-        "output": cast(self.output[...]),
-    }
+    return cast({
+        "tok_embeddings": self.tok_embeddings[...],
+        "cls_embedding": self.cls_embedding[...],
+        "layers": tuple(_fold_norms({name: a[i] for name, a in stacked.items()}) for i in range(self.cfg.n_layer)),
+        "output": _scale_rows(self.norm[...], self.output[...]),
+    })
 
   def decode(self, x: jnp.ndarray, cache: KVCache, pos: jnp.ndarray) -> tuple[jnp.ndarray, KVCache]:
     """Runs embeddings x (B, T, D) at sequence positions pos..pos+T-1 against the cache; returns (logits, cache).
@@ -221,14 +239,12 @@ class GPT(nnx.Module):
   def _blocks(self, x, rotary, *, layer_keys=None):
     cfg = self.cfg
     params = self.layers.stacked()
-    dtype = self.compute_dtype
 
     def layer(x, inputs):
       p, key = inputs
-      p = jax.tree.map(lambda a: a.astype(dtype), p)
+      p = _fold_norms(p)  # in float32; each product casts its kernel to the activations' dtype
       keys = jax.random.split(key, 2) if key is not None else (None, None)
-      h = _rms_norm(x, p["attention_norm"], cfg.norm_eps)
-      q, k, v = _qkv(h, p["wqkv"], rotary)
+      q, k, v = _qkv(_rms_normalise(x, cfg.norm_eps), p["wqkv"], rotary)
       impl = None if cfg.attention_impl == "auto" else cfg.attention_impl
       h = _attention_output(jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl), p["wo"])
       x = x + _dropout(h, cfg.resid_dropout_p, keys[0])
@@ -246,36 +262,83 @@ class GPT(nnx.Module):
     return x
 
 
-def _dense(x, w, **kwargs):
-  """x (..., K) times a (K, ...) weight as one 2-D (rows, K) x (K, N) matmul, reshaped back.
+def _dense(x, w):
+  """x (..., K) times a (K, ...) weight as one 2-D (rows, K) x (K, N) matmul in x's dtype, reshaped back; float32
+  out (accumulated in float32 whatever the operands: what TPU and GPU matrix units do, and the only bfloat16 form
+  XLA:CPU runs on its bfloat16 units).
 
   Flat rows matter on XLA:CPU: with (B, T) leading axes the weight gradient contracts two axes, and XLA then
   materialises a transposed copy of the activations on every step; a 2-D contraction over rows needs none.
   """
-  out = jnp.dot(x.reshape(-1, x.shape[-1]), w.reshape(w.shape[0], -1), **kwargs)
+  flat_x, flat_w = x.reshape(-1, x.shape[-1]), w.reshape(w.shape[0], -1)
+  if x.dtype == jnp.float32:
+    out = jnp.dot(flat_x, flat_w.astype(x.dtype), preferred_element_type=jnp.float32)
+  else:
+    out = _low_precision_matmul(flat_x, flat_w, flat_w.dtype)
   return out.reshape(*x.shape[:-1], *w.shape[1:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _low_precision_matmul(x: jnp.ndarray, w: jnp.ndarray, w_dtype: Any) -> jnp.ndarray:
+  """(M, K) x (K, N) -> float32 (M, N) in x's (narrow) dtype: w, of dtype `w_dtype` (float32 master weights in
+  training), is cast to it. The backward pass's two products also take narrow operands and accumulate in float32,
+  and the weight's gradient comes back in `w_dtype` straight from the float32 accumulator.
+
+  Plain autodiff would feed the float32 cotangent to both backward products and so run them in float32. Here the
+  cotangent is cast to the operands' dtype first (the usual mixed-precision rule), and each product is laid out in
+  a form XLA:CPU sends to its bfloat16 library kernels: `g wᵀ` contracts the last axes of both (row-major, fast as
+  is), and `xᵀ g` takes a materialised transpose of x (a product that contracts the first axes of both is
+  converted to float32 by XLA:CPU and runs at float32 speed).
+  """
+  del w_dtype
+  return jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+def _low_precision_matmul_fwd(x, w, w_dtype):
+  narrow_w = w.astype(x.dtype)
+  return _low_precision_matmul(x, narrow_w, w_dtype), (x, narrow_w)
+
+
+def _low_precision_matmul_bwd(w_dtype, residuals, g):
+  x, w = residuals
+  g = g.astype(x.dtype)
+  dx = jax.lax.dot_general(g, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  dw = jnp.dot(_materialised_transpose(x), g, preferred_element_type=jnp.float32)
+  return dx.astype(x.dtype), dw.astype(w_dtype)
+
+
+_low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
+
+
+def _materialised_transpose(x: jnp.ndarray) -> jnp.ndarray:
+  """x (M, K) -> (K, M) as a row-major copy. Written through a unit axis because XLA folds a plain transpose back
+  into the product's dimension numbers (or its layout), which is the slow form this copy exists to avoid."""
+  m, k = x.shape
+  return jnp.swapaxes(x.reshape(m, k, 1), 0, 1).reshape(k, m)
 
 
 def _qkv(h, wqkv, rotary):
   """(B, T, D) normed activations -> q, k, v (B, T, N, H), q and k rotated."""
-  qkv = _dense(h, wqkv)  # (B, T, 3, N, H): one matmul for the three, like the reference's fused wqkv
-  return rope.apply_rope(qkv[:, :, 0], *rotary), rope.apply_rope(qkv[:, :, 1], *rotary), qkv[:, :, 2]
+  qkv = _dense(h, wqkv).astype(h.dtype)  # (B, T, 3, N, H): one matmul for the three, like the reference's fused wqkv
+  # A split, not three slices: its transpose is one concatenation, where slices' are pads and adds.
+  q, k, v = (jnp.squeeze(a, 2) for a in jnp.split(qkv, 3, axis=2))
+  return rope.apply_rope(q, *rotary), rope.apply_rope(k, *rotary), v
 
 
 def _attention_output(out, wo):
   """Attention output (B, T, N, H) through wo (N, H, D)."""
-  return _dense(out.reshape(*out.shape[:2], -1), wo.reshape(-1, wo.shape[-1]))
+  return _dense(out.reshape(*out.shape[:2], -1), wo.reshape(-1, wo.shape[-1])).astype(out.dtype)
 
 
 def _feed_forward(x, p, eps):
-  h = _rms_norm(x, p["ffn_norm"], eps)
-  return _dense(jax.nn.silu(_dense(h, p["w1"])) * _dense(h, p["w3"]), p["w2"])
+  h = _rms_normalise(x, eps)
+  gate = (jax.nn.silu(_dense(h, p["w1"])) * _dense(h, p["w3"])).astype(h.dtype)
+  return _dense(gate, p["w2"]).astype(h.dtype)
 
 
-def _head(x, norm, output, eps):
-  x = _rms_norm(x, norm, eps)
-  # Logits in float32 whatever the compute dtype (the reference's `.float()`), accumulated in float32.
-  return _dense(x, output.astype(x.dtype), preferred_element_type=jnp.float32)
+def _head(x, output, eps):
+  """Logits from the final RMSNorm (its weight folded into `output`) and the output projection."""
+  return _dense(_rms_normalise(x, eps), output)  # float32 whatever the compute dtype (the reference's `.float()`)
 
 
 def decode(params: dict[str, Any], cfg: ml_collections.ConfigDict, x: jnp.ndarray, cache: KVCache, pos: jnp.ndarray,
@@ -327,17 +390,17 @@ def decode_rows(params: dict[str, Any], cfg: ml_collections.ConfigDict, x: jnp.n
 def _decode_layers(params, cfg, x, rotary, cache, write, attend):
   """The blocks and head of the decode path; `write(chunks, new (B, T, N, H))` stores new keys or values in a
   layer's cache chunks and `attend(q, k_chunks, v_chunks)` reads them."""
-  x = x.astype(params["norm"].dtype)
+  x = x.astype(params["output"].dtype)
   keys, values = [], []
   for p, k_chunks, v_chunks in zip(params["layers"], cache.k, cache.v):
-    q, k, v = _qkv(_rms_norm(x, p["attention_norm"], cfg.norm_eps), p["wqkv"], rotary)
+    q, k, v = _qkv(_rms_normalise(x, cfg.norm_eps), p["wqkv"], rotary)
     k_chunks, v_chunks = write(k_chunks, k), write(v_chunks, v)
     out = attend(q, k_chunks, v_chunks)
     x = x + _attention_output(out, p["wo"])
     x = x + _feed_forward(x, p, cfg.norm_eps)
     keys.append(k_chunks)
     values.append(v_chunks)
-  return _head(x, params["norm"], params["output"], cfg.norm_eps), KVCache(tuple(keys), tuple(values))
+  return _head(x, params["output"], cfg.norm_eps), KVCache(tuple(keys), tuple(values))
 
 
 def _cached_attention(q, k_chunks, v_chunks, starts, pos):

@@ -40,10 +40,15 @@ def rope_table(grid: int, head_dim: int, base: float = 10000.0,
 
 
 def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
-  """Rotates interleaved pairs of x (B, T, N, D) by per-position angles cos/sin (B or 1, T, D/2), in float32."""
+  """Rotates interleaved pairs of x (B, T, N, D) by per-position angles cos/sin (B or 1, T, D/2), in float32.
+
+  Written as x * cos' + swap_pairs(x) * sin' over the full feature axis (cos' repeats each angle's cosine for both
+  members of its pair, sin' is (-sin, sin) per pair): the same products and sums as rotating each pair, with no
+  slicing or stacking, whose transposes (pads and adds) XLA fuses into slow loops in the backward pass.
+  """
   dtype = x.dtype
-  x = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
-  x0, x1 = x[..., 0], x[..., 1]
-  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-  out = jnp.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=-1)
-  return out.reshape(*out.shape[:-2], -1).astype(dtype)
+  x = x.astype(jnp.float32)
+  cos_pairs = jnp.repeat(cos, 2, axis=-1)[:, :, None, :]
+  sin_pairs = jnp.stack([-sin, sin], axis=-1).reshape(*sin.shape[:-1], -1)[:, :, None, :]
+  swapped = jnp.flip(x.reshape(*x.shape[:-1], -1, 2), axis=-1).reshape(x.shape)
+  return (x * cos_pairs + swapped * sin_pairs).astype(dtype)

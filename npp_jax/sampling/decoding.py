@@ -212,7 +212,7 @@ def _decode_loop(params, cfg, labels, choose, *, guided, cfg_scale, cfg_interval
   # Slots 0..S-1 (the last token is never fed back), in chunks: the positions of chunk c are decoded by one scan
   # whose attention reads chunks 0..c only.
   chunks = gpt.chunk_bounds(seq_len, min(_CACHE_CHUNKS, seq_len))
-  cache = gpt.init_cache(cfg, rows.shape[0], seq_len, params["norm"].dtype, len(chunks))
+  cache = gpt.init_cache(cfg, rows.shape[0], seq_len, params["output"].dtype, len(chunks))
   cache = jax.tree.map(lambda c: _constrain(c, mesh, P(sharding.ONE_AXIS)), cache)
 
   def step_logits(logits, t):
@@ -283,7 +283,7 @@ def _speculative_loop(params, cfg, labels, sample_keys, target, *, window, guide
   model_rows = jnp.stack([labels, jnp.full_like(labels, cfg.num_classes)], axis=1).reshape(-1) if guided else labels
   pair = (lambda a: jnp.repeat(a, 2, axis=0)) if guided else (lambda a: a)
   # Slots 0..S-1 hold the sample; a pass writes W slots from n, and finished rows (n = S) keep running, so S + W.
-  cache = gpt.init_cache(cfg, model_rows.shape[0], seq_len + window, params["norm"].dtype, 1)
+  cache = gpt.init_cache(cfg, model_rows.shape[0], seq_len + window, params["output"].dtype, 1)
   cache = jax.tree.map(lambda c: _constrain(c, mesh, P(sharding.ONE_AXIS)), cache)
   class_tokens = params["cls_embedding"][model_rows][:, None]
 
