@@ -9,6 +9,9 @@
    same synthetic batches, so only the steps are timed) against plain next-token prediction over the same images,
    printed as a ratio; the paper claims ~0.6x.
 3. --external: time another implementation's command in the same process tree, printed beside ours as a ratio.
+4. --profile: where one next-token step's time goes (products, RNG and the other work of the forward and backward
+   passes, and the optimizer update), from a profiler trace of the compiled step matched to its optimised HLO.
+   Tracing adds overhead per operation: read the shares, not the milliseconds.
 
 Not a test: it prints figures.
 """
@@ -16,7 +19,13 @@ Not a test: it prints figures.
 from __future__ import annotations
 
 import ast
+import collections
+import gzip
+import json
+import pathlib
+import re
 import subprocess
+import tempfile
 import sys
 import time
 
@@ -93,6 +102,48 @@ def full_schedule(config, mesh, stages, total_steps: int) -> float:
   return (time.perf_counter() - start) * total_steps / (total_steps - 1)
 
 
+def _category(hlo_line: str) -> str:
+  """What an instruction of the compiled step does, from its kind and the JAX op that made it."""
+  name = re.search(r'op_name="([^"]*)"', hlo_line)
+  name = name.group(1) if name else ""
+  product = "__ynn_fusion" in hlo_line or " dot(" in hlo_line or "dot_general" in name
+  rng = any(word in name for word in ("_bernoulli", "_uniform", "threefry", "random_bits"))
+  phase = "backward" if "transpose(jvp(" in name else "forward" if "jvp(" in name else ""
+  if not phase:
+    return "optimizer update and the rest"
+  return f"{phase}: " + ("products" if product else "dropout RNG" if rng else "other (norms, softmax, copies, ...)")
+
+
+def step_profile(config, mesh, patch_side: int = 1, steps: int = 5) -> None:
+  """Prints the traced time of one step by category (see _category)."""
+  config = config.copy_and_resolve_references()
+  config.npp.stages = ((patch_side, 1.0),)
+  config.train.total_steps = 10
+  setup = gpt_trainer.build(config, mesh, config.train.global_batch_size)
+  step = compiled_steps(setup)[patch_side]
+  state, batch = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)(), synthetic_batch(config, mesh)
+  for _ in range(2):
+    state, metrics = step(state, batch)
+  jax.block_until_ready(metrics)
+  lines = {m.group(1): line for line in step.as_text().splitlines()
+           for m in [re.match(r"\s*(?:ROOT )?%([\w.\-]+) = ", line)] if m}
+  with tempfile.TemporaryDirectory() as trace_dir:
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    for _ in range(steps):
+      state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    jax.profiler.stop_trace()
+    events = json.load(gzip.open(next(pathlib.Path(trace_dir).rglob("*.trace.json.gz"))))["traceEvents"]
+  seconds = collections.Counter()
+  for event in events:
+    if event.get("ph") == "X" and event["name"] in lines:
+      seconds[_category(lines[event["name"]])] += event.get("dur", 0) / 1e6 / steps
+  total = sum(seconds.values())
+  print(f"one step, patch side {patch_side}, traced: {total * 1e3:.1f} ms of operations", flush=True)
+  for category, value in sorted(seconds.items(), key=lambda kv: -kv[1]):
+    print(f"  {category:45s} {value * 1e3:8.1f} ms  {value / total:6.1%}", flush=True)
+
+
 def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
   cli.define_config(fv, argv, "Config file; --config.key=value overrides its fields.", default="configs/tiny.py")
   flags.DEFINE_integer("steps", 20, "Timed steps per patch side.", flag_values=fv)
@@ -101,6 +152,7 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
                             "NPP schedules to time (repeatable).", flag_values=fv)
   flags.DEFINE_bool("skip_schedules", False, "Only the steady state per patch side.", flag_values=fv)
   flags.DEFINE_string("external", "", "A command to time beside our full next-token run.", flag_values=fv)
+  flags.DEFINE_bool("profile", False, "Also print where a next-token step's time goes.", flag_values=fv)
 
 
 def run(fv: flags.FlagValues) -> None:
@@ -112,6 +164,8 @@ def run(fv: flags.FlagValues) -> None:
   schedules = [ast.literal_eval(s) for s in fv.schedules]
   sides = sorted({k for s in schedules for k, _ in s} | {1})
   steady_state(config, mesh, fv.steps, sides)
+  if fv.profile:
+    step_profile(config, mesh)
   if fv.skip_schedules:
     return
   baseline = full_schedule(config, mesh, ((1, 1.0),), fv.total_steps)
