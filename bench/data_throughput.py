@@ -35,13 +35,13 @@ from PIL import Image
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from npp_jax import checkpoint  # noqa: E402
 from npp_jax import cli  # noqa: E402
-from npp_jax import convert  # noqa: E402
 from npp_jax.data import augment  # noqa: E402
 from npp_jax.data import pipeline  # noqa: E402
 from npp_jax.data import prepare  # noqa: E402
 from npp_jax.data import sources  # noqa: E402
+from npp_jax.model_files import param_mapping  # noqa: E402
+from npp_jax.model_files import store  # noqa: E402
 from npp_jax.models import gpt  # noqa: E402
 from npp_jax.models import vq  # noqa: E402
 
@@ -98,11 +98,11 @@ def make_encoder(name: str, image_size: int, vq_checkpoint: str = ""):
   cfg.image_size = image_size
   if name == "tiny":
     cfg.update(dict(codebook_size=64, encoder_ch_mult=(1, 2), decoder_ch_mult=(1, 2), z_channels=32, ch=32))
-    model = convert.vq_from_torch(FIXTURES / "llamagen_tiny" / "vq.pt", cfg)
+    model = param_mapping.vq_from_torch(FIXTURES / "llamagen_tiny" / "vq.pt", cfg)
   elif name == "vq16":
     if vq_checkpoint:
       cfg.checkpoint = vq_checkpoint
-      model = checkpoint.load_vq(cfg)
+      model = store.load_vq(cfg)
     else:
       model = vq.VQModel(cfg, rngs=nnx.Rngs(0))
   else:

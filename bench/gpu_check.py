@@ -23,12 +23,12 @@ from flax import nnx
 
 from npp_jax import cli
 from npp_jax import config as config_lib
-from npp_jax import metrics as metrics_lib
 from npp_jax import npp
-from npp_jax import sampling
 from npp_jax import sharding
-from npp_jax import train
 from npp_jax.models import gpt
+from npp_jax.sampling import decoding
+from npp_jax.trainers import gpt_trainer
+from npp_jax.trainers import metrics as metrics_lib
 
 TRAIN_BATCHES = (256, 128, 64, 32, 16)  # tried largest first; the first that compiles and runs is reported
 SAMPLE_BATCHES = (64, 256)
@@ -52,9 +52,9 @@ def compiled_state(config, patch_sides: list[int]):
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   config.npp.stages = tuple((k, 1.0 / len(patch_sides)) for k in patch_sides)
   config.train.total_steps = 1000
-  setup = train.build(config, mesh, config.train.global_batch_size)
-  abstract_batch = train.abstract_batch(setup)
-  steps = {s.patch_side: train.make_train_step(setup, s.patch_side).lower(setup.abstract_state, abstract_batch)
+  setup = gpt_trainer.build(config, mesh, config.train.global_batch_size)
+  abstract_batch = gpt_trainer.abstract_batch(setup)
+  steps = {s.patch_side: gpt_trainer.make_train_step(setup, s.patch_side).lower(setup.abstract_state, abstract_batch)
            .compile() for s in setup.stages}
   state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)()
   rng = np.random.default_rng(0)
@@ -93,9 +93,9 @@ def sampling_speed(size: str, batch: int, dry_run: bool) -> dict:
   config = size_config(size, dry_run)
   model = gpt.GPT(config.model, rngs=nnx.Rngs(0))
   model.output[...] = np.random.default_rng(0).normal(0, 0.02, model.output.shape).astype(np.float32)
-  sampler = sampling.Sampler(model, dtype="bfloat16", devices=jax.devices()[:1])
+  sampler = decoding.Sampler(model, dtype="bfloat16", devices=jax.devices()[:1])
   labels = np.arange(batch) % config.model.num_classes
-  settings = sampling.SamplingSettings(cfg_scale=2.0)
+  settings = decoding.SamplingSettings(cfg_scale=2.0)
   sampler(labels, jax.random.key(0), settings).block_until_ready()
   start = time.perf_counter()
   sampler(labels, jax.random.key(1), settings).block_until_ready()

@@ -25,9 +25,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from etils import epath  # noqa: E402
 
-from npp_jax import checkpoint  # noqa: E402
 from npp_jax import config as config_lib  # noqa: E402
-from npp_jax import integrity  # noqa: E402
+from npp_jax.checkpoints import checkpoint  # noqa: E402
+from npp_jax.checkpoints import integrity  # noqa: E402
 from npp_jax.models import gpt  # noqa: E402
 
 _LEAF = 1 << 24  # 16 Mi elements (64 MiB) per array, about a large GPT layer

@@ -27,8 +27,8 @@ from flax import nnx
 
 from npp_jax import cli
 from npp_jax import config as config_lib
-from npp_jax import sampling
 from npp_jax.models.gpt import GPT
+from npp_jax.sampling import decoding
 
 
 def make_model(name: str, layers: int, dtype: str) -> GPT:
@@ -45,7 +45,7 @@ def make_model(name: str, layers: int, dtype: str) -> GPT:
 
 def _pick(model, logits, sample_keys, t, cfg_scale):
   """Guidance + plain temperature-1 sampling of token t, with the sampler's per-sample keys."""
-  logits = sampling.guide(logits[:, -1], cfg_scale, True)
+  logits = decoding.guide(logits[:, -1], cfg_scale, True)
   step_keys = jax.vmap(jax.random.fold_in, (0, None))(sample_keys, t)
   return jax.vmap(jax.random.categorical)(step_keys, logits).astype(jnp.int32)
 
@@ -84,8 +84,8 @@ def bench(name: str, args) -> None:
   cfg = model.cfg
   labels = jnp.arange(args.batch, dtype=jnp.int32) % cfg.num_classes
   key = jax.random.key(0)
-  sampler = sampling.Sampler(model, dtype=args.dtype)
-  settings = sampling.SamplingSettings(cfg_scale=args.cfg_scale)
+  sampler = decoding.Sampler(model, dtype=args.dtype)
+  settings = decoding.SamplingSettings(cfg_scale=args.cfg_scale)
   cfg_scale = jnp.float32(args.cfg_scale)
 
   @nnx.jit
@@ -123,7 +123,7 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
   del argv  # No config.
   flags.DEFINE_integer("batch", 16, "Images per batch.", flag_values=fv)
   flags.DEFINE_float("cfg_scale", 2.0, "Guidance scale.", flag_values=fv)
-  flags.DEFINE_enum("dtype", "float32", sampling.COMPUTE_DTYPES, "Compute dtype.", flag_values=fv)
+  flags.DEFINE_enum("dtype", "float32", decoding.COMPUTE_DTYPES, "Compute dtype.", flag_values=fv)
   flags.DEFINE_integer("b_layers", 2, "Layers of the GPT-B-width model (GPT-B has 12).", flag_values=fv)
   flags.DEFINE_integer("repeats", 3, "Timed calls per path.", flag_values=fv)
   flags.DEFINE_integer("eager_tokens", 16, "Tokens per image the (slow) eager loop makes.", flag_values=fv)

@@ -33,15 +33,16 @@ from npp_jax import assets
 from npp_jax import cli
 from npp_jax import config as config_lib
 from npp_jax import sample as sample_cli
-from npp_jax import sampling
 from npp_jax.models.gpt import GPT
+from npp_jax.sampling import decoding
+from npp_jax.sampling import generation
 
 
 
 def make_model(name: str, args) -> tuple[GPT, str, object]:
   """(model, where its weights come from, VQ decode function or None)."""
   if name == "fashion" and args.checkpoint:
-    model, _, decode = sample_cli.load_model_and_tokenizer(args.checkpoint, str(assets.FASHION_TOKENIZER))
+    model, _, decode = generation.load_model_and_tokenizer(args.checkpoint, str(assets.FASHION_TOKENIZER))
     return model, f"trained weights from {args.checkpoint}", decode
   if name == "fashion":
     cfg = config_lib.load_file("configs/fashion.py").model
@@ -67,8 +68,8 @@ def timed(fn, repeats: int):
 
 def speed_table(model, name, source, args) -> None:
   cfg = model.cfg
-  sampler = sampling.Sampler(model, dtype="float32")
-  base = sampling.SamplingSettings(cfg_scale=args.cfg_scale)
+  sampler = decoding.Sampler(model, dtype="float32")
+  base = decoding.SamplingSettings(cfg_scale=args.cfg_scale)
   print(f"\n{name}: dim {cfg.dim}, {cfg.n_layer} layers, vocab {cfg.vocab_size}, {cfg.block_size} tokens/image, "
         f"{source}, cfg_scale {args.cfg_scale}, float32, {jax.devices()[0].device_kind} x{len(jax.devices())}")
   print(f"  {'batch':>5} {'W':>3} {'draft init':>10} {'s/batch':>8} {'images/s':>9} {'passes/img':>10} "
@@ -96,14 +97,14 @@ def quality_table(model, decode, args) -> None:
   from npp_jax.eval import fashion  # pylint: disable=g-import-not-at-top
 
   evaluator = fashion.Evaluator()
-  sampler = sampling.Sampler(model, dtype="float32")
+  sampler = decoding.Sampler(model, dtype="float32")
   n, batch = args.quality_samples, args.quality_batch
   labels = sample_cli.make_labels(n, model.cfg.num_classes, "balanced")
   print(f"\nquality: {n} samples (balanced labels), cfg_scale {args.cfg_scale}, shipped classifier; plain sampling "
         "at a second seed shows the seed-to-seed spread")
   for window, seed in [(0, 0), (0, 1)] + [(w, 0) for w in args.quality_windows]:
-    key = sample_cli.sample_key(seed)
-    settings = sampling.SamplingSettings(cfg_scale=args.cfg_scale, speculative_window=window)
+    key = generation.sample_key(seed)
+    settings = decoding.SamplingSettings(cfg_scale=args.cfg_scale, speculative_window=window)
     images, passes, start = [], [], time.perf_counter()
     for offset in range(0, n, batch):
       tokens, stats = sampler.sample_with_stats(labels[offset:offset + batch], key, settings, sample_offset=offset)
@@ -120,7 +121,7 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
   flags.DEFINE_string("checkpoint", "", "Trained Fashion-MNIST trainer workdir (else random weights).", flag_values=fv)
   flags.DEFINE_list("models", ["fashion", "b_width"], "Models to measure.", flag_values=fv)
   flags.DEFINE_list("windows", ["4", "8", "16"], "Speculative windows to compare with plain sampling.", flag_values=fv)
-  flags.DEFINE_list("draft_inits", list(sampling.DRAFT_INITS), "Draft initialisations (fashion model).",
+  flags.DEFINE_list("draft_inits", list(decoding.DRAFT_INITS), "Draft initialisations (fashion model).",
                     flag_values=fv)
   flags.DEFINE_list("batches", ["1", "16"], "Batch sizes of the speed table (empty: none).", flag_values=fv)
   flags.DEFINE_integer("b_layers", 2, "Layers of the GPT-B-width model (GPT-B has 12).", flag_values=fv)

@@ -34,11 +34,11 @@ import numpy as np
 from absl import flags
 
 from npp_jax import cli
-from npp_jax import metrics as metrics_lib
 from npp_jax import npp
 from npp_jax import sharding
-from npp_jax import train
 from npp_jax.models import gpt
+from npp_jax.trainers import gpt_trainer
+from npp_jax.trainers import metrics as metrics_lib
 
 
 def synthetic_batch(config, mesh, seed: int = 0) -> dict:
@@ -49,9 +49,9 @@ def synthetic_batch(config, mesh, seed: int = 0) -> dict:
   return sharding.global_batch(local, mesh)
 
 
-def compiled_steps(setup: train.Setup) -> dict:
-  abstract_batch = train.abstract_batch(setup)
-  return {s.patch_side: train.make_train_step(setup, s.patch_side).lower(setup.abstract_state, abstract_batch)
+def compiled_steps(setup: gpt_trainer.Setup) -> dict:
+  abstract_batch = gpt_trainer.abstract_batch(setup)
+  return {s.patch_side: gpt_trainer.make_train_step(setup, s.patch_side).lower(setup.abstract_state, abstract_batch)
           .compile() for s in setup.stages}
 
 
@@ -60,7 +60,7 @@ def steady_state(config, mesh, steps: int, patch_sides: list[int]) -> dict[int, 
   config = config.copy_and_resolve_references()
   config.npp.stages = tuple((k, 1.0 / len(patch_sides)) for k in patch_sides)
   config.train.total_steps = max(len(patch_sides) * 10, 10)
-  setup = train.build(config, mesh, config.train.global_batch_size)
+  setup = gpt_trainer.build(config, mesh, config.train.global_batch_size)
   fns = compiled_steps(setup)
   state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)()
   batch = synthetic_batch(config, mesh)
@@ -89,7 +89,7 @@ def full_schedule(config, mesh, stages, total_steps: int) -> float:
   config = config.copy_and_resolve_references()
   config.npp.stages = stages
   config.train.total_steps = total_steps
-  setup = train.build(config, mesh, config.train.global_batch_size)
+  setup = gpt_trainer.build(config, mesh, config.train.global_batch_size)
   fns = compiled_steps(setup)
   state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)()
   batches = [synthetic_batch(config, mesh, seed) for seed in range(4)]
@@ -119,7 +119,7 @@ def step_profile(config, mesh, patch_side: int = 1, steps: int = 5) -> None:
   config = config.copy_and_resolve_references()
   config.npp.stages = ((patch_side, 1.0),)
   config.train.total_steps = 10
-  setup = train.build(config, mesh, config.train.global_batch_size)
+  setup = gpt_trainer.build(config, mesh, config.train.global_batch_size)
   step = compiled_steps(setup)[patch_side]
   state, batch = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)(), synthetic_batch(config, mesh)
   for _ in range(2):

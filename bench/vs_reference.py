@@ -43,10 +43,10 @@ from flax import nnx
 
 from npp_jax import cli
 from npp_jax import config as config_lib
-from npp_jax import sampling
 from npp_jax import sharding
-from npp_jax import train
 from npp_jax.models import gpt
+from npp_jax.sampling import decoding
+from npp_jax.trainers import gpt_trainer
 
 WIDTHS = {
     "tiny": dict(dim=256, n_layer=4, n_head=4, vocab_size=512, block_size=64, num_classes=10),
@@ -122,9 +122,9 @@ def _our_train_steps(spec: dict, patch_sides: list[int]):
   config.npp.stages = tuple((k, 1.0 / len(patch_sides)) for k in patch_sides)
   config.train.total_steps = 100
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-  setup = train.build(config, mesh, spec["batch"])
-  abstract_batch = train.abstract_batch(setup)
-  steps = {s.patch_side: train.make_train_step(setup, s.patch_side).lower(setup.abstract_state, abstract_batch)
+  setup = gpt_trainer.build(config, mesh, spec["batch"])
+  abstract_batch = gpt_trainer.abstract_batch(setup)
+  steps = {s.patch_side: gpt_trainer.make_train_step(setup, s.patch_side).lower(setup.abstract_state, abstract_batch)
            .compile() for s in setup.stages}
   state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)()
   rng = np.random.default_rng(0)
@@ -137,9 +137,9 @@ def our_measurement(spec: dict) -> float:
   if spec["kind"] == "sample":
     model = gpt.GPT(_our_config(spec).model, rngs=nnx.Rngs(0))
     model.output[...] = np.random.default_rng(0).normal(0, 0.02, model.output.shape).astype(np.float32)
-    sampler = sampling.Sampler(model, dtype=spec["precision"], devices=jax.devices()[:1])
+    sampler = decoding.Sampler(model, dtype=spec["precision"], devices=jax.devices()[:1])
     labels = np.arange(spec["batch"]) % model.cfg.num_classes
-    settings = sampling.SamplingSettings(cfg_scale=spec["cfg_scale"])
+    settings = decoding.SamplingSettings(cfg_scale=spec["cfg_scale"])
     sampler(labels, jax.random.key(0), settings).block_until_ready()  # compile + warm-up
     start = time.perf_counter()
     for i in range(spec["repeats"]):
@@ -238,9 +238,9 @@ def run(fv: flags.FlagValues) -> None:
   unknown = sorted(set(fv.only) - set(MEASUREMENTS))
   if unknown:
     raise ValueError(f"unknown measurements {unknown}; choose from {sorted(MEASUREMENTS)}")
-  bad = sorted(set(fv.precisions) - set(sampling.COMPUTE_DTYPES))
+  bad = sorted(set(fv.precisions) - set(decoding.COMPUTE_DTYPES))
   if bad:
-    raise ValueError(f"unknown precisions {bad}; choose from {list(sampling.COMPUTE_DTYPES)}")
+    raise ValueError(f"unknown precisions {bad}; choose from {list(decoding.COMPUTE_DTYPES)}")
   here = pathlib.Path(__file__).resolve()
   reference_cmd = [fv.torch_python, str(here.with_name("vs_reference_torch.py")), "--npp_repo", fv.npp_repo]
   if fv.llamagen_repo:

@@ -6,17 +6,14 @@ encoded once into WORKDIR/codes with the tokenizer shipped in npp_jax/assets/vq_
 then single codes; a sample grid (one row per class) and the classifier metric come every eval.every steps.
 """
 
-from npp_jax import assets
-from npp_jax import checkpoint
 from npp_jax import config as base
-from npp_jax.models import vq
 
 
 def get_config():
   c = base.base_config()
-  c.vq, _ = checkpoint.read_saved_vq(assets.FASHION_TOKENIZER)  # the shipped tokenizer's own config
+  c.vq = base.fashion_tokenizer()  # the shipped tokenizer
   c.model.update(dim=192, n_layer=4, n_head=6, vocab_size=c.vq.codebook_size, num_classes=10,
-                 block_size=vq.grid_size(c.vq) ** 2, dtype="bfloat16", remat="none",
+                 block_size=base.grid_size(c.vq) ** 2, dtype="bfloat16", remat="none",
                  scan_layers=False,  # unrolled layers: a faster step on CPU, and 4 layers compile quickly
                  token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0, class_dropout_prob=0.1)
   c.npp.stages = ((2, 0.5), (1, 0.5))

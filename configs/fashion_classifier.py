@@ -5,12 +5,12 @@
 
 import ml_collections
 
-from npp_jax.data import sources
+from npp_jax import config as base
 
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.data_dir = sources.FASHION_MNIST_DIR  # the IDX files (Debian's dataset-fashion-mnist by default)
+  c.data_dir = base.FASHION_MNIST_DIR  # the IDX files (Debian's dataset-fashion-mnist by default)
   c.steps = 3000
   c.batch_size = 128
   c.lr = 2e-3

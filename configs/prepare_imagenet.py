@@ -4,17 +4,16 @@
       --config.vq.checkpoint=ckpt/vq16 [--config.data.extra_crop_range=1.05]
 """
 
-from npp_jax.data import sources
-from npp_jax.models import vq
-
 import ml_collections
+
+from npp_jax import config as base
 
 
 def get_config():
   c = ml_collections.ConfigDict()
-  c.data = sources.default_data_config()
+  c.data = base.data_config()
   c.data.source = "imagenet"
   c.data.split = "train"
   c.data.augmentation = "tencrop"
-  c.vq = vq.default_config()  # VQ-16, image_size 256
+  c.vq = base.vq_config()  # VQ-16, image_size 256
   return c

@@ -5,10 +5,10 @@ Set the weights with --config.vq.checkpoint=/path/to/vq_ds16_c2i.pt (or a conver
 
 import ml_collections
 
-from npp_jax.models import vq
+from npp_jax import config as base
 
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.vq = vq.default_config()
+  config.vq = base.vq_config()
   return config

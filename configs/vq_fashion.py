@@ -11,29 +11,24 @@ cheap, which the demo pays for 60k images.
 
 import ml_collections
 
-from npp_jax import assets
-from npp_jax.data import sources
-from npp_jax.models import vq
+from npp_jax import config as base
 
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
 
-  c.vq = vq.default_config()
-  c.vq.update(dict(codebook_size=512, codebook_embed_dim=8, codebook_l2_norm=True, commit_loss_beta=0.25,
-                   ch=32, encoder_ch_mult=(1, 1, 2), decoder_ch_mult=(1, 1, 2), z_channels=32, num_res_blocks=0,
-                   image_size=32, checkpoint=str(assets.FASHION_TOKENIZER)))
+  c.vq = base.fashion_tokenizer()  # its architecture; vq.checkpoint points at the shipped copy
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "fashion_mnist"
-  c.data.dir = sources.FASHION_MNIST_DIR
+  c.data.dir = base.FASHION_MNIST_DIR
   c.data.augmentation = "pad"  # Centred on a black 32x32 canvas; no flips (Fashion-MNIST's shoes face left).
   c.data.image_size = 32
   c.data.pad_value = 0
   c.data.val_images = 1000  # The last training images, held out for validation during training.
 
-  # AdamW with npp_jax.optim's schedule: linear warmup, constant, linear decay over the last decay_fraction.
+  # AdamW with npp_jax.trainers.optim's schedule: linear warmup, constant, linear decay over the last decay_fraction.
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 2e-3
   c.optim.end_lr = 1e-4

@@ -11,13 +11,17 @@ Entry points (`python -m npp_jax.X --help`; one convention, see cli.py):
   demo              a local sampling page (Gradio, the [demo] extra) over a model directory
   study             NPP schedules against next-token prediction at matched images and FLOPs, with a report
 
-Library:
-  npp, train, optim, sharding, sampling, monitor, metrics, dry_run, distributed   the method and the trainer
-  models/ (gpt, rope, vq, inception, classifier)                                 the networks
-  data/ (sources, augment, prepare, records, pipeline, synthetic)                codes from images, batches from codes
-  eval/ (adm, fashion)                                                           sample-quality metrics
-  study_report                                                                   the study's report.md and plots
-  checkpoint (every native directory), integrity (per-step checksums), workdir_lock (one trainer per workdir),
-  convert (PyTorch rules), torch_io (.pt/.safetensors files), fileio,
-  images (PNG, grids, samples.npz), config (the default config), chips (accelerator table), cli, assets (paths)
+Core: npp (the method), config (the default config, config files, config differences), sharding (meshes,
+pad_shard_unpad), distributed, cli (the entry points' flags and one-sentence errors), errors (the user errors),
+fileio, images.
+
+Library, by role (no library module imports an entry point or cli):
+  trainers/ (gpt_trainer, tokenizer_trainer, classifier_trainer, workdir, optim, dry_run, monitor, metrics, chips)
+  checkpoints/ (checkpoint, integrity, workdir_lock)                    a trainer's workdir on disk
+  model_files/ (store, param_mapping, torch_io)                         model directories and PyTorch weight rules
+  sampling/ (decoding, generation)                                      KV-cache sampling; model in, images out
+  models/ (gpt, rope, vq, inception, classifier)                        the networks
+  data/ (sources, augment, prepare, records, pipeline, synthetic)       codes from images, batches from codes
+  eval/ (adm, fashion, study_report)                                    sample-quality metrics, the study's report
+  assets (paths of the shipped tokenizer and classifier)
 """

@@ -1,5 +1,6 @@
 """How every entry point runs: absl flags (underscored names), `--config FILE` with `--config.key=value` overrides,
-`--help`, and a user error as one sentence on stderr with exit status 1.
+`--help`, and a user error (`npp_jax.errors.UserError`, or an OSError: a missing file, a full disk, a permission)
+as one sentence on stderr with exit status 1. Any other exception is a bug and keeps its traceback.
 
 An entry point defines its flags on the FlagValues it is handed (a fresh one per call, so tests can call `main`
 repeatedly in one process), and a body that takes the parsed flags and returns its one-line result:
@@ -28,9 +29,10 @@ from absl import logging
 from ml_collections import config_flags
 
 from npp_jax import config as config_lib
+from npp_jax import errors
 
-# Mistakes in the command, its files or its environment. Anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, OSError)
+# Mistakes in the command, its files or its environment; OSError names the path, and it is the user's to fix.
+USER_ERRORS = (errors.UserError, OSError)
 HELP_FLAGS = ("--help", "-h", "--helpfull", "-?")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
@@ -67,32 +69,31 @@ def _parse(fv: flags.FlagValues, argv: list[str], required: Sequence[str]) -> No
   try:
     rest = fv(argv)
   except flags.IllegalFlagValueError as e:
-    raise ValueError(f"bad command line: {one_line(e)}") from None
+    raise errors.InvalidInput(f"bad command line: {one_line(e)}") from None
   except flags.UnrecognizedFlagError as e:
     if e.flagname.startswith("config.") and "config" in fv and fv["config"].value is None:
-      raise ValueError(f"--{e.flagname} overrides a field of --config FILE, which is not given") from None
-    raise ValueError(f"bad command line: {one_line(e)} (see --help)") from None
+      raise errors.InvalidInput(f"--{e.flagname} overrides a field of --config FILE, which is not given") from None
+    raise errors.InvalidInput(f"bad command line: {one_line(e)} (see --help)") from None
   except flags.Error as e:
-    raise ValueError(f"bad command line: {one_line(e)} (see --help)") from None
+    raise errors.InvalidInput(f"bad command line: {one_line(e)} (see --help)") from None
   except (KeyError, AttributeError, TypeError) as e:  # ConfigDict's answer to an override it cannot take.
     detail = e
     while isinstance(detail, Exception) and detail.args:  # AttributeError(KeyError("'x'\nDid you mean ...")).
       detail = detail.args[0]
-    raise ValueError(f"bad --config override (unknown field or wrong type): {one_line(detail)}") from None
+    raise errors.InvalidInput(f"bad --config override (unknown field or wrong type): {one_line(detail)}") from None
   if len(rest) > 1:
-    raise ValueError(f"unexpected arguments {rest[1:]} (see --help)")
+    raise errors.InvalidInput(f"unexpected arguments {rest[1:]} (see --help)")
   for name in required:
     if fv[name].value is None:
-      raise ValueError(f"--{name} is required (see --help)")
+      raise errors.InvalidInput(f"--{name} is required (see --help)")
 
 
 def main(body: Callable[[flags.FlagValues], str | None],
          define_flags: Callable[[flags.FlagValues, list[str]], None], argv: Sequence[str] | None = None, *,
-         doc: str = "", required: Sequence[str] = (), errors: tuple[type[BaseException], ...] = ()) -> int:
+         doc: str = "", required: Sequence[str] = ()) -> int:
   """Parses argv (program name first; default sys.argv), runs `body` and returns the exit status.
 
-  `required` names the flags that must be given; `body`'s return value, if any, is printed as the command's result;
-  `errors` adds exception types that are user errors for this command.
+  `required` names the flags that must be given; `body`'s return value, if any, is printed as the command's result.
   """
   argv = list(sys.argv if argv is None else argv)
   fv = flags.FlagValues()
@@ -104,7 +105,7 @@ def main(body: Callable[[flags.FlagValues], str | None],
   try:
     _parse(fv, argv, required)
     result = body(fv)
-  except USER_ERRORS + tuple(errors) as e:
+  except USER_ERRORS as e:
     print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
     return 1
   if result:

@@ -1,15 +1,20 @@
 """The configuration every run starts from; files in configs/ override what differs.
 
-`config.model` carries the reference's ModelArgs names, so a LlamaGen setting maps one to one.
+`config.model` carries the reference's ModelArgs names, so a LlamaGen setting maps one to one. Config files are data:
+they import this module (and `npp_jax.assets` for the shipped files' paths) and nothing else, and read no file when
+loaded; what they need from the library is named here.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import pathlib
+from typing import Any, Sequence
 
 import ml_collections
 
+from npp_jax import assets
+from npp_jax import errors
 from npp_jax.data import sources
 from npp_jax.models import vq
 
@@ -23,11 +28,28 @@ GPT_SIZES = {
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
+# For config files, which import this module alone.
+vq_config = vq.default_config  # the `vq` section: LlamaGen's VQ-16
+data_config = sources.default_data_config  # the `data` section's source and views
+grid_size = vq.grid_size  # side of a tokenizer's code grid
+FASHION_MNIST_DIR = sources.FASHION_MNIST_DIR  # Debian's dataset-fashion-mnist
+
+
+def fashion_tokenizer() -> ml_collections.ConfigDict:
+  """The `vq` section of the shipped Fashion-MNIST tokenizer (npp_jax/assets/vq_fashion, trained with
+  configs/vq_fashion.py): 32x32 images -> 8x8 codes from a 512x8 codebook. Loading it checks these fields against
+  the directory's own config.json."""
+  c = vq.default_config()
+  c.update(dict(codebook_size=512, codebook_embed_dim=8, codebook_l2_norm=True, commit_loss_beta=0.25,
+                ch=32, encoder_ch_mult=(1, 1, 2), decoder_ch_mult=(1, 1, 2), z_channels=32, num_res_blocks=0,
+                image_size=32, checkpoint=str(assets.FASHION_TOKENIZER)))
+  return c
+
 
 def model_config(size: str = "B", *, image_size: int = 256, downsample: int = 16) -> ml_collections.ConfigDict:
   """The GPT config of a LlamaGen size for a VQ-16 tokenizer at `image_size` pixels."""
   if size not in GPT_SIZES:
-    raise ValueError(f"unknown GPT size {size!r}; choose one of {sorted(GPT_SIZES)}")
+    raise errors.InvalidInput(f"unknown GPT size {size!r}; choose one of {sorted(GPT_SIZES)}")
   n_layer, n_head, dim = GPT_SIZES[size]
   m = ml_collections.ConfigDict()
   m.dim = dim
@@ -140,6 +162,24 @@ def imagenet_gpt(size: str, *, lr: float, cfg_scale: float) -> ml_collections.Co
   return c
 
 
+def differences(stored: dict[str, Any], current: dict[str, Any], sections: Sequence[str], *,
+                ignore: Sequence[str] = ()) -> list[str]:
+  """What differs in `sections` between a stored run's config and the current one (both as JSON dicts), as
+  "section.field" ("section" for a plain value); fields named in `ignore` may differ.
+
+  A field the stored run does not have was added to the code after it, with a default that keeps the old behaviour,
+  so it does not count: a new trainer option neither stops a resume nor invalidates a finished run.
+  """
+  changed = []
+  for section in sections:
+    old, new = stored.get(section), current.get(section)
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+      changed += [] if old == new else [section]
+      continue
+    changed += [f"{section}.{k}" for k in old if k not in ignore and old[k] != new.get(k)]
+  return changed
+
+
 def load_file(path: str) -> ml_collections.ConfigDict:
   """Imports a config file and returns its get_config()."""
   file = pathlib.Path(path)
@@ -150,12 +190,12 @@ def load_file(path: str) -> ml_collections.ConfigDict:
   try:
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
-      raise ValueError(f"config file {path} defines no get_config()")
+      raise errors.InvalidInput(f"config file {path} defines no get_config()")
     return module.get_config()
   except ValueError:
     raise
   except Exception as e:  # pylint: disable=broad-except  # whatever the file's own code raises
-    raise ValueError(f"config file {path} cannot be loaded: {type(e).__name__}: {e}") from None
+    raise errors.InvalidInput(f"config file {path} cannot be loaded: {type(e).__name__}: {e}") from None
 
 
 def check_config_argument(argv: list[str]) -> None:

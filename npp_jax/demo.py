@@ -6,12 +6,12 @@ Needs Gradio (`pip install -e '.[demo]'`). The sampler is compiled once at start
 request for fewer images samples the full batch and shows the first ones, so every request reuses that program);
 a new top-k value, or guidance or top-p switched on or off, compiles once more. Requests queue and run one at a
 time. Image i of a request is image i of `python -m npp_jax.sample --labels c,c,... --seed s` with the same
-settings: each sample's key is fold_in(sample_key(seed), i), whatever the batch.
+settings: both sample through `npp_jax.sampling.generation` in the model config's dtype, and each sample's key is
+fold_in(sample_key(seed), i), whatever the batch.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import math
 import os
@@ -22,23 +22,14 @@ import threading
 import time
 from typing import Any, Callable
 
-from absl import app
-from absl import flags
-from absl import logging
 import numpy as np
+from absl import flags
 
+from npp_jax import cli
+from npp_jax import errors
 from npp_jax import images as image_io
-from npp_jax import sample
-from npp_jax import sampling
-
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Trainer workdir or converted model directory.")
-_VQ = flags.DEFINE_string("vq", None, "VQ tokenizer: a save_vq directory, .pt or .safetensors file.")
-_HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to serve on (0.0.0.0 serves every network interface).")
-_PORT = flags.DEFINE_integer("port", 7860, "Port to serve on.")
-_MAX_IMAGES = flags.DEFINE_integer("max_images", 16, "Most images per request (the compiled batch size).")
-_DTYPE = flags.DEFINE_enum("dtype", None, sampling.COMPUTE_DTYPES, "Compute dtype (default: the model config's).")
-_SPECULATIVE_WINDOW = flags.DEFINE_integer(
-    "speculative_window", 0, "Speculative Jacobi decoding with this many draft tokens per forward pass (0 = off).")
+from npp_jax.sampling import decoding
+from npp_jax.sampling import generation
 
 DISPLAY_SIDE = 128  # small images are enlarged by a whole factor to at least this many pixels, so cells stay sharp
 GRID_PAD = 2
@@ -66,13 +57,6 @@ def class_choices(num_classes: int, names: list[str]) -> list[tuple[str, int]]:
   return [(f"{i}: {names[i]}" if i < len(names) else str(i), i) for i in range(num_classes)]
 
 
-def default_settings(config: Any) -> sampling.SamplingSettings:
-  """The checkpoint's config.sample (its guidance scale, temperature, top-k, top-p), where it has one."""
-  sample = config.get("sample") or {}
-  fields = ("cfg_scale", "temperature", "top_k", "top_p")
-  return sampling.SamplingSettings(**{k: sample[k] for k in fields if k in sample})
-
-
 def enlarge(images: np.ndarray, side: int = DISPLAY_SIDE) -> np.ndarray:
   """Nearest-neighbour upscaling of (N, H, W, C) by the smallest whole factor that makes H at least `side`."""
   factor = max(1, math.ceil(side / images.shape[1]))
@@ -84,25 +68,25 @@ class GridSampler:
 
   def __init__(self, model: Any, decode_fn: Callable[[Any], Any], *, max_images: int, dtype: str | None = None):
     if max_images < 1:
-      raise ValueError(f"--max_images must be at least 1, got {max_images}")
-    self.sampler = sampling.Sampler(model, dtype=dtype)
+      raise errors.InvalidInput(f"--max_images must be at least 1, got {max_images}")
+    self.sampler = decoding.Sampler(model, dtype=dtype)
     self.num_classes, self.vocab_size = model.cfg.num_classes, model.cfg.vocab_size
     self.max_images = max_images
     self._decode = decode_fn
     self._lock = threading.Lock()  # one device, one request: a second waits instead of competing for it
 
-  def images(self, label: int, num_images: int, seed: int, settings: sampling.SamplingSettings) -> np.ndarray:
+  def images(self, label: int, num_images: int, seed: int, settings: decoding.SamplingSettings) -> np.ndarray:
     """uint8 (num_images, H, W, 3): images 0..num_images-1 of `label` under `seed`; ValueError on a bad request."""
     if not 1 <= num_images <= self.max_images:
-      raise ValueError(f"the number of images must be between 1 and {self.max_images}, got {num_images}")
+      raise errors.InvalidInput(f"the number of images must be between 1 and {self.max_images}, got {num_images}")
     if not 0 <= seed <= MAX_SEED:
-      raise ValueError(f"the seed must be a whole number between 0 and {MAX_SEED}, got {seed}")
+      raise errors.InvalidInput(f"the seed must be a whole number between 0 and {MAX_SEED}, got {seed}")
     settings.validate(self.vocab_size)
-    labels = sampling.check_labels([label] * self.max_images, self.num_classes)
+    labels = decoding.check_labels([label] * self.max_images, self.num_classes)
     with self._lock:
-      tokens = self.sampler(labels, sample.sample_key(seed), settings)
-      decoded = np.asarray(self._decode(tokens))
-    return image_io.to_uint8(decoded[:num_images])
+      (_, images), = generation.sample_images(self.sampler, self._decode, labels, generation.sample_key(seed),
+                                              settings, batch_size=self.max_images)
+    return images[:num_images]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -113,17 +97,17 @@ def _whole(name: str, value: Any) -> int:
   """A form field that must hold a whole number, as an int."""
   value = _given(name, value)
   if not float(value).is_integer():
-    raise ValueError(f"the {name} must be a whole number, got {value}")
+    raise errors.InvalidInput(f"the {name} must be a whole number, got {value}")
   return int(value)
 
 
 def _given(name: str, value: Any) -> Any:
   if value is None or value == "":
-    raise ValueError(f"the {name} field is empty; enter a number")
+    raise errors.InvalidInput(f"the {name} field is empty; enter a number")
   return value
 
 
-def build_page(backend: GridSampler, names: list[str], defaults: sampling.SamplingSettings, title: str):
+def build_page(backend: GridSampler, names: list[str], defaults: decoding.SamplingSettings, title: str):
   """The Gradio page; each request shows the grid and one status line (the time, or the error sentence)."""
   import gradio as gr  # pylint: disable=g-import-not-at-top
 
@@ -132,14 +116,14 @@ def build_page(backend: GridSampler, names: list[str], defaults: sampling.Sampli
   def generate(label, num_images, cfg_scale, temperature, top_k, top_p, seed):
     try:
       label, num_images, seed = _whole("class", label), _whole("number of images", num_images), _whole("seed", seed)
-      settings = sampling.SamplingSettings(cfg_scale=float(_given("guidance scale", cfg_scale)),
+      settings = decoding.SamplingSettings(cfg_scale=float(_given("guidance scale", cfg_scale)),
                                            temperature=float(_given("temperature", temperature)),
                                            top_k=_given("top-k", top_k), top_p=float(_given("top-p", top_p)),
                                            speculative_window=defaults.speculative_window)
       started = time.perf_counter()
       images = backend.images(label, num_images, seed, settings)
       seconds = time.perf_counter() - started
-    except ValueError as e:
+    except errors.UserError as e:
       return None, f"error: {e}"  # the sampler's sentence, and no stale grid beside it
     grid = image_io.square_grid(enlarge(images), pad=GRID_PAD)
     named = f" ({names[label]})" if label < len(names) else ""
@@ -181,66 +165,61 @@ def check_port_free(host: str, port: int) -> None:
       s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
       s.bind(address)
   except OSError as e:
-    raise ValueError(f"cannot serve on {host}:{port} ({e.strerror or e}); pass another --host or a free --port"
-                     ) from None
+    raise errors.InvalidInput(f"cannot serve on {host}:{port} ({e.strerror or e}); pass another --host or a free --port"
+                              ) from None
 
 
-def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr, flush=True)
-  sys.exit(1)
+def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
+  del argv  # no --config: the page samples with the checkpoint's own
+  flags.DEFINE_string("checkpoint", None, "Trainer workdir or converted model directory.", flag_values=fv)
+  flags.DEFINE_string("vq", None, "VQ tokenizer: a save_vq directory, .pt or .safetensors file.", flag_values=fv)
+  flags.DEFINE_string("host", "127.0.0.1", "Address to serve on (0.0.0.0 serves every network interface).",
+                      flag_values=fv)
+  flags.DEFINE_integer("port", 7860, "Port to serve on.", flag_values=fv)
+  flags.DEFINE_integer("max_images", 16, "Most images per request (the compiled batch size).", flag_values=fv)
+  flags.DEFINE_enum("dtype", None, decoding.COMPUTE_DTYPES, "Compute dtype (default: the model config's).",
+                    flag_values=fv)
+  flags.DEFINE_integer("speculative_window", 0, "Speculative Jacobi decoding with this many draft tokens per forward "
+                       "pass (0 = off).", flag_values=fv)
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    _fail(f"unexpected arguments {argv[1:]}; options are --checkpoint, --vq, --host, --port, --max_images, --dtype")
-  missing = [f"--{flag.name}" for flag in (_CHECKPOINT, _VQ) if not flag.value]
-  if missing:
-    _fail(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required, e.g. "
-          "--checkpoint runs/fashion --vq npp_jax/assets/vq_fashion")
+def serve(fv: flags.FlagValues) -> None:
+  """Loads, compiles, then serves until Ctrl+C."""
   os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no version check or telemetry calls home
   if importlib.util.find_spec("gradio") is None:
-    _fail(f"the demo needs Gradio, an optional extra: {INSTALL_HINT}")
+    raise errors.UserError(f"the demo needs Gradio, an optional extra: {INSTALL_HINT}")
+  check_port_free(fv.host, fv.port)  # before loading, which can take minutes for a large model
+  print(f"loading {fv.checkpoint} and the tokenizer {fv.vq}", flush=True)
+  model, config, decode = generation.load_model_and_tokenizer(fv.checkpoint, fv.vq)
+  backend = GridSampler(model, decode, max_images=fv.max_images, dtype=fv.dtype)
+  defaults = decoding.SamplingSettings.from_config(config.get("sample"), speculative_window=fv.speculative_window)
+  defaults = defaults.validate(model.cfg.vocab_size)
+  names = class_names(config, fv.checkpoint)
+  if not names:
+    print("note: the checkpoint names no data manifest; classes are shown by id", flush=True)
+  print(f"compiling the sampler and the tokenizer for batches of {backend.max_images} (once) ...", flush=True)
+  started = time.perf_counter()
+  backend.images(0, 1, 0, defaults)
+  print(f"compiled in {time.perf_counter() - started:.1f} s", flush=True)
 
-  try:
-    check_port_free(_HOST.value, _PORT.value)  # before loading, which can take minutes for a large model
-    print(f"loading {_CHECKPOINT.value} and the tokenizer {_VQ.value}", flush=True)
-    model, config, decode = sample.load_model_and_tokenizer(_CHECKPOINT.value, _VQ.value)
-    backend = GridSampler(model, decode, max_images=_MAX_IMAGES.value, dtype=_DTYPE.value)
-    defaults = dataclasses.replace(default_settings(config), speculative_window=_SPECULATIVE_WINDOW.value)
-    defaults = defaults.validate(model.cfg.vocab_size)
-    names = class_names(config, _CHECKPOINT.value)
-    if not names:
-      print("note: the checkpoint names no data manifest; classes are shown by id", flush=True)
-    print(f"compiling the sampler and the tokenizer for batches of {backend.max_images} (once) ...", flush=True)
-    started = time.perf_counter()
-    backend.images(0, 1, 0, defaults)
-    print(f"compiled in {time.perf_counter() - started:.1f} s", flush=True)
-  except (ValueError, FileNotFoundError) as e:
-    _fail(str(e))
-
-  title = f"{_CHECKPOINT.value}: {model.cfg.num_classes} classes, {model.cfg.block_size} tokens per image"
+  title = f"{fv.checkpoint}: {model.cfg.num_classes} classes, {model.cfg.block_size} tokens per image"
   page = build_page(backend, names, defaults, title)
   try:
-    page.launch(server_name=_HOST.value, server_port=_PORT.value, prevent_thread_lock=True, quiet=True,
+    page.launch(server_name=fv.host, server_port=fv.port, prevent_thread_lock=True, quiet=True,
                 share=False, ssr_mode=False, show_error=False)
   except OSError as e:
-    _fail(f"cannot serve on {_HOST.value}:{_PORT.value} ({e}); pass a free --port")
-  host = f"[{_HOST.value}]" if ":" in _HOST.value else _HOST.value  # an IPv6 address in a URL
-  print(f"serving on http://{host}:{_PORT.value} (Ctrl+C stops)", flush=True)
-  if _HOST.value not in ("127.0.0.1", "localhost", "::1"):
-    print(f"note: {_HOST.value} is reachable from other machines; anyone who can reach it can use the page",
+    raise errors.InvalidInput(f"cannot serve on {fv.host}:{fv.port} ({e}); pass a free --port") from None
+  host = f"[{fv.host}]" if ":" in fv.host else fv.host  # an IPv6 address in a URL
+  print(f"serving on http://{host}:{fv.port} (Ctrl+C stops)", flush=True)
+  if fv.host not in ("127.0.0.1", "localhost", "::1"):
+    print(f"note: {fv.host} is reachable from other machines; anyone who can reach it can use the page",
           flush=True)
   page.block_thread()
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl parsing, but a bad or missing flag ends with one sentence instead of absl's usage text."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    _fail(f"bad command line: {e}")
+def main(argv: list[str] | None = None) -> int:
+  return cli.main(serve, define_flags, argv, doc=__doc__, required=("checkpoint", "vq"))
 
 
 if __name__ == "__main__":
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO, httpx every request
-  app.run(main, flags_parser=parse_flags)
+  sys.exit(main())

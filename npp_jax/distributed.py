@@ -8,8 +8,10 @@ import threading
 
 import jax
 
+from npp_jax import errors
 
-class StartupError(RuntimeError):
+
+class StartupError(errors.RunStopped):
   """A multi-process run could not start (a process missing, a coordinator that never answers)."""
 
 

@@ -10,6 +10,7 @@ from typing import Any, Iterable
 import numpy as np
 from PIL import Image
 
+from npp_jax import errors
 from npp_jax import fileio
 
 PathLike = str | os.PathLike
@@ -25,7 +26,7 @@ def save_png(path: PathLike, image: np.ndarray) -> None:
   """Writes one uint8 (H, W, 3) image."""
   image = np.asarray(image)
   if image.dtype != np.uint8 or image.ndim != 3:
-    raise ValueError(f"save_png needs a uint8 (H, W, C) image, got {image.dtype} {image.shape}")
+    raise errors.InvalidInput(f"save_png needs a uint8 (H, W, C) image, got {image.dtype} {image.shape}")
   Image.fromarray(image).save(path)
 
 
@@ -42,7 +43,7 @@ def make_grid(images: np.ndarray, rows: int, *, pad: int = 0) -> np.ndarray:
   images = np.asarray(images)
   n, h, w, c = images.shape
   if not 1 <= rows <= n:
-    raise ValueError(f"a grid of {n} images needs between 1 and {n} rows, got {rows}")
+    raise errors.InvalidInput(f"a grid of {n} images needs between 1 and {n} rows, got {rows}")
   cols = math.ceil(n / rows)
   grid = np.zeros((rows * (h + pad) - pad, cols * (w + pad) - pad, c), images.dtype)
   for i, img in enumerate(images):
@@ -67,7 +68,7 @@ def save_samples_npz(path: PathLike, images: np.ndarray | Iterable[np.ndarray], 
   labels = np.asarray(labels)
   clash = {"arr_0", "labels"} & set(settings)
   if clash:
-    raise ValueError(f"setting names {sorted(clash)} clash with the arrays of the sample file")
+    raise errors.InvalidInput(f"setting names {sorted(clash)} clash with the arrays of the sample file")
   chunks = [images] if isinstance(images, np.ndarray) else images
 
   def write(tmp: str) -> None:
@@ -77,19 +78,19 @@ def save_samples_npz(path: PathLike, images: np.ndarray | Iterable[np.ndarray], 
         for chunk in chunks:
           chunk = np.ascontiguousarray(chunk)
           if chunk.dtype != np.uint8 or chunk.ndim != 4:
-            raise ValueError(f"sample images must be uint8 (N, H, W, C), got {chunk.dtype} {chunk.shape}")
+            raise errors.InvalidInput(f"sample images must be uint8 (N, H, W, C), got {chunk.dtype} {chunk.shape}")
           if header is None:
             header = chunk.shape[1:]
             np.lib.format.write_array_header_1_0(
                 f, {"descr": "|u1", "fortran_order": False, "shape": (len(labels), *header)})
           elif chunk.shape[1:] != header:
-            raise ValueError(f"sample images change shape from {header} to {chunk.shape[1:]}")
+            raise errors.InvalidInput(f"sample images change shape from {header} to {chunk.shape[1:]}")
           count += chunk.shape[0]
           if count > len(labels):
             break
           f.write(chunk.tobytes())
         if count != len(labels):
-          raise ValueError(f"{count} sample images for {len(labels)} labels")
+          raise errors.InvalidInput(f"{count} sample images for {len(labels)} labels")
       arrays = {"labels": labels, **{k: np.asarray("" if v is None else v) for k, v in settings.items()}}
       for name, array in arrays.items():
         with archive.open(f"{name}.npy", "w", force_zip64=True) as f:

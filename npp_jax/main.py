@@ -14,8 +14,9 @@ from absl import flags
 
 from npp_jax import cli
 from npp_jax import distributed
-from npp_jax import dry_run
-from npp_jax import train
+from npp_jax import errors
+from npp_jax.trainers import dry_run
+from npp_jax.trainers import gpt_trainer
 
 
 def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
@@ -31,17 +32,16 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
 
 def run(fv: flags.FlagValues) -> None:
   if not fv.dry_run and not fv.workdir:
-    raise ValueError("--workdir is required")
+    raise errors.InvalidInput("--workdir is required")
   distributed.initialize(fv.coordinator, fv.num_processes, fv.process_id, fv.init_timeout)
   if fv.dry_run:
     dry_run.run(fv.config)
   else:
-    train.run(fv.config, fv.workdir)
+    gpt_trainer.run(fv.config, fv.workdir)
 
 
 def main(argv: list[str] | None = None) -> int:
-  return cli.main(run, define_flags, argv, doc=__doc__, required=("config",),
-                  errors=(distributed.StartupError, train.NonFiniteLossError))
+  return cli.main(run, define_flags, argv, doc=__doc__, required=("config",))
 
 
 if __name__ == "__main__":

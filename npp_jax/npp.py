@@ -14,11 +14,13 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from npp_jax import errors
+
 
 def coarse_grid(grid: int, patch_side: int) -> int:
   """Side of the patch grid; the patch side must divide the code grid."""
   if patch_side < 1 or grid % patch_side:
-    raise ValueError(f"patch side {patch_side} does not divide the {grid}x{grid} code grid")
+    raise errors.InvalidInput(f"patch side {patch_side} does not divide the {grid}x{grid} code grid")
   return grid // patch_side
 
 
@@ -30,7 +32,7 @@ def group_patches(x: jnp.ndarray, patch_side: int) -> jnp.ndarray:
   batch, seq = x.shape[:2]
   grid = math.isqrt(seq)
   if grid * grid != seq:
-    raise ValueError(f"sequence length {seq} is not a square grid")
+    raise errors.InvalidInput(f"sequence length {seq} is not a square grid")
   g = coarse_grid(grid, patch_side)
   k = patch_side
   rest = x.shape[2:]
@@ -55,7 +57,7 @@ def patch_loss(logits: jnp.ndarray, tokens: jnp.ndarray, patch_side: int) -> jnp
   """
   targets = group_patches(tokens, patch_side)  # (B, L, k*k)
   if targets.shape[1] != logits.shape[1]:
-    raise ValueError(f"{logits.shape[1]} logit positions for {targets.shape[1]} patches of side {patch_side}")
+    raise errors.InvalidInput(f"{logits.shape[1]} logit positions for {targets.shape[1]} patches of side {patch_side}")
   logits = logits.astype(jnp.float32)
   log_z = jax.nn.logsumexp(logits, axis=-1, keepdims=True)  # (B, L, 1)
   target_logits = jnp.take_along_axis(logits, targets, axis=-1)  # (B, L, k*k)
@@ -83,25 +85,25 @@ def make_stages(stages: Sequence[Sequence[float]], total_steps: int, grid: int) 
   total_steps exactly. Patch sides must divide the grid and fractions must be positive and sum to 1.
   """
   if not stages:
-    raise ValueError("npp.stages is empty: give at least one (patch_side, fraction) pair, e.g. ((1, 1.0),)")
+    raise errors.InvalidInput("npp.stages is empty: give at least one (patch_side, fraction) pair, e.g. ((1, 1.0),)")
   sides, fractions = [], []
   for stage in stages:
     if len(stage) != 2:
-      raise ValueError(f"each NPP stage is (patch_side, fraction of steps), got {tuple(stage)}")
+      raise errors.InvalidInput(f"each NPP stage is (patch_side, fraction of steps), got {tuple(stage)}")
     side, fraction = int(stage[0]), float(stage[1])
     coarse_grid(grid, side)
     if fraction <= 0:
-      raise ValueError(f"stage fraction must be positive, got {fraction} for patch side {side}")
+      raise errors.InvalidInput(f"stage fraction must be positive, got {fraction} for patch side {side}")
     sides.append(side)
     fractions.append(fraction)
   if abs(sum(fractions) - 1.0) > 1e-6:
-    raise ValueError(f"NPP stage fractions must sum to 1, got {sum(fractions):.6g} from {fractions}")
+    raise errors.InvalidInput(f"NPP stage fractions must sum to 1, got {sum(fractions):.6g} from {fractions}")
   result, start, cumulative = [], 0, 0.0
   for i, (side, fraction) in enumerate(zip(sides, fractions)):
     cumulative += fraction
     end = total_steps if i == len(sides) - 1 else int(round(cumulative * total_steps))
     if end <= start:
-      raise ValueError(f"stage {i} (patch side {side}) gets no steps out of {total_steps}")
+      raise errors.InvalidInput(f"stage {i} (patch side {side}) gets no steps out of {total_steps}")
     result.append(Stage(i, side, start, end))
     start = end
   return result

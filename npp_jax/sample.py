@@ -25,14 +25,13 @@ from absl import flags
 from flax import nnx
 from tqdm import tqdm
 
-from npp_jax import checkpoint
 from npp_jax import cli
-from npp_jax import config as config_lib
+from npp_jax import errors
 from npp_jax import images as image_io
-from npp_jax import sampling
-from npp_jax.models import vq as vq_lib
+from npp_jax.sampling import decoding
+from npp_jax.sampling import generation
 
-SAMPLE_STREAM, LABEL_STREAM = 0, 1  # fold_in tags under the seed's key
+LABEL_STREAM = 1  # fold_in tag of the uniform labels under the seed's key (the samples' is generation.SAMPLE_STREAM)
 GRID_IMAGES = 64
 LABEL_MODES = ("balanced", "uniform")
 
@@ -41,10 +40,10 @@ LABEL_MODES = ("balanced", "uniform")
 class RunSettings:
   """Everything a sampling run records next to its images."""
 
-  sampling: sampling.SamplingSettings
+  sampling: decoding.SamplingSettings
   seed: int = 0
   batch_size: int = 32
-  dtype: str = "bfloat16"
+  dtype: str | None = None  # the compute dtype; None: the model config's
   checkpoint: str = ""
   vq: str = ""
   label_mode: str = "balanced"
@@ -54,11 +53,6 @@ class RunSettings:
                                                     if f.name != "sampling"}}
 
 
-def sample_key(seed: int) -> jax.Array:
-  """The key whose fold_in(·, i) is sample i's key."""
-  return jax.random.fold_in(jax.random.key(seed), SAMPLE_STREAM)
-
-
 def make_labels(num_images: int, num_classes: int, mode: str, seed: int = 0) -> np.ndarray:
   """int32 (num_images,) class labels.
 
@@ -66,14 +60,14 @@ def make_labels(num_images: int, num_classes: int, mode: str, seed: int = 0) -> 
     one more. uniform: label i drawn from fold_in(label key, i), so a longer run extends a shorter one.
   """
   if num_images < 1:
-    raise ValueError(f"--num_images must be at least 1, got {num_images}")
+    raise errors.InvalidInput(f"--num_images must be at least 1, got {num_images}")
   if mode == "balanced":
     return np.sort(np.arange(num_images) % num_classes).astype(np.int32)
   if mode == "uniform":
     key = jax.random.fold_in(jax.random.key(seed), LABEL_STREAM)
     draw = lambda i: jax.random.randint(jax.random.fold_in(key, i), (), 0, num_classes)
     return np.asarray(jax.vmap(draw)(np.arange(num_images, dtype=np.uint32)), np.int32)
-  raise ValueError(f"unknown label mode {mode!r}; choose one of {LABEL_MODES}")
+  raise errors.InvalidInput(f"unknown label mode {mode!r}; choose one of {LABEL_MODES}")
 
 
 def _read_back(paths: list[pathlib.Path], chunk: int = 256) -> Iterator[np.ndarray]:
@@ -89,74 +83,30 @@ def run(model: nnx.Module, vq_decode_fn: Callable[[jax.Array], jax.Array], label
   the last batch padded, so it compiles once).
   """
   settings.sampling.validate(model.cfg.vocab_size)
-  labels = sampling.check_labels(labels, model.cfg.num_classes)
-  if settings.batch_size < 1:
-    raise ValueError(f"batch size must be at least 1, got {settings.batch_size}")
-  sampler = sampling.Sampler(model, dtype=settings.dtype)
-  key = sample_key(settings.seed)
+  labels = decoding.check_labels(labels, model.cfg.num_classes)
+  sampler = decoding.Sampler(model, dtype=settings.dtype)
+  settings = dataclasses.replace(settings, dtype=sampler.dtype)  # recorded as used
   out = pathlib.Path(out_dir)
   (out / "images").mkdir(parents=True, exist_ok=True)
-  n_total, bs = len(labels), settings.batch_size
-  paths = [out / "images" / f"{i:06d}.png" for i in range(n_total)]
+  paths = [out / "images" / f"{i:06d}.png" for i in range(len(labels))]
   grid: list[np.ndarray] = []
-
-  def dispatch(start: int):
-    batch = labels[start:start + bs]
-    padded = np.concatenate([batch, np.repeat(batch[:1], bs - len(batch))])
-    tokens = sampler(padded, key, settings.sampling, sample_offset=start)
-    return start, len(batch), vq_decode_fn(tokens)  # asynchronous: the device works while the host writes PNGs
-
-  with tqdm(total=n_total, unit="img", disable=not progress, desc="sampling") as bar:
-    pending = dispatch(0)
-    while pending is not None:
-      start, n, decoded = pending
-      pending = dispatch(start + bs) if start + bs < n_total else None
-      batch_images = image_io.to_uint8(np.asarray(decoded)[:n])
-      for path, img in zip(paths[start:start + n], batch_images):
+  batches = generation.sample_images(sampler, vq_decode_fn, labels, generation.sample_key(settings.seed),
+                                     settings.sampling, batch_size=settings.batch_size)
+  with tqdm(total=len(labels), unit="img", disable=not progress, desc="sampling") as bar:
+    for start, batch_images in batches:
+      for path, img in zip(paths[start:start + len(batch_images)], batch_images):
         image_io.save_png(path, img)
       grid.extend(batch_images[:max(0, GRID_IMAGES - len(grid))])
-      bar.update(n)
+      bar.update(len(batch_images))
 
   image_io.save_png(out / "grid.png", image_io.square_grid(np.stack(grid), pad=2))
   npz = out / "samples.npz"
-  image_io.save_samples_npz(npz, _read_back(paths), labels, num_images=n_total, **settings.record())
+  image_io.save_samples_npz(npz, _read_back(paths), labels, num_images=len(labels), **settings.record())
   return npz
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line.
-
-
-def check_tokenizer_fits(model_cfg: ml_collections.ConfigDict, vq_cfg: ml_collections.ConfigDict, grid: int) -> None:
-  """A ValueError unless the GPT's tokens are the tokenizer's codes (same vocabulary, same grid)."""
-  if model_cfg.vocab_size != vq_cfg.codebook_size:
-    raise ValueError(f"the GPT's vocabulary ({model_cfg.vocab_size} tokens) does not match the tokenizer's codebook "
-                     f"({vq_cfg.codebook_size} codes)")
-  if model_cfg.block_size != grid * grid:
-    raise ValueError(f"the GPT makes {model_cfg.block_size} tokens per image but the tokenizer decodes a "
-                     f"{grid}x{grid} grid at vq.image_size={vq_cfg.image_size}")
-
-
-def load_model_and_tokenizer(checkpoint_dir: str, vq_path: str, config: ml_collections.ConfigDict | None = None
-                             ) -> tuple[nnx.Module, ml_collections.ConfigDict, Callable[[jax.Array], jax.Array]]:
-  """(GPT, its config with vq.checkpoint = vq_path, jitted codes -> images) of a model directory and a tokenizer.
-
-  config: the run config (default: the one stored with the checkpoint). FileNotFoundError for a missing path,
-  ValueError for a tokenizer that does not fit the GPT.
-  """
-  for name, path in (("checkpoint", checkpoint_dir), ("VQ checkpoint", vq_path)):
-    if not pathlib.Path(path).exists():
-      raise FileNotFoundError(f"{name} {path} does not exist")
-  model, config = checkpoint.load_model(checkpoint_dir, config)
-  with config.unlocked():
-    if pathlib.Path(vq_path).is_dir():  # a saved tokenizer: its own config says what it is
-      config.vq = checkpoint.read_saved_vq(vq_path)[0]
-    else:
-      if "vq" not in config:
-        config.vq = vq_lib.default_config()
-      config.vq.checkpoint = vq_path
-  check_tokenizer_fits(model.cfg, config.vq, vq_lib.grid_size(config.vq))
-  return model, config, vq_lib.make_decode_fn(checkpoint.load_vq(config.vq))
 
 
 def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
@@ -180,11 +130,12 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
   flags.DEFINE_bool("greedy", False, "Argmax decoding.", flag_values=fv)
   flags.DEFINE_integer("speculative_window", 0, "Speculative Jacobi decoding with this many draft tokens per forward "
                        "pass (0 = off): the same output distribution in fewer passes.", flag_values=fv)
-  flags.DEFINE_enum("draft_init", sampling.SamplingSettings.draft_init, sampling.DRAFT_INITS,
+  flags.DEFINE_enum("draft_init", decoding.SamplingSettings.draft_init, decoding.DRAFT_INITS,
                     "How speculative drafts entering the window are first drawn.", flag_values=fv)
   flags.DEFINE_integer("seed", 0, "Seed of the sample and label keys.", flag_values=fv)
   flags.DEFINE_integer("batch_size", 32, "Images per sampling batch (all devices).", flag_values=fv)
-  flags.DEFINE_enum("dtype", "bfloat16", sampling.COMPUTE_DTYPES, "Compute dtype.", flag_values=fv)
+  flags.DEFINE_enum("dtype", None, decoding.COMPUTE_DTYPES, "Compute dtype (default: the model config's).",
+                    flag_values=fv)
   flags.DEFINE_string("out", None, "Output directory.", flag_values=fv)
   flags.DEFINE_bool("progress", True, "Progress bar (--noprogress: none).", flag_values=fv)
 
@@ -193,19 +144,19 @@ def _labels(text: list[str]) -> list[int]:
   try:
     return [int(x) for x in text if x.strip()]
   except ValueError:
-    raise ValueError(f"--labels takes comma-separated class ids, got {','.join(text)!r}") from None
+    raise errors.InvalidInput(f"--labels takes comma-separated class ids, got {','.join(text)!r}") from None
 
 
 def run_from_flags(fv: flags.FlagValues) -> str:
   if (fv.labels is None) == (fv.num_images is None):
-    raise ValueError("give exactly one of --labels and --num_images")
+    raise errors.InvalidInput("give exactly one of --labels and --num_images")
   sampling_settings(fv, ml_collections.ConfigDict())  # bad flags fail before anything is read
   if fv.batch_size < 1:
-    raise ValueError(f"--batch_size must be at least 1, got {fv.batch_size}")
+    raise errors.InvalidInput(f"--batch_size must be at least 1, got {fv.batch_size}")
   if pathlib.Path(fv.out).exists() and not pathlib.Path(fv.out).is_dir():
-    raise ValueError(f"--out {fv.out} is a file; name a directory for the images")
+    raise errors.InvalidInput(f"--out {fv.out} is a file; name a directory for the images")
   labels = _labels(fv.labels) if fv.labels is not None else None
-  model, config, decode = load_model_and_tokenizer(fv.checkpoint, fv.vq, fv.config)
+  model, config, decode = generation.load_model_and_tokenizer(fv.checkpoint, fv.vq, fv.config)
   settings = RunSettings(
       sampling=sampling_settings(fv, config.get("sample") or ml_collections.ConfigDict()),
       seed=fv.seed, batch_size=fv.batch_size, dtype=fv.dtype,
@@ -220,13 +171,11 @@ def run_from_flags(fv: flags.FlagValues) -> str:
 SAMPLE_FLAGS = ("cfg_scale", "temperature", "top_k", "top_p")
 
 
-def sampling_settings(fv: flags.FlagValues, defaults: ml_collections.ConfigDict) -> sampling.SamplingSettings:
+def sampling_settings(fv: flags.FlagValues, defaults: ml_collections.ConfigDict) -> decoding.SamplingSettings:
   """The flags given on the command line, the rest from `defaults` (a config's `sample` section)."""
-  base = config_lib.base_config().sample
-  given = {k: fv[k].value for k in SAMPLE_FLAGS if fv[k].value is not None}
-  return sampling.SamplingSettings(**{**{k: defaults.get(k, base[k]) for k in SAMPLE_FLAGS}, **given},
-                                   cfg_interval=fv.cfg_interval, greedy=fv.greedy,
-                                   speculative_window=fv.speculative_window, draft_init=fv.draft_init).validate()
+  return decoding.SamplingSettings.from_config(
+      defaults, **{k: fv[k].value for k in SAMPLE_FLAGS}, cfg_interval=fv.cfg_interval, greedy=fv.greedy,
+      speculative_window=fv.speculative_window, draft_init=fv.draft_init)
 
 
 def main(argv: list[str] | None = None) -> int:

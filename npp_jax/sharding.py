@@ -8,14 +8,17 @@ model (at some cost in memory), instead of failing deep inside XLA.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from npp_jax import errors
+
 MESH_AXES = ("data", "fsdp", "tensor")
+ONE_AXIS = "batch"  # the one axis of `one_axis_mesh`: a batch split over devices that each hold the whole model
 BATCH_AXES = ("data", "fsdp")  # the batch is split over every replica group and every FSDP shard
 
 # Logical axis -> mesh axes. FSDP shards the model dimension of every matrix; tensor parallelism splits heads,
@@ -37,16 +40,16 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
   """Replaces one -1 by the devices left over; checks the product equals the device count."""
   shape = tuple(int(s) for s in shape)
   if len(shape) != len(MESH_AXES):
-    raise ValueError(f"mesh.shape needs {len(MESH_AXES)} sizes {MESH_AXES}, got {shape}")
+    raise errors.InvalidInput(f"mesh.shape needs {len(MESH_AXES)} sizes {MESH_AXES}, got {shape}")
   if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-    raise ValueError(f"mesh.shape takes positive sizes and at most one -1, got {shape}")
+    raise errors.InvalidInput(f"mesh.shape takes positive sizes and at most one -1, got {shape}")
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
     if num_devices % known:
-      raise ValueError(f"mesh.shape {shape} does not divide the {num_devices} devices")
+      raise errors.InvalidInput(f"mesh.shape {shape} does not divide the {num_devices} devices")
     shape = tuple(num_devices // known if s == -1 else s for s in shape)
   if math.prod(shape) != num_devices:
-    raise ValueError(f"mesh.shape {shape} needs {math.prod(shape)} devices, but there are {num_devices}")
+    raise errors.InvalidInput(f"mesh.shape {shape} needs {math.prod(shape)} devices, but there are {num_devices}")
   return shape
 
 
@@ -60,11 +63,36 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
 
 
-def one_axis_mesh(axis: str, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A 1-D mesh (Auto axis) over `devices`, default this process's: for replicating a model over them and
+def one_axis_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A 1-D mesh (Auto axis ONE_AXIS) over `devices`, default this process's: for replicating a model over them and
   splitting a batch across them (sampling, encoding, feature extraction, restoring a model to sample with)."""
   devices = list(devices if devices is not None else jax.local_devices())
-  return Mesh(np.asarray(devices), (axis,), axis_types=(jax.sharding.AxisType.Auto,))
+  return Mesh(np.asarray(devices), (ONE_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def pad_shard_unpad(fn: Callable[..., Any], mesh: Mesh | None = None, *, size: int | None = None
+                    ) -> Callable[..., Any]:
+  """Wraps `fn(*batches, **kwargs)`, whose positional arguments share a leading batch axis of n rows, so that
+  they arrive padded with zero rows to `size` (default: the next multiple of the mesh's device count) and, with a
+  mesh, split over its ONE_AXIS; every output is cut back to its first n rows.
+
+  The padding gives one compiled shape for batches of any length (and any device count); the zero rows are whole
+  examples of their own (class 0, sample 0, a black image), computed and dropped. The result is not waited for.
+  """
+  def wrapped(*batches: Any, **kwargs: Any) -> Any:
+    batches = [np.asarray(b) for b in batches]
+    n, divisor = batches[0].shape[0], mesh.size if mesh is not None else 1
+    target = size if size is not None else -(-max(n, 1) // divisor) * divisor
+    if n > target or target % divisor:
+      raise ValueError(f"a batch of {n} rows does not pad to {target} rows over {divisor} devices")
+    if target != n:
+      batches = [np.concatenate([b, np.zeros((target - n, *b.shape[1:]), b.dtype)]) for b in batches]
+    if mesh is not None:
+      batches = jax.device_put(batches, NamedSharding(mesh, P(ONE_AXIS)))
+    out = fn(*batches, **kwargs)
+    return out if target == n else jax.tree.map(lambda x: x[:n], out)
+
+  return wrapped
 
 
 def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:

@@ -35,21 +35,25 @@ import numpy as np
 from absl import flags
 from absl import logging
 
-from npp_jax import checkpoint
 from npp_jax import cli
+from npp_jax import config as config_lib
+from npp_jax import errors
 from npp_jax import fileio
-from npp_jax import integrity
-from npp_jax import metrics as metrics_lib
-from npp_jax import monitor
 from npp_jax import npp
-from npp_jax import sampling
-from npp_jax import study_report
-from npp_jax import train
-from npp_jax import workdir_lock
+from npp_jax.checkpoints import checkpoint
+from npp_jax.checkpoints import integrity
+from npp_jax.checkpoints import workdir_lock
 from npp_jax.data import prepare
 from npp_jax.eval import fashion
+from npp_jax.eval import study_report
+from npp_jax.model_files import store
 from npp_jax.models import gpt
 from npp_jax.models import vq as vq_lib
+from npp_jax.sampling import decoding
+from npp_jax.sampling import generation
+from npp_jax.trainers import gpt_trainer
+from npp_jax.trainers import metrics as metrics_lib
+from npp_jax.trainers import workdir as workdir_lib
 
 MATCHES = ("images", "flops")
 RESULTS_FILE = "results.json"
@@ -80,7 +84,7 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """An unlocked copy of the study config, with `study.quick_overrides` applied when `study.quick` is set."""
   config = ml_collections.ConfigDict(config.to_dict())
   if "study" not in config:
-    raise ValueError("the config has no `study` section (see configs/study_fashion.py)")
+    raise errors.InvalidInput("the config has no `study` section (see configs/study_fashion.py)")
   if config.study.quick:
     _merge(config, config.study.quick_overrides, "study.quick_overrides")
   return config
@@ -90,7 +94,7 @@ def _merge(target: ml_collections.ConfigDict, overrides: Any, where: str) -> Non
   """Recursively sets `overrides` into `target`; a key the target lacks is an error (a typo would be silent)."""
   for key, value in overrides.items():
     if key not in target:
-      raise ValueError(f"{where}.{key} names no field of the trainer config")
+      raise errors.InvalidInput(f"{where}.{key} names no field of the trainer config")
     if isinstance(value, (dict, ml_collections.ConfigDict)) and isinstance(target[key], ml_collections.ConfigDict):
       _merge(target[key], value, f"{where}.{key}")
     else:
@@ -104,13 +108,14 @@ def arm_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.C
   arms = {}
   for name, overrides in config.study.arms.items():
     if not name.replace("_", "").isalnum():
-      raise ValueError(f"study arm name {name!r} must be letters, digits and underscores (it names directories)")
+      raise errors.InvalidInput(f"study arm name {name!r} must be letters, digits and underscores (it names "
+                                "directories)")
     arm = copy.deepcopy(base)
     _merge(arm, overrides, f"study.arms.{name}")
     npp.make_stages(arm.npp.stages, 1000, gpt.grid_side(arm.model))  # a bad schedule fails here, not mid-study
     arms[name] = arm
   if config.study.baseline not in arms:
-    raise ValueError(f"study.baseline={config.study.baseline!r} is not one of the arms ({', '.join(arms)})")
+    raise errors.InvalidInput(f"study.baseline={config.study.baseline!r} is not one of the arms ({', '.join(arms)})")
   return arms
 
 
@@ -134,18 +139,18 @@ def matched_steps(arm: ml_collections.ConfigDict, baseline: ml_collections.Confi
     estimate = max(1, round(target * 1000 / training_flops(arm, 1000)))
     candidates = range(max(1, estimate - 2), estimate + 3)
     return min(candidates, key=lambda s: (abs(training_flops(arm, s) - target), s))
-  raise ValueError(f"study.match entries must be one of {MATCHES}, got {match!r}")
+  raise errors.InvalidInput(f"study.match entries must be one of {MATCHES}, got {match!r}")
 
 
 def plan(config: ml_collections.ConfigDict) -> tuple[dict[str, ml_collections.ConfigDict], list[Run]]:
   """(arm configs, runs). Runs that coincide (the baseline under both matches) are trained once."""
   study = config.study
   if not study.budgets or any(int(b) < 1 for b in study.budgets):
-    raise ValueError(f"study.budgets must be positive step counts of the baseline, got {tuple(study.budgets)}")
+    raise errors.InvalidInput(f"study.budgets must be positive step counts of the baseline, got {tuple(study.budgets)}")
   if not study.seeds:
-    raise ValueError("study.seeds is empty")
+    raise errors.InvalidInput("study.seeds is empty")
   if not study.match:
-    raise ValueError(f"study.match is empty: give some of {MATCHES}")
+    raise errors.InvalidInput(f"study.match is empty: give some of {MATCHES}")
   arms = arm_configs(config)
   baseline = arms[study.baseline]
   points: dict[tuple[str, int, int], list[tuple[int, str]]] = {}
@@ -179,29 +184,19 @@ def _check_same_run(run_dir: str, config: ml_collections.ConfigDict) -> None:
   if not path.exists():
     return
   stored = json.loads(path.read_text())
-  planned = json.loads(config.to_json_best_effort())
-  changed = [f"{key}.{field}" if field else key for key in RUN_IDENTITY
-             for field in _changed_fields(stored.get(key), planned.get(key))]
+  changed = config_lib.differences(stored, json.loads(config.to_json_best_effort()), RUN_IDENTITY)
   if changed:
-    raise ValueError(f"{run_dir} was trained with other settings ({', '.join(changed)} differ from the study "
-                     "config); use a new study workdir or remove that run")
-
-
-def _changed_fields(stored: Any, planned: Any) -> list[str]:
-  """The fields of a config section that differ ("" for a plain value). A field the stored run does not have was
-  added to the trainer after it, with a default that keeps the old behaviour, so it does not count."""
-  if not (isinstance(stored, dict) and isinstance(planned, dict)):
-    return [] if stored == planned else [""]
-  return [k for k in stored if stored[k] != planned.get(k)]
+    raise errors.InvalidInput(f"{run_dir} was trained with other settings ({', '.join(changed)} differ from the study "
+                              "config); use a new study workdir or remove that run")
 
 
 def train_run(config: ml_collections.ConfigDict, run_dir: str, log: Callable[[str], None]) -> bool:
   """Trains (or resumes) the run unless it is finished; True if it trained."""
   _check_same_run(run_dir, config)
-  if os.path.exists(os.path.join(run_dir, train.DONE_FILE)):
+  if os.path.exists(os.path.join(run_dir, workdir_lib.DONE_FILE)):
     return False
   log(f"training {os.path.basename(run_dir)}")
-  train.run(config, run_dir)
+  gpt_trainer.run(config, run_dir)
   return True
 
 
@@ -243,16 +238,15 @@ class Judge:
                      "temperature": float(config.sample.temperature), "top_k": int(config.sample.top_k),
                      "top_p": float(config.sample.top_p), "classifier": "fashion",
                      "bootstrap": int(study.bootstrap)}
+    self._sample_cfg = config.sample
     for scale in self.scales:
       self._sampling(scale).validate(config.model.vocab_size)
     self._batch = int(config.eval.batch_size)
     self._evaluator = fashion.Evaluator()
-    self._decode = vq_lib.make_decode_fn(checkpoint.load_vq(config.vq))
+    self._decode = vq_lib.make_decode_fn(store.load_vq(config.vq))
 
-  def _sampling(self, scale: float) -> sampling.SamplingSettings:
-    s = self.settings
-    return sampling.SamplingSettings(cfg_scale=scale, temperature=s["temperature"], top_k=s["top_k"],
-                                     top_p=s["top_p"])
+  def _sampling(self, scale: float) -> decoding.SamplingSettings:
+    return decoding.SamplingSettings.from_config(self._sample_cfg, cfg_scale=scale)
 
   def __call__(self, run_dir: str, steps: int) -> dict[str, dict[str, float]]:
     """{cfg scale (as text): {"fd", "agreement", "fd_se", "agreement_se"}} (the last two: the sampling noise of
@@ -263,15 +257,15 @@ class Judge:
       cached = json.loads(cache.read_text())
       if cached.get("settings") == settings:
         return cached["scores"]
-    model, model_config = checkpoint.load_model(run_dir)
-    sampler = sampling.Sampler(model)
+    model, model_config = store.load_model(run_dir)
+    sampler = decoding.Sampler(model)
     n = settings["num_samples"]
     labels = np.arange(n) % model_config.model.num_classes
     key = jax.random.key(settings["seed"])
     scores = {}
     for scale in self.scales:
-      samples = monitor.sample_images(sampler, self._decode, labels, key, self._sampling(scale),
-                                      batch_size=self._batch)
+      samples = np.concatenate([batch for _, batch in generation.sample_images(
+          sampler, self._decode, labels, key, self._sampling(scale), batch_size=self._batch)])
       result = self._evaluator(samples, labels, bootstrap=self.settings["bootstrap"])
       scores[str(scale)] = {k: float(result[k]) for k in ("fd", "agreement", "fd_se", "agreement_se")}
     fileio.write_text(cache, json.dumps({"settings": settings, "scores": scores}, indent=1))
@@ -331,13 +325,7 @@ def _prepare_codes(config: ml_collections.ConfigDict, workdir: str, log: Callabl
   """One set of codes for every run: the base config's codes_dir, or WORKDIR/codes prepared once."""
   if config.data.codes_dir:
     return config.data.codes_dir
-  codes = os.path.join(workdir, "codes")
-  if not os.path.exists(os.path.join(codes, "manifest.json")):
-    if not config.data.source:
-      raise ValueError("the study config sets neither data.codes_dir nor data.source")
-    log(f"preparing {config.data.source} codes into {codes} (once for every run)")
-    prepare.prepare_from_config(config, codes)
-  return codes
+  return prepare.prepare_once(config, os.path.join(workdir, "codes"), log)
 
 
 def _record(run: Run, config: ml_collections.ConfigDict, run_dir: str, scores: dict, trained: bool) -> dict:
@@ -376,8 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     run_study(fv.config, fv.workdir, command=command)
     return f"wrote {os.path.join(os.path.abspath(fv.workdir), study_report.REPORT_FILE)}"
 
-  return cli.main(run_from_flags, define_flags, argv, doc=__doc__, required=("config", "workdir"),
-                  errors=(train.NonFiniteLossError,))
+  return cli.main(run_from_flags, define_flags, argv, doc=__doc__, required=("config", "workdir"))
 
 
 if __name__ == "__main__":

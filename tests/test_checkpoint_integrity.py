@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from npp_jax import checkpoint
-from npp_jax import integrity
+from npp_jax.checkpoints import checkpoint
+from npp_jax.checkpoints import integrity
 
 STEPS = (1, 2, 3)
 

@@ -1,6 +1,7 @@
 """The one CLI convention: every entry point answers --help with its flags, and a bad command line is one sentence."""
 
 import importlib
+import os
 import re
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import sys
 import pytest
 
 from npp_jax import cli
+from npp_jax import errors
 
 ENTRY_POINTS = {
     "main": ("--config", "--workdir", "--dry_run", "--num_processes"),
@@ -17,6 +19,7 @@ ENTRY_POINTS = {
     "convert": ("--config", "--src", "--out", "--key", "--checkpoint", "--raw"),
     "train_tokenizer": ("--config", "--workdir"),
     "train_classifier": ("--config", "--out"),
+    "demo": ("--checkpoint", "--vq", "--host", "--port", "--max_images", "--dtype", "--speculative_window"),
 }
 
 
@@ -67,8 +70,46 @@ def test_user_errors_only_become_one_sentence(capsys):
 
   assert cli.main(fails_with(FileNotFoundError("no such\nfile")), define, ["x"]) == 1
   assert capsys.readouterr().err == "error: no such file\n"
+  assert cli.main(fails_with(errors.InvalidInput("--x must be\npositive")), define, ["x"]) == 1
+  assert capsys.readouterr().err == "error: --x must be positive\n"
   with pytest.raises(KeyError):  # A bug keeps its traceback.
     cli.main(fails_with(KeyError("bug")), define, ["x"])
+  with pytest.raises(ValueError, match="not a user's"):  # So does a ValueError that is not a UserError.
+    cli.main(fails_with(ValueError("not a user's")), define, ["x"])
+
+
+INTERNAL_ERROR = """
+import sys
+import jax
+import jax.numpy as jnp
+from npp_jax import cli, errors
+
+@jax.jit
+def step(x):
+  if x.shape[0] == 2:
+    raise ValueError("an internal check failed while tracing")  # a bug, as jax, numpy or our code would raise it
+  return x
+
+def body(fv):
+  if sys.argv[1] == "user":
+    raise errors.InvalidInput("--steps must be positive, got 0")
+  step(jnp.ones(2))
+
+sys.exit(cli.main(body, lambda fv, argv: None, sys.argv[:1]))
+"""
+
+
+@pytest.mark.parametrize("kind", ["internal", "user"])
+def test_an_internal_value_error_from_a_jitted_function_keeps_its_traceback(kind):
+  proc = subprocess.run([sys.executable, "-c", INTERNAL_ERROR, kind], capture_output=True, text=True, timeout=120,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 1, proc.stderr
+  if kind == "internal":
+    assert "Traceback (most recent call last)" in proc.stderr and "in step" in proc.stderr, proc.stderr
+    assert "\nValueError: an internal check failed while tracing\n" in proc.stderr, proc.stderr
+    assert not proc.stderr.startswith("error: ")
+  else:
+    assert proc.stderr == "error: --steps must be positive, got 0\n"
 
 
 def test_help_as_a_user_runs_it():

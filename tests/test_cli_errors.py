@@ -10,14 +10,14 @@ import sys
 import jax.numpy as jnp
 import pytest
 
-from npp_jax import checkpoint
 from npp_jax import config as config_lib
 from npp_jax import convert
 from npp_jax import evaluate
 from npp_jax import sample
 from npp_jax import train_classifier
 from npp_jax import train_tokenizer
-from npp_jax import workdir_lock
+from npp_jax.checkpoints import checkpoint
+from npp_jax.checkpoints import workdir_lock
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.py")

@@ -6,11 +6,12 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from npp_jax import checkpoint
 from npp_jax import config as config_lib
 from npp_jax import convert
 from npp_jax import npp
-from npp_jax import torch_io
+from npp_jax.model_files import param_mapping
+from npp_jax.model_files import store
+from npp_jax.model_files import torch_io
 
 FIXTURE_MODEL = dict(dim=128, n_layer=2, n_head=4, vocab_size=512, num_classes=10, block_size=64,
                      dtype="float32")
@@ -35,7 +36,7 @@ def gpt_io(fixtures_dir):
 
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_logits_and_losses_match_reference(gpt_pt, gpt_io, scan_layers):
-  model = convert.gpt_from_torch(gpt_pt, fixture_cfg(scan_layers=scan_layers))
+  model = param_mapping.gpt_from_torch(gpt_pt, fixture_cfg(scan_layers=scan_layers))
   tokens, labels = jnp.asarray(gpt_io["tokens"]), jnp.asarray(gpt_io["labels"])
   for side, suffix in ((1, ""), (2, "_p4"), (4, "_p16"), (8, "_p64")):
     logits = model(tokens, labels, patch_side=side)
@@ -46,7 +47,7 @@ def test_logits_and_losses_match_reference(gpt_pt, gpt_io, scan_layers):
 
 def test_eval_position_after_full_sequence(gpt_pt, gpt_io):
   """The decode path over class token + all 64 tokens: its last position is the reference's eval logits."""
-  model = convert.gpt_from_torch(gpt_pt, fixture_cfg())
+  model = param_mapping.gpt_from_torch(gpt_pt, fixture_cfg())
   tokens, labels = jnp.asarray(gpt_io["tokens"]), jnp.asarray(gpt_io["labels"])
   x = jnp.concatenate([model.class_embedding(labels), model.token_embedding(tokens)], axis=1)
   logits, _ = model.decode(x, model.init_cache(3), 0)
@@ -56,12 +57,12 @@ def test_eval_position_after_full_sequence(gpt_pt, gpt_io):
 
 def test_export_round_trip_is_exact(gpt_pt, tmp_path):
   original = torch_io.load_state_dict(gpt_pt)
-  exported = convert.gpt_to_torch(convert.gpt_from_torch(gpt_pt, fixture_cfg()))
+  exported = param_mapping.gpt_to_torch(param_mapping.gpt_from_torch(gpt_pt, fixture_cfg()))
   assert sorted(exported) == sorted(original)
   for key, value in original.items():
     np.testing.assert_array_equal(exported[key], value, err_msg=key)
   torch_io.save_state_dict(exported, tmp_path / "again.pt")
-  again = convert.gpt_to_torch(convert.gpt_from_torch(tmp_path / "again.pt", fixture_cfg()))
+  again = param_mapping.gpt_to_torch(param_mapping.gpt_from_torch(tmp_path / "again.pt", fixture_cfg()))
   for key, value in original.items():
     np.testing.assert_array_equal(again[key], value, err_msg=key)
 
@@ -72,7 +73,7 @@ def _broken(gpt_pt, tmp_path, edit):
   path = tmp_path / "broken.pt"
   torch_io.save_state_dict(state, path)
   with pytest.raises(ValueError) as err:
-    convert.gpt_from_torch(path, fixture_cfg())
+    param_mapping.gpt_from_torch(path, fixture_cfg())
   return str(err.value)
 
 
@@ -88,16 +89,16 @@ def test_missing_extra_and_misshaped_keys_are_named(gpt_pt, tmp_path):
 
 def test_wrong_config_is_refused(gpt_pt):
   with pytest.raises(ValueError, match="tok_embeddings.weight"):
-    convert.gpt_from_torch(gpt_pt, fixture_cfg(vocab_size=1024))
+    param_mapping.gpt_from_torch(gpt_pt, fixture_cfg(vocab_size=1024))
 
 
 def test_ema_container_is_chosen_by_key(gpt_pt, tmp_path):
   state = torch_io.load_state_dict(gpt_pt)
   ema = {k: v + 1.0 for k, v in state.items()}
   torch_io.save({"model": state, "ema": ema, "steps": 7}, tmp_path / "both.pt")
-  model = convert.gpt_from_torch(tmp_path / "both.pt", fixture_cfg(), key="ema")
+  model = param_mapping.gpt_from_torch(tmp_path / "both.pt", fixture_cfg(), key="ema")
   np.testing.assert_array_equal(model.norm[...], ema["norm.weight"])
-  model = convert.gpt_from_torch(tmp_path / "both.pt", fixture_cfg())
+  model = param_mapping.gpt_from_torch(tmp_path / "both.pt", fixture_cfg())
   np.testing.assert_array_equal(model.norm[...], state["norm.weight"])
 
 
@@ -105,7 +106,7 @@ def test_cli_writes_a_model_directory_that_loads_and_exports(gpt_pt, gpt_io, tmp
   out = tmp_path / "converted"
   assert convert.main(["convert", "gpt", "--src", str(gpt_pt), "--config", "configs/tiny.py", "--out", str(out),
                        *OVERRIDES]) == 0
-  model, config = checkpoint.load_model(str(out))
+  model, config = store.load_model(str(out))
   assert config.model.vocab_size == 512
   logits = model(jnp.asarray(gpt_io["tokens"]), jnp.asarray(gpt_io["labels"]))
   np.testing.assert_allclose(logits, gpt_io["logits"], atol=1e-5, rtol=0)
@@ -130,7 +131,7 @@ def test_cli_errors_are_one_line(gpt_pt, tmp_path, capsys):
 
 
 def test_fine_tune_starts_from_converted_parameters(gpt_pt, tmp_path):
-  from npp_jax import train  # pylint: disable=g-import-not-at-top
+  from npp_jax.trainers import gpt_trainer  # pylint: disable=g-import-not-at-top
   out = tmp_path / "converted"
   assert convert.main(["convert", "gpt", "--src", str(gpt_pt), "--config", "configs/tiny.py", "--out", str(out),
                        *OVERRIDES]) == 0
@@ -143,7 +144,7 @@ def test_fine_tune_starts_from_converted_parameters(gpt_pt, tmp_path):
   config.optim.update(lr=0.0, schedule="constant")  # a zero rate keeps the parameters as loaded
   config.init_from = str(out)
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
-  state = train.run(config, str(tmp_path / "run"), mesh=mesh)
+  state = gpt_trainer.run(config, str(tmp_path / "run"), mesh=mesh)
   reference = torch_io.load_state_dict(gpt_pt)
   np.testing.assert_allclose(state["params"]["tok_embeddings"], reference["tok_embeddings.weight"], atol=1e-7)
   np.testing.assert_allclose(state["params"]["output"], reference["output.weight"].T, atol=1e-7)

@@ -6,7 +6,10 @@ import pathlib
 import numpy as np
 import pytest
 
-from npp_jax import checkpoint, convert, torch_io
+from npp_jax import convert
+from npp_jax.model_files import param_mapping
+from npp_jax.model_files import store
+from npp_jax.model_files import torch_io
 from npp_jax.models import vq
 from test_vq import tiny_config
 
@@ -26,7 +29,7 @@ def original(vq_pt):
 
 @pytest.fixture(scope="module")
 def model(vq_pt):
-  return convert.vq_from_torch(vq_pt, tiny_config())
+  return param_mapping.vq_from_torch(vq_pt, tiny_config())
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +40,7 @@ def ref(fixtures_dir):
 def _import_error(state_dict) -> str:
   model = vq.abstract_model(tiny_config())
   with pytest.raises(ValueError) as info:
-    convert.import_params(model, state_dict, convert.vq_rules(model), source="ckpt.pt")
+    param_mapping.import_params(model, state_dict, param_mapping.vq_rules(model), source="ckpt.pt")
   return str(info.value)
 
 
@@ -70,18 +73,18 @@ def test_wrong_config_is_refused(vq_pt):
   cfg = tiny_config()
   cfg.codebook_size = 128
   with pytest.raises(ValueError, match=r"quantize\.embedding\.weight \(checkpoint \(64, 8\), model \(128, 8\)\)"):
-    convert.vq_from_torch(vq_pt, cfg)
+    param_mapping.vq_from_torch(vq_pt, cfg)
 
 
 def test_codebook_used_is_optional(original, model):
   sd = {k: v for k, v in original.items() if k != "quantize.codebook_used"}
   again = vq.abstract_model(tiny_config())
-  convert.import_params(again, sd, convert.vq_rules(again))
+  param_mapping.import_params(again, sd, param_mapping.vq_rules(again))
   assert vq.params_checksum(again) == vq.params_checksum(model)
 
 
 def test_export_round_trip_is_exact(original, model):
-  exported = convert.vq_to_torch(model)
+  exported = param_mapping.vq_to_torch(model)
   assert set(exported) == set(original)
   for key, value in original.items():
     if key == "quantize.codebook_used":
@@ -94,50 +97,50 @@ def test_export_round_trip_is_exact(original, model):
 @pytest.mark.parametrize("name,key", [("vq.pt", None), ("vq_ema.pt", "ema"), ("vq.safetensors", None)])
 def test_exported_files_load_back(tmp_path, model, name, key):
   path = tmp_path / name
-  sd = convert.vq_to_torch(model)
+  sd = param_mapping.vq_to_torch(model)
   if key:
     torch_io.save({"model": {k: v * 0 for k, v in sd.items()}, key: sd}, path)
   else:
     torch_io.save_state_dict(sd, path)
   cfg = tiny_config()
-  loaded = convert.vq_from_torch(path, cfg, key=key)
+  loaded = param_mapping.vq_from_torch(path, cfg, key=key)
   assert vq.params_checksum(loaded) == vq.params_checksum(model)
 
 
 def test_save_and_load_directory(tmp_path, model, ref):
   directory = tmp_path / "tok"
-  checksum = checkpoint.save_vq(model, tiny_config(), directory)
+  checksum = store.save_vq(model, tiny_config(), directory)
   assert checksum == vq.params_checksum(model)
   saved = json.loads((directory / "config.json").read_text())
   assert saved["checksum"] == checksum and saved["vq"]["ch"] == 32
   cfg = tiny_config()
   cfg.checkpoint = str(directory)
-  loaded = checkpoint.load_vq(cfg)
+  loaded = store.load_vq(cfg)
   assert vq.params_checksum(loaded) == checksum
   np.testing.assert_array_equal(loaded.encode(ref["images"]), ref["codes"])
-  saved_cfg, saved_checksum = checkpoint.read_saved_vq(directory)
+  saved_cfg, saved_checksum = store.read_saved_vq(directory)
   assert saved_checksum == checksum and saved_cfg.encoder_ch_mult == (1, 2)
   assert saved_cfg.checkpoint == str(directory)
   with pytest.raises(FileExistsError):
-    checkpoint.save_vq(model, tiny_config(), directory)
+    store.save_vq(model, tiny_config(), directory)
   cfg.z_channels = 64
   with pytest.raises(ValueError, match=r"z_channels \(saved 32, config 64\)"):
-    checkpoint.load_vq(cfg)
+    store.load_vq(cfg)
 
 
 def test_load_vq_sources_and_errors(tmp_path, vq_pt, model):
   cfg = tiny_config()
   cfg.checkpoint = str(vq_pt)
-  assert vq.params_checksum(checkpoint.load_vq(cfg)) == vq.params_checksum(model)
+  assert vq.params_checksum(store.load_vq(cfg)) == vq.params_checksum(model)
   cfg.checkpoint = ""
   with pytest.raises(ValueError, match="empty"):
-    checkpoint.load_vq(cfg)
+    store.load_vq(cfg)
   cfg.checkpoint = str(tmp_path / "absent.pt")
   with pytest.raises(FileNotFoundError, match="absent.pt"):
-    checkpoint.load_vq(cfg)
+    store.load_vq(cfg)
   cfg.checkpoint = str(tmp_path)  # a directory, but not one save_vq wrote
   with pytest.raises(FileNotFoundError, match="save_vq"):
-    checkpoint.load_vq(cfg)
+    store.load_vq(cfg)
 
 
 def test_main_vq(tmp_path, vq_pt, ref, capsys):
@@ -146,8 +149,8 @@ def test_main_vq(tmp_path, vq_pt, ref, capsys):
           "--config.vq.ch=32", "--config.vq.encoder_ch_mult=(1,2)", "--config.vq.decoder_ch_mult=(1,2)",
           "--config.vq.z_channels=32", "--config.vq.codebook_size=64", "--config.vq.image_size=32"]
   assert convert.main([argv[0], "vq", *argv[1:]]) == 0
-  saved_cfg, _ = checkpoint.read_saved_vq(out)
-  np.testing.assert_array_equal(checkpoint.load_vq(saved_cfg).encode(ref["images"]), ref["codes"])
+  saved_cfg, _ = store.read_saved_vq(out)
+  np.testing.assert_array_equal(store.load_vq(saved_cfg).encode(ref["images"]), ref["codes"])
   capsys.readouterr()
   # Without the overrides the VQ-16 config does not fit the tiny checkpoint: one line, non-zero status.
   assert convert.main(["convert", "vq", "--src", str(vq_pt), "--out", str(tmp_path / "x"),

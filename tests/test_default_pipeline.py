@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 
 from npp_jax import config as config_lib
-from npp_jax import train
+from npp_jax.trainers import gpt_trainer
 
 CLASSES = 10
 
@@ -32,7 +32,7 @@ def test_prepares_trains_and_samples(tmp_path):
   config.optim.warmup_steps = 1
   config.eval.update(every=2, num_samples=20, batch_size=10, grid_columns=2)
   workdir = tmp_path / "run"
-  train.run(config, str(workdir))
+  gpt_trainer.run(config, str(workdir))
 
   manifest = json.loads((workdir / "codes" / "manifest.json").read_text())
   assert manifest["num_images"] == 4 * CLASSES and manifest["grid"] == 8 and manifest["vocab_size"] == 512

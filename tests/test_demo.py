@@ -21,16 +21,18 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
+from absl import flags
 
 from npp_jax import assets
-from npp_jax import checkpoint
 from npp_jax import demo
 from npp_jax import sample as sample_cli
-from npp_jax import sampling
 from npp_jax import sharding
-from npp_jax import train
 from npp_jax.config import load_file as load_config_file
+from npp_jax.model_files import store
 from npp_jax.models import vq as vq_lib
+from npp_jax.sampling import decoding
+from npp_jax.sampling import generation
+from npp_jax.trainers import gpt_trainer
 from test_main_cli import cli_env
 from test_pipeline import write_codes
 from test_sample_cli import fake_decode, tiny_gpt  # noqa: F401 (a fixture)
@@ -45,17 +47,32 @@ GUIDANCE = 2.5  # the test checkpoint's config.sample.cfg_scale, which the page 
 
 
 def test_images_are_the_samplers_whatever_the_batch(tiny_gpt):  # noqa: F811
-  settings = sampling.SamplingSettings(cfg_scale=2.0, temperature=0.9, top_k=20)
+  settings = decoding.SamplingSettings(cfg_scale=2.0, temperature=0.9, top_k=20)
   backend = demo.GridSampler(tiny_gpt, jax.jit(fake_decode), max_images=5, dtype="float32")
   shown = backend.images(2, 3, 7, settings)  # sampled as a batch of 5, the first 3 shown
 
   # Independently: exactly 3 samples of class 2 under the sample CLI's key for seed 7.
-  tokens = sampling.Sampler(tiny_gpt, dtype="float32")([2, 2, 2], sample_cli.sample_key(7), settings)
+  tokens = decoding.Sampler(tiny_gpt, dtype="float32")([2, 2, 2], generation.sample_key(7), settings)
   expected = np.clip(127.5 * np.asarray(fake_decode(tokens)) + 128, 0, 255).astype(np.uint8)
   assert shown.dtype == np.uint8 and shown.shape == (3, 8, 8, 3)
   np.testing.assert_array_equal(shown, expected)
   assert len(np.unique(shown.reshape(3, -1), axis=0)) == 3
   assert not np.array_equal(backend.images(2, 3, 8, settings), shown)
+
+
+def test_the_page_and_sample_give_the_same_images_by_default(tiny_gpt, tmp_path):  # noqa: F811
+  """Image i of a request is image i of `sample --labels c,c,... --seed s`: one sampling path, one default dtype."""
+  for module in (demo, sample_cli):
+    fv = flags.FlagValues()
+    module.define_flags(fv, [module.__name__])
+    assert fv["dtype"].default is None  # the model config's dtype in both
+  settings = decoding.SamplingSettings(cfg_scale=2.0, temperature=0.9, top_k=20)
+  shown = demo.GridSampler(tiny_gpt, jax.jit(fake_decode), max_images=4).images(1, 3, 5, settings)
+  npz = sample_cli.run(tiny_gpt, jax.jit(fake_decode), [1, 1, 1], sample_cli.RunSettings(sampling=settings, seed=5),
+                       tmp_path, progress=False)
+  with np.load(npz) as written:
+    np.testing.assert_array_equal(written["arr_0"], shown)
+    assert str(written["dtype"]) == tiny_gpt.cfg.dtype
 
 
 @pytest.mark.parametrize("label, num_images, seed, settings, message", [
@@ -69,14 +86,14 @@ def test_images_are_the_samplers_whatever_the_batch(tiny_gpt):  # noqa: F811
 def test_bad_requests_are_one_sentence(tiny_gpt, label, num_images, seed, settings, message):  # noqa: F811
   backend = demo.GridSampler(tiny_gpt, fake_decode, max_images=5, dtype="float32")
   with pytest.raises(ValueError, match=message):
-    backend.images(label, num_images, seed, sampling.SamplingSettings(**settings))
+    backend.images(label, num_images, seed, decoding.SamplingSettings(**settings))
 
 
 def test_requests_run_one_at_a_time(tiny_gpt):  # noqa: F811
   backend = demo.GridSampler(tiny_gpt, lambda tokens: np.zeros((len(tokens), 2, 2, 3)), max_images=2)
   running, most = [0], [0]
 
-  def slow_sampler(labels, key, settings):
+  def slow_sampler(labels, key, settings, sample_offset=0):
     running[0] += 1
     most[0] = max(most[0], running[0])
     time.sleep(0.05)
@@ -84,7 +101,7 @@ def test_requests_run_one_at_a_time(tiny_gpt):  # noqa: F811
     return np.zeros((len(labels), 16), np.int32)
 
   backend.sampler = slow_sampler
-  threads = [threading.Thread(target=backend.images, args=(0, 1, i, sampling.SamplingSettings()))
+  threads = [threading.Thread(target=backend.images, args=(0, 1, i, decoding.SamplingSettings()))
              for i in range(4)]
   for t in threads:
     t.start()
@@ -267,7 +284,7 @@ class Page:
 def trained_checkpoint(tmp_path_factory) -> pathlib.Path:
   """A 1-layer GPT trained for 2 steps on random codes of the shipped tokenizer, with named classes."""
   root = tmp_path_factory.mktemp("demo")
-  vq_cfg, _ = checkpoint.read_saved_vq(assets.FASHION_TOKENIZER)
+  vq_cfg, _ = store.read_saved_vq(assets.FASHION_TOKENIZER)
   grid = vq_lib.grid_size(vq_cfg)
   views = np.random.default_rng(0).integers(0, vq_cfg.codebook_size, (12, 1, grid * grid)).astype(np.uint16)
   codes = write_codes(root / "codes", views, [i % 3 for i in range(12)], vocab=vq_cfg.codebook_size, grid=grid,
@@ -282,7 +299,7 @@ def trained_checkpoint(tmp_path_factory) -> pathlib.Path:
   config.train.update(global_batch_size=4, total_steps=2, log_every=1, checkpoint_every=2)
   config.optim.warmup_steps = 1
   config.sample.cfg_scale = GUIDANCE
-  train.run(config, str(root / "run"), mesh=sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+  gpt_trainer.run(config, str(root / "run"), mesh=sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
   return root / "run"
 
 
@@ -327,7 +344,7 @@ def test_the_page_in_a_browser(trained_checkpoint):
 
       page.enter("top_p", 1.5)
       with pytest.raises(ValueError) as expected:
-        sampling.SamplingSettings(cfg_scale=GUIDANCE, top_p=1.5).validate()
+        decoding.SamplingSettings(cfg_scale=GUIDANCE, top_p=1.5).validate()
       assert page.generate("error: ") == f"error: {expected.value}"
       assert page.grid() is None
       assert "Traceback" not in driver.page_source

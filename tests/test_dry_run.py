@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from npp_jax import chips
-from npp_jax import dry_run
+from npp_jax.trainers import chips
+from npp_jax.trainers import dry_run
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

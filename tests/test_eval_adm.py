@@ -7,8 +7,8 @@ import pytest
 
 from npp_jax import evaluate as evaluate_cli
 from npp_jax import fileio
-from npp_jax import torch_io
 from npp_jax.eval import adm
+from npp_jax.model_files import torch_io
 import fixture_rules  # pylint: disable=g-bad-import-order
 
 

@@ -13,11 +13,15 @@ import jax
 import numpy as np
 import pytest
 
-from npp_jax import assets, checkpoint, train_classifier
-from npp_jax.eval import adm, fashion
+from npp_jax import assets
 from npp_jax import images as images_lib
+from npp_jax import train_classifier
 from npp_jax.data import augment, sources
+from npp_jax.eval import adm, fashion
+from npp_jax.model_files import store
 from npp_jax.models import classifier as classifier_lib
+from npp_jax.trainers import classifier_trainer
+import system_packages
 
 ACCURACY_MARGIN = 0.03  # 1000 test images: the binomial standard error is ~1%.
 
@@ -28,10 +32,7 @@ def evaluator() -> fashion.Evaluator:
 
 
 def _require_dataset() -> None:
-  if not os.path.isdir(sources.FASHION_MNIST_DIR):
-    if os.environ.get("CI"):
-      pytest.fail(f"Fashion-MNIST not found at {sources.FASHION_MNIST_DIR}")
-    pytest.skip(f"Fashion-MNIST not found at {sources.FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist)")
+  system_packages.require("dataset-fashion-mnist", os.path.isdir(sources.FASHION_MNIST_DIR))
 
 
 @pytest.fixture(scope="module")
@@ -52,16 +53,16 @@ def _features(evaluator, images) -> np.ndarray:
 
 
 def test_shipped_files_match_their_checksums():
-  meta = json.loads((assets.FASHION_CLASSIFIER / checkpoint.CLASSIFIER_META_FILE).read_text())
-  for name in (checkpoint.CLASSIFIER_PARAMS_FILE, checkpoint.CLASSIFIER_STATS_FILE):
+  meta = json.loads((assets.FASHION_CLASSIFIER / store.CLASSIFIER_META_FILE).read_text())
+  for name in (store.CLASSIFIER_PARAMS_FILE, store.CLASSIFIER_STATS_FILE):
     digest = hashlib.sha256((assets.FASHION_CLASSIFIER / name).read_bytes()).hexdigest()
     assert digest == meta["sha256"][name]
   size = sum(p.stat().st_size for p in assets.FASHION_CLASSIFIER.iterdir())
   assert size < 4 << 20
   assert 0.85 <= meta["test_accuracy"] <= 1.0
-  model, loaded_meta = checkpoint.load_classifier()
+  model, loaded_meta = store.load_classifier()
   assert loaded_meta == meta
-  with np.load(assets.FASHION_CLASSIFIER / checkpoint.CLASSIFIER_PARAMS_FILE) as npz:
+  with np.load(assets.FASHION_CLASSIFIER / store.CLASSIFIER_PARAMS_FILE) as npz:
     for key, value in classifier_lib.flat_params(model).items():
       np.testing.assert_array_equal(value, npz[key])
 
@@ -69,13 +70,13 @@ def test_shipped_files_match_their_checksums():
 def test_damaged_weights_are_refused(tmp_path):
   copy = tmp_path / "cls"
   shutil.copytree(assets.FASHION_CLASSIFIER, copy)
-  data = bytearray((copy / checkpoint.CLASSIFIER_PARAMS_FILE).read_bytes())
+  data = bytearray((copy / store.CLASSIFIER_PARAMS_FILE).read_bytes())
   data[-100] ^= 1
-  (copy / checkpoint.CLASSIFIER_PARAMS_FILE).write_bytes(bytes(data))
+  (copy / store.CLASSIFIER_PARAMS_FILE).write_bytes(bytes(data))
   with pytest.raises(ValueError, match="sha256"):
-    checkpoint.load_classifier(copy)
+    store.load_classifier(copy)
   with pytest.raises(FileNotFoundError, match="meta.json"):
-    checkpoint.load_classifier(tmp_path)
+    store.load_classifier(tmp_path)
 
 
 def test_real_images_match_the_pad_augmentation(test_set):
@@ -166,7 +167,7 @@ def test_random_shift_is_an_exact_translation():
   small = rng.integers(1, 256, (28, 28, 1), dtype=np.uint8)
   canvas = augment.pad_to(small, 32)
   key = jax.random.key(3)
-  shifted = np.asarray(train_classifier.random_shift(np.stack([canvas] * 16), key))
+  shifted = np.asarray(classifier_trainer.random_shift(np.stack([canvas] * 16), key))
   offsets = set()
   for image in shifted:
     rows, cols = np.nonzero(image[..., 0])
@@ -197,11 +198,11 @@ def test_train_classifier_cli_writes_a_loadable_classifier(tmp_path, capsys):
   config = ["--config", "configs/fashion_classifier.py", f"--config.data_dir={data}"]
   assert train_classifier.main(["train_classifier", *config, "--out", str(out), "--config.steps=3",
                                 "--config.batch_size=16", "--config.warmup=1"]) == 0
-  model, meta = checkpoint.load_classifier(out)
+  model, meta = store.load_classifier(out)
   assert meta["recipe"]["steps"] == 3 and 0 <= meta["test_accuracy"] <= 1
   test_images, test_labels = fashion.load_real_images("test", data)
   features = np.asarray(model(test_images)[1], np.float64)
-  mu, sigma = checkpoint.load_reference_stats(out)
+  mu, sigma = store.load_reference_stats(out)
   np.testing.assert_allclose(mu, features.mean(0), rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(sigma, np.cov(features, rowvar=False), rtol=1e-3, atol=1e-5)
   result = fashion.classifier_metrics(test_images, test_labels, model=fashion.Evaluator(out))

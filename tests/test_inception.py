@@ -6,7 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from npp_jax import torch_io
+from npp_jax import sharding as npp_sharding
+from npp_jax.model_files import param_mapping
+from npp_jax.model_files import torch_io
 from npp_jax.models import inception
 from fixture_rules import fid_state_dict  # pylint: disable=g-bad-import-order
 
@@ -29,7 +31,7 @@ def io(fixtures_dir):
 
 @pytest.fixture(scope="module")
 def model(state_dict):
-  return inception.inception_from_torch(state_dict)
+  return param_mapping.inception_from_torch(state_dict)
 
 
 @pytest.fixture(scope="module")
@@ -112,13 +114,13 @@ def test_outputs_match_pytorch_fid(outputs, io, batch, ours, theirs):
 def test_feature_fn_splits_the_batch_over_all_devices(outputs):
   for sharding in outputs["shardings"].values():
     assert len(sharding.device_set) == jax.device_count() == 8
-    assert sharding.spec[0] == "data"
+    assert sharding.spec[0] == npp_sharding.ONE_AXIS
 
 
 def test_converter_reads_the_pth_file(tmp_path, state_dict, model):
   path = tmp_path / "pt_inception-2015-12-05-test.pth"
   torch_io.save_state_dict(state_dict, path, container=None)
-  loaded = inception.inception_from_torch(path)
+  loaded = param_mapping.inception_from_torch(path)
   np.testing.assert_array_equal(np.asarray(loaded.Mixed_7c.branch_pool.kernel[...]),
                                 state_dict["Mixed_7c.branch_pool.conv.weight"].transpose(2, 3, 1, 0))
   np.testing.assert_array_equal(np.asarray(loaded.fc_kernel[...]), state_dict["fc.weight"].T)
@@ -132,7 +134,7 @@ def test_converter_names_every_bad_key(state_dict):
   bad["Mixed_5b.extra.conv.weight"] = np.zeros((1,), np.float32)
   bad["fc.weight"] = np.zeros((1000, 2048), np.float32)
   with pytest.raises(ValueError) as err:
-    inception.inception_from_torch(bad)
+    param_mapping.inception_from_torch(bad)
   message = str(err.value)
   for key in ("Mixed_5b.branch1x1.bn.running_mean", "Mixed_5b.extra.conv.weight", "fc.weight (1000, 2048)"):
     assert key in message
@@ -141,7 +143,7 @@ def test_converter_names_every_bad_key(state_dict):
 
 def test_converter_refuses_a_missing_file(tmp_path):
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    inception.inception_from_torch(tmp_path / "nope.pth")
+    param_mapping.inception_from_torch(tmp_path / "nope.pth")
 
 
 def test_unknown_preprocessing_is_refused():

@@ -19,6 +19,8 @@ import time
 
 import pytest
 
+import system_packages
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 TPU = LAUNCH / "tpu_vm.sh"
@@ -606,8 +608,7 @@ def test_dry_runs_start_nothing(tmp_path):
 
 def test_shellcheck_clean():
   shellcheck = shutil.which("shellcheck")
-  if shellcheck is None:
-    pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+  system_packages.require("shellcheck", shellcheck is not None)
   files = sorted(str(p.relative_to(REPO)) for p in [*LAUNCH.glob("*.sh"), *LAUNCH.glob("*.sbatch")])
   assert "launch/common.sh" in files and len(files) == 4
   result = subprocess.run([shellcheck, *files], capture_output=True, text=True, cwd=REPO, check=False)

@@ -4,6 +4,7 @@ import pathlib
 import re
 
 import npp_jax
+import test_imports
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -35,3 +36,16 @@ def test_package_docstring_names_modules_that_exist():
   for name in ("main", "prepare", "sample", "evaluate", "convert", "train_tokenizer", "train_classifier", "demo"):
     assert re.search(rf"^  {name} ", doc, re.M), name
     assert (REPO / "npp_jax" / f"{name}.py").is_file()
+
+
+def test_package_docstring_names_every_module_and_folder():
+  doc = npp_jax.__doc__
+  entry_points = {name.split(".")[-1] for name in test_imports.entry_points()}
+  assert set(re.findall(r"^  (\w+) {2,}", doc, re.M)) == entry_points  # the entry-point table, exactly
+  package = REPO / "npp_jax"
+  for path in sorted(package.rglob("*.py")):
+    if path.name == "__init__.py":
+      continue
+    if path.parent != package:
+      assert f"{path.parent.name}/" in doc, path.parent
+    assert re.search(rf"\b{path.stem}\b", doc), path

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from npp_jax import checkpoint
-from npp_jax.models import gpt
+from npp_jax.checkpoints import checkpoint
 from npp_jax.config import load_file as load_config_file
+from npp_jax.models import gpt
 from test_pipeline import labelled_views, write_codes
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -122,7 +122,7 @@ def test_sigterm_saves_exits_zero_and_resumes(tmp_path):
   args = ["--config", TINY, "--workdir", str(workdir), "--config.train.total_steps=30",
           "--config.train.log_every=1", "--config.train.checkpoint_every=25"]
   with open(tmp_path / "stderr.txt", "w") as stderr:
-    # Progress is absl logging on stderr ("I... train.py:NNN] [3/30] ..."); stdout would hold only results.
+    # Progress is absl logging on stderr ("I... gpt_trainer.py:NNN] [3/30] ..."); stdout would hold only results.
     proc = subprocess.Popen([sys.executable, "-m", "npp_jax.main", *args], cwd=REPO, env=cli_env(),
                             stdout=stderr, stderr=subprocess.PIPE, text=True)
     output = []
@@ -175,8 +175,6 @@ def test_dry_run_reports_parameters_and_memory():
 @pytest.mark.slow
 def test_dry_run_of_gpt_b():
   """Compiles GPT-B's two stages from the abstract state (about a minute on a CPU)."""
-  if not (REPO / "configs" / "gpt_b.py").exists():
-    pytest.skip("configs/gpt_b.py does not exist")
   result = run_cli("--config", "configs/gpt_b.py", "--dry_run", timeout=900)
   _check_dry_run(result, 110_888_448, [(2, 64), (1, 256)])
 

@@ -12,7 +12,8 @@ from flax import nnx
 
 from npp_jax import config as config_lib
 from npp_jax import npp
-from npp_jax import torch_io
+from npp_jax.model_files import param_mapping
+from npp_jax.model_files import torch_io
 from npp_jax.models import gpt
 from npp_jax.models import rope
 
@@ -199,12 +200,9 @@ def test_identity_class_rope_would_change_the_function(reference, monkeypatch):
 
 
 def test_converter_matches_the_spec_mapping(reference, fixtures_dir):
-  """npp_jax.convert.gpt_from_torch (when it exists) fills the same parameters as the layout mapping above."""
-  from npp_jax import convert  # pylint: disable=g-import-not-at-top
-  if not hasattr(convert, "gpt_from_torch"):
-    pytest.skip("npp_jax.convert.gpt_from_torch does not exist yet")
+  """param_mapping.gpt_from_torch fills the same parameters as the layout mapping above."""
   cfg = fixture_model_config()
-  model = convert.gpt_from_torch(fixtures_dir / "llamagen_tiny" / "gpt.pt", cfg)
+  model = param_mapping.gpt_from_torch(fixtures_dir / "llamagen_tiny" / "gpt.pt", cfg)
   got = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   expected = params_from_reference(reference[0], cfg)
   assert jax.tree.structure(got) == jax.tree.structure(expected)

@@ -54,7 +54,7 @@ def _final_params(workdir):
   """The newest checkpoint's parameters, restored onto this process's first device (the savers had others)."""
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from npp_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from npp_jax.checkpoints import checkpoint  # pylint: disable=g-import-not-at-top
   from npp_jax.config import load_file  # pylint: disable=g-import-not-at-top
   from npp_jax.models import gpt  # pylint: disable=g-import-not-at-top
 

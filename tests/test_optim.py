@@ -9,8 +9,8 @@ from flax import nnx
 
 from npp_jax import config as config_lib
 from npp_jax import npp
-from npp_jax import optim
 from npp_jax.models import gpt
+from npp_jax.trainers import optim
 
 
 def optim_config(**overrides) -> ml_collections.ConfigDict:
@@ -38,11 +38,15 @@ def reference_lr(step: int, ends: list[int], warmup: int, decay_ratio: float, ba
   return end + (base - end) * max(0.0, 1.0 - progress)
 
 
+def spans(stages) -> list[tuple[int, int]]:
+  return [(s.start, s.end) for s in stages]
+
+
 @pytest.mark.parametrize("stage_list", [[(2, 0.5), (1, 0.5)], [(4, 0.25), (2, 0.25), (1, 0.5)], [(1, 1.0)]])
 def test_stagewise_schedule_matches_the_reference(stage_list):
   total, warmup = 1000, 30
   stages = npp.make_stages(stage_list, total, 16)
-  schedule = optim.learning_rate_schedule(optim_config(), stages, warmup)
+  schedule = optim.learning_rate_schedule(optim_config(), spans(stages), warmup)
   got = np.asarray(schedule(jnp.arange(total)))
   expected = np.array([reference_lr(t, [s.end for s in stages], warmup, 0.2, 1e-4, 1e-5) for t in range(total)])
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-12)
@@ -55,7 +59,7 @@ def test_stagewise_schedule_matches_the_reference(stage_list):
 
 def test_stagewise_schedule_at_chosen_steps():
   stages = npp.make_stages([(2, 0.5), (1, 0.5)], 1000, 16)
-  schedule = optim.learning_rate_schedule(optim_config(), stages, 10)
+  schedule = optim.learning_rate_schedule(optim_config(), spans(stages), 10)
   # warmup 0..10, constant to 400, decay 400..500 to 1e-5; the same again from 500.
   for step, lr in [(0, 0.0), (5, 5e-5), (10, 1e-4), (399, 1e-4), (400, 1e-4), (450, 5.5e-5), (500, 0.0),
                    (505, 5e-5), (899, 1e-4), (950, 5.5e-5), (999, 1e-4 - 9e-5 * 99 / 100)]:
@@ -64,14 +68,14 @@ def test_stagewise_schedule_at_chosen_steps():
 
 def test_constant_schedule():
   stages = npp.make_stages([(2, 0.5), (1, 0.5)], 1000, 16)
-  schedule = optim.learning_rate_schedule(optim_config(schedule="constant"), stages, 10)
+  schedule = optim.learning_rate_schedule(optim_config(schedule="constant"), spans(stages), 10)
   assert [float(schedule(s)) for s in (0, 499, 500, 999)] == pytest.approx([1e-4] * 4)
 
 
 def test_stage_lr_scales_scale_each_stage_peak():
   stages = npp.make_stages([(2, 0.5), (1, 0.5)], 1000, 16)
-  plain = optim.learning_rate_schedule(optim_config(), stages, 10)
-  scaled = optim.learning_rate_schedule(optim_config(stage_lr_scales=(3.0, 1.0)), stages, 10)
+  plain = optim.learning_rate_schedule(optim_config(), spans(stages), 10)
+  scaled = optim.learning_rate_schedule(optim_config(stage_lr_scales=(3.0, 1.0)), spans(stages), 10)
   steps = jnp.arange(1000)
   got, base = np.asarray(scaled(steps)), np.asarray(plain(steps))
   # The first stage: warmup and hold at 3x, then the decay from 3e-4 to end_lr; the second stage unchanged.
@@ -79,19 +83,21 @@ def test_stage_lr_scales_scale_each_stage_peak():
   assert float(scaled(450)) == pytest.approx(3e-4 + (1e-5 - 3e-4) * 0.5, rel=1e-5)
   assert float(scaled(499)) == pytest.approx(3e-4 + (1e-5 - 3e-4) * 0.99, rel=1e-5)
   np.testing.assert_allclose(got[500:], base[500:], rtol=1e-6)
-  constant = optim.learning_rate_schedule(optim_config(schedule="constant", stage_lr_scales=(0.5, 2.0)), stages, 10)
+  constant = optim.learning_rate_schedule(optim_config(schedule="constant", stage_lr_scales=(0.5, 2.0)),
+                                          spans(stages), 10)
   assert [float(constant(s)) for s in (0, 499, 500, 999)] == pytest.approx([5e-5, 5e-5, 2e-4, 2e-4])
-  uniform = optim.learning_rate_schedule(optim_config(schedule="constant", stage_lr_scales=(2.0, 2.0)), stages, 10)
+  uniform = optim.learning_rate_schedule(optim_config(schedule="constant", stage_lr_scales=(2.0, 2.0)),
+                                         spans(stages), 10)
   assert [float(uniform(s)) for s in (0, 999)] == pytest.approx([2e-4, 2e-4])
   for bad in ((1.0,), (1.0, 0.0)):
     with pytest.raises(ValueError, match="one positive number per stage"):
-      optim.learning_rate_schedule(optim_config(stage_lr_scales=bad), stages, 10)
+      optim.learning_rate_schedule(optim_config(stage_lr_scales=bad), spans(stages), 10)
 
 
 def test_unknown_schedule_is_refused():
   stages = npp.make_stages([(1, 1.0)], 10, 4)
   with pytest.raises(ValueError, match="schedule"):
-    optim.learning_rate_schedule(optim_config(schedule="cosine"), stages, 1)
+    optim.learning_rate_schedule(optim_config(schedule="cosine"), spans(stages), 1)
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +145,7 @@ def adamw(tiny_params):
   tests below.
   """
   c = optim_config(schedule="constant", lr=0.1, weight_decay=0.5, grad_clip=1.0)
-  tx, _ = optim.make_optimizer(c, npp.make_stages([(1, 1.0)], 10, 4), tiny_params, warmup_steps=0)
+  tx = optim.make_optimizer(c, optim.learning_rate_schedule(c, [(0, 10)], 0), tiny_params)
   return jax.jit(tx.init), jax.jit(tx.update)
 
 

@@ -251,8 +251,9 @@ def test_device_encoder_shards_the_batch_over_8_devices(tmp_path):
   for i, (codes, label) in enumerate(got):
     np.testing.assert_array_equal(codes, mean_codes(augment.make_views(images[i], "pad_flip", 32)))
     assert label == i % 10
-  with pytest.raises(ValueError, match="does not split over 8 devices"):
-    encoder(np.zeros((5, 32, 32, 3), np.uint8))
+  # A batch the devices do not divide is padded and cut back: the same codes as one by one.
+  odd = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), np.uint8)
+  np.testing.assert_array_equal(np.asarray(encoder(odd)), mean_codes(odd))
 
 
 def test_to_model_input_is_the_reference_normalisation():
@@ -273,11 +274,11 @@ def tiny_vq(fixtures_dir):
 
   Loaded rather than initialised: an eager VQModel init takes ~20 s on 8 forced CPU devices.
   """
-  from npp_jax import convert
+  from npp_jax.model_files import param_mapping
   from npp_jax.models import vq
   cfg = vq.default_config()
   cfg.update(TINY_VQ)
-  return cfg, convert.vq_from_torch(fixtures_dir / "llamagen_tiny" / "vq.pt", cfg)
+  return cfg, param_mapping.vq_from_torch(fixtures_dir / "llamagen_tiny" / "vq.pt", cfg)
 
 
 def test_real_tiny_vq_codes(tmp_path, tiny_vq):
@@ -326,12 +327,12 @@ def get_config():
 
 def test_cli_end_to_end_and_errors(tmp_path, tiny_vq):
   import runpy
-  from npp_jax import checkpoint
+  from npp_jax.model_files import store
   from npp_jax.data import prepare as prepare_lib
 
   cfg, model = tiny_vq
   vq_dir = tmp_path / "vq"
-  checkpoint.save_vq(model, cfg, vq_dir)
+  store.save_vq(model, cfg, vq_dir)
   root = make_folder(tmp_path / "images", counts=(2, 1))
   (root / "class0" / "readme.txt").write_text("ignored")
   text = CLI_CONFIG.format(dir=str(root), vq_cfg=TINY_VQ, checkpoint=str(vq_dir))

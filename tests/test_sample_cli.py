@@ -11,13 +11,15 @@ import pytest
 from flax import nnx
 
 from npp_jax import assets
-from npp_jax import checkpoint
 from npp_jax import config as config_lib
+from npp_jax import errors
 from npp_jax import images as image_io
 from npp_jax import sample as sample_cli
-from npp_jax import sampling
+from npp_jax.model_files import store
 from npp_jax.models import vq as vq_lib
 from npp_jax.models.gpt import GPT
+from npp_jax.sampling import decoding
+from npp_jax.sampling import generation
 
 VOCAB, CLASSES, GRID = 32, 3, 4
 
@@ -46,12 +48,12 @@ def fake_decode(codes: jax.Array) -> jax.Array:
 def test_run_writes_pngs_grid_and_samples_npz(tiny_gpt, tmp_path):
   labels = [0, 2, 1, 1, 0, 2]
   settings = sample_cli.RunSettings(
-      sampling=sampling.SamplingSettings(cfg_scale=2.0, temperature=0.9, top_k=20, top_p=0.9), seed=7,
+      sampling=decoding.SamplingSettings(cfg_scale=2.0, temperature=0.9, top_k=20, top_p=0.9), seed=7,
       batch_size=4, dtype="float32", checkpoint="/ckpt/dir", vq="/vq.pt", label_mode="given")
   npz_path = sample_cli.run(tiny_gpt, jax.jit(fake_decode), labels, settings, tmp_path, progress=False)
 
   # Independent recomputation: one batch of 6 on every device (the run used batches of 4, the last one padded).
-  tokens = sampling.Sampler(tiny_gpt, dtype="float32")(labels, sample_cli.sample_key(7), settings.sampling)
+  tokens = decoding.Sampler(tiny_gpt, dtype="float32")(labels, generation.sample_key(7), settings.sampling)
   expected = np.clip(127.5 * np.asarray(fake_decode(tokens)) + 128, 0, 255).astype(np.uint8)
   assert len(np.unique(expected.reshape(6, -1), axis=0)) == 6
 
@@ -77,7 +79,7 @@ def test_run_writes_pngs_grid_and_samples_npz(tiny_gpt, tmp_path):
     ([0], dict(top_k=VOCAB + 1), "vocabulary size 32"),
 ])
 def test_run_refuses_invalid_requests(tiny_gpt, tmp_path, labels, sampling_kwargs, message):
-  settings = sample_cli.RunSettings(sampling=sampling.SamplingSettings(cfg_scale=1.5, **sampling_kwargs))
+  settings = sample_cli.RunSettings(sampling=decoding.SamplingSettings(cfg_scale=1.5, **sampling_kwargs))
   with pytest.raises(ValueError, match=message):
     sample_cli.run(tiny_gpt, fake_decode, labels, settings, tmp_path, progress=False)
   assert not (tmp_path / "samples.npz").exists()
@@ -134,13 +136,13 @@ def test_cli_reports_a_missing_checkpoint(tmp_path, capsys):
 def test_tokenizer_must_fit_the_gpt(tiny_gpt):
   vq_cfg = vq_lib.default_config()
   vq_cfg.update(codebook_size=VOCAB, image_size=64)  # 16x downsampling: a 4x4 grid
-  sample_cli.check_tokenizer_fits(tiny_gpt.cfg, vq_cfg, vq_lib.grid_size(vq_cfg))
+  generation.check_tokenizer_fits(tiny_gpt.cfg, vq_cfg, vq_lib.grid_size(vq_cfg))
   with pytest.raises(ValueError, match=r"decodes a 8x8 grid"):
     vq_cfg.image_size = 128
-    sample_cli.check_tokenizer_fits(tiny_gpt.cfg, vq_cfg, vq_lib.grid_size(vq_cfg))
+    generation.check_tokenizer_fits(tiny_gpt.cfg, vq_cfg, vq_lib.grid_size(vq_cfg))
   with pytest.raises(ValueError, match=r"vocabulary \(32 tokens\) does not match the tokenizer's codebook \(64"):
     vq_cfg.update(codebook_size=64, image_size=64)
-    sample_cli.check_tokenizer_fits(tiny_gpt.cfg, vq_cfg, vq_lib.grid_size(vq_cfg))
+    generation.check_tokenizer_fits(tiny_gpt.cfg, vq_cfg, vq_lib.grid_size(vq_cfg))
 
 
 def test_cli_exits_with_one_line_and_no_traceback(paths):
@@ -190,7 +192,7 @@ def test_cli_reads_a_tokenizer_directory_and_the_checkpoint_sampling_defaults(tm
   config.model.update(dim=32, n_layer=1, n_head=2, vocab_size=512, num_classes=10, block_size=64, multiple_of=32,
                       dtype="float32")
   config.sample.update(cfg_scale=1.7, temperature=0.8, top_k=5, top_p=0.9)
-  checkpoint.save_gpt(GPT(config.model, rngs=nnx.Rngs(0)), config, tmp_path / "model")
+  store.save_gpt(GPT(config.model, rngs=nnx.Rngs(0)), config, tmp_path / "model")
   common = ["sample", "--checkpoint", str(tmp_path / "model"), "--vq", str(assets.FASHION_TOKENIZER),
             "--labels", "3,4", "--batch_size", "2", "--dtype", "float32", "--noprogress"]
 
@@ -202,3 +204,14 @@ def test_cli_reads_a_tokenizer_directory_and_the_checkpoint_sampling_defaults(tm
 
   assert recorded() == dict(cfg_scale=1.7, temperature=0.8, top_k=5, top_p=0.9)
   assert recorded("--cfg_scale", "3", "--top_k", "0") == dict(cfg_scale=3.0, temperature=0.8, top_k=0, top_p=0.9)
+
+
+def test_sampling_settings_from_a_config_section_and_overrides():
+  section = {"cfg_scale": 3.0, "temperature": 0.5, "top_k": 0, "top_p": 1.0, "unrelated": 1}
+  settings = decoding.SamplingSettings.from_config(section, top_k=7, greedy=None, speculative_window=2)
+  assert (settings.cfg_scale, settings.temperature, settings.top_k, settings.greedy) == (3.0, 0.5, 7, False)
+  assert settings.speculative_window == 2
+  assert decoding.SamplingSettings.from_config(None) == decoding.SamplingSettings()  # no section: the defaults
+  with pytest.raises(errors.InvalidInput, match="top_p must be in"):
+    decoding.SamplingSettings.from_config(section, top_p=0.0)
+

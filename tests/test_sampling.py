@@ -9,8 +9,8 @@ import pytest
 import scipy.stats
 
 from npp_jax import config as config_lib
-from npp_jax import convert
-from npp_jax import sampling
+from npp_jax.model_files import param_mapping
+from npp_jax.sampling import decoding
 
 
 def _fixture_model_config():
@@ -23,13 +23,13 @@ def _fixture_model_config():
 def reference(fixtures_dir):
   """(GPT with the fixture weights, gen_io arrays)."""
   tiny = fixtures_dir / "llamagen_tiny"
-  model = convert.gpt_from_torch(tiny / "gpt.pt", _fixture_model_config())
+  model = param_mapping.gpt_from_torch(tiny / "gpt.pt", _fixture_model_config())
   return model, dict(np.load(tiny / "gen_io.npz"))
 
 
 @pytest.fixture(scope="module")
 def sampler(reference):
-  return sampling.Sampler(reference[0], dtype="float32")
+  return decoding.Sampler(reference[0], dtype="float32")
 
 
 # -- parity with the reference ------------------------------------------------------------------------------------
@@ -45,7 +45,7 @@ def test_teacher_forced_logits_match_reference(sampler, reference, cfg_scale, su
 @pytest.mark.parametrize("cfg_scale, suffix", [(4.0, ""), (1.0, "_nocfg")])
 def test_greedy_tokens_match_reference(reference, cfg_scale, suffix):
   model, gen = reference
-  tokens = sampling.generate(model, gen["labels"], jax.random.key(0), cfg_scale=cfg_scale, greedy=True,
+  tokens = decoding.generate(model, gen["labels"], jax.random.key(0), cfg_scale=cfg_scale, greedy=True,
                              temperature=0.0, dtype="float32")
   np.testing.assert_array_equal(np.asarray(tokens), gen["gen_tokens" + suffix])
 
@@ -63,7 +63,7 @@ def test_cfg_interval_guides_only_the_first_tokens(sampler, reference):
 
   # The sampler follows the same rule: its greedy path agrees with full guidance up to token k+1, then follows
   # its own conditional-only logits.
-  out = np.asarray(sampling.generate(model, labels, jax.random.key(0), cfg_scale=4.0, cfg_interval=k, greedy=True,
+  out = np.asarray(decoding.generate(model, labels, jax.random.key(0), cfg_scale=4.0, cfg_interval=k, greedy=True,
                                      dtype="float32"))
   np.testing.assert_array_equal(out[:, :k + 2], tokens[:, :k + 2])
   own = np.asarray(sampler.teacher_forced_logits(labels, out, cfg_scale=4.0, cfg_interval=k))
@@ -73,7 +73,7 @@ def test_cfg_interval_guides_only_the_first_tokens(sampler, reference):
 
 def test_bfloat16_stays_close_to_float32(reference):
   model, gen = reference
-  logits = sampling.Sampler(model, dtype="bfloat16").teacher_forced_logits(gen["labels"], gen["gen_tokens"],
+  logits = decoding.Sampler(model, dtype="bfloat16").teacher_forced_logits(gen["labels"], gen["gen_tokens"],
                                                                             cfg_scale=4.0)
   assert logits.dtype == np.float32
   err = np.abs(np.asarray(logits) - gen["gen_logits"])
@@ -87,11 +87,11 @@ def test_samples_do_not_depend_on_batch_size_or_devices(reference):
   """Temperature sampling with guidance, top-k and top-p: batch 8 on 8 devices = batch 8, 2, 1 on one device."""
   model, _ = reference
   labels = np.array([3, 1, 4, 1, 5, 9, 2, 6])
-  settings = sampling.SamplingSettings(cfg_scale=2.0, temperature=1.3, top_k=200, top_p=0.95)
+  settings = decoding.SamplingSettings(cfg_scale=2.0, temperature=1.3, top_k=200, top_p=0.95)
   key = jax.random.key(42)
   assert len(jax.devices()) == 8
-  all_devices = sampling.Sampler(model, dtype="float32")
-  one_device = sampling.Sampler(model, dtype="float32", devices=jax.devices()[:1])
+  all_devices = decoding.Sampler(model, dtype="float32")
+  one_device = decoding.Sampler(model, dtype="float32", devices=jax.devices()[:1])
   reference_run = np.asarray(all_devices(labels, key, settings))
   assert reference_run.shape == (8, 64)
   assert len(np.unique(reference_run)) > 100  # really sampled, not a collapsed greedy path
@@ -114,7 +114,7 @@ def test_draw_follows_the_softmax_and_never_picks_removed_tokens():
   logits = np.log(np.array([[0.5, 0.0, 0.2, 0.3, 0.0], [0.0, 0.0, 0.0, 0.9, 0.1]], np.float32))  # log 0 = -inf
   n = 40_000
   keys = jax.random.split(jax.random.key(7), n * 2)
-  tokens = np.asarray(jax.jit(sampling.draw)(keys, jnp.asarray(np.repeat(logits, n, axis=0)))).reshape(2, n)
+  tokens = np.asarray(jax.jit(decoding.draw)(keys, jnp.asarray(np.repeat(logits, n, axis=0)))).reshape(2, n)
   for row, probs in zip(tokens, np.exp(logits)):
     counts = np.bincount(row, minlength=probs.size)
     assert counts[probs == 0].sum() == 0
@@ -150,7 +150,7 @@ def _numpy_filter(logits, temperature, top_k, top_p):
     (1.0, 0, 1.0), (0.7, 5, 1.0), (1.0, 0, 0.8), (1.5, 20, 0.5), (0.5, 1, 0.9), (1.0, 50, 0.3), (2.0, 0, 0.999)])
 def test_filter_logits_matches_numpy(temperature, top_k, top_p):
   logits = np.random.default_rng(0).normal(size=(6, 50)).astype(np.float32) * 3
-  ours = np.asarray(sampling.filter_logits(logits, temperature, top_k, top_p if top_p < 1 else None))
+  ours = np.asarray(decoding.filter_logits(logits, temperature, top_k, top_p if top_p < 1 else None))
   expected = _numpy_filter(logits, temperature, top_k, top_p)
   np.testing.assert_array_equal(np.isinf(ours), np.isinf(expected))
   np.testing.assert_allclose(ours[np.isfinite(ours)], expected[np.isfinite(expected)], rtol=1e-6)
@@ -158,7 +158,7 @@ def test_filter_logits_matches_numpy(temperature, top_k, top_p):
 
 def test_top_p_keeps_the_token_that_crosses_the_threshold():
   logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
-  kept = lambda p: np.isfinite(np.asarray(sampling.filter_logits(logits, 1.0, 0, p))).sum()
+  kept = lambda p: np.isfinite(np.asarray(decoding.filter_logits(logits, 1.0, 0, p))).sum()
   assert [kept(0.2), kept(0.6), kept(0.85), kept(0.97)] == [1, 2, 3, 4]
 
 
@@ -166,8 +166,8 @@ def test_guide_mixes_raw_logits():
   rng = np.random.default_rng(1)
   cond, uncond = rng.normal(size=(2, 3, 7)).astype(np.float32)
   rows = np.stack([cond, uncond], axis=1).reshape(6, 7)
-  np.testing.assert_allclose(np.asarray(sampling.guide(rows, 2.5, True)), uncond + 2.5 * (cond - uncond), rtol=1e-6)
-  np.testing.assert_array_equal(np.asarray(sampling.guide(rows, 2.5, False)), cond)
+  np.testing.assert_allclose(np.asarray(decoding.guide(rows, 2.5, True)), uncond + 2.5 * (cond - uncond), rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(decoding.guide(rows, 2.5, False)), cond)
 
 
 # -- validation ---------------------------------------------------------------------------------------------------
@@ -187,18 +187,18 @@ def test_guide_mixes_raw_logits():
 def test_invalid_settings_are_refused(reference, kwargs, message):
   model, _ = reference
   with pytest.raises(ValueError, match=message):
-    sampling.generate(model, [1], jax.random.key(0), **{"cfg_scale": 1.0, **kwargs})
+    decoding.generate(model, [1], jax.random.key(0), **{"cfg_scale": 1.0, **kwargs})
 
 
 @pytest.mark.parametrize("labels", [[10], [-1], [0, 11]])
 def test_labels_outside_the_classes_are_refused(reference, labels):
   with pytest.raises(ValueError, match=r"not a class id in \[0, 10\)"):
-    sampling.generate(reference[0], labels, jax.random.key(0), cfg_scale=2.0)
+    decoding.generate(reference[0], labels, jax.random.key(0), cfg_scale=2.0)
 
 
 def test_unknown_dtype_is_refused(reference):
   with pytest.raises(ValueError, match="dtype must be one of"):
-    sampling.Sampler(reference[0], dtype="float16")
+    decoding.Sampler(reference[0], dtype="float16")
 
 
 # -- the compiled decode loop -------------------------------------------------------------------------------------
@@ -224,11 +224,11 @@ def test_decode_loop_writes_the_cache_in_place_and_never_copies_weights(referenc
   """In the compiled sampler, a loop step touches a cache chunk only by reading it or by an in-place
   dynamic-update-slice of its one new slot; no chunk and no weight matrix is copied per step."""
   model, _ = reference
-  sampler = sampling.Sampler(model, dtype=dtype, devices=jax.devices()[:1])
+  sampler = decoding.Sampler(model, dtype=dtype, devices=jax.devices()[:1])
   cfg = sampler.cfg
   labels = np.arange(3, dtype=np.int32)
-  static = sampling._Static(cfg=cfg, guided=True, top_k=0, use_top_p=False, greedy=False, mesh=sampler.mesh)
-  hlo = sampling._generate.lower(sampler._params, labels, labels.astype(np.uint32), jax.random.key(0),
+  static = decoding._Static(cfg=cfg, guided=True, top_k=0, use_top_p=False, greedy=False, mesh=sampler.mesh)
+  hlo = decoding._generate.lower(sampler._params, labels, labels.astype(np.uint32), jax.random.key(0),
                                  jnp.float32(2.0), jnp.int32(-1), jnp.float32(1.0), jnp.float32(1.0),
                                  static=static).compile().as_text()
   head_dim = cfg.dim // cfg.n_head
@@ -243,10 +243,12 @@ def loops_touching(hlo: str, cache: str, weights: set[str], writes: tuple[str, .
   named after one of `writes` (in-place updates), and never copies a `weights`-shaped array; returns how many
   bodies hold a `cache`-shaped array."""
   bodies = _while_bodies(hlo)
+  assert bodies, "no while-loop body found in the HLO text"
   for body in bodies.values():
     for line in body:
       array = re.match(r"(?:ROOT )?%\S+ = (\w+\[[\d,]*\])(?:\{[\d,]*\})? ([\w-]+)\(", line)
-      if array is None:  # a tuple-shaped instruction
+      if array is None:  # a tuple-shaped instruction, or a line this check cannot read: then it must fail
+        assert re.match(r"(?:ROOT )?%\S+ = \(.*\) [\w-]+\(", line), f"an HLO line the check cannot parse: {line[:200]}"
         continue
       shape, op = array.groups()
       if shape == cache:

@@ -11,10 +11,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from npp_jax import sharding
-from npp_jax import train
+from npp_jax.config import load_file as load_config_file
 from npp_jax.data import pipeline
 from npp_jax.models import gpt
-from npp_jax.config import load_file as load_config_file
+from npp_jax.trainers import gpt_trainer
 
 TINY = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
 MESHES = [(8, 1, 1), (2, 4, 1), (1, 8, 1), (2, 2, 2)]
@@ -53,7 +53,7 @@ def first_batch() -> dict[str, np.ndarray]:
 @functools.lru_cache(maxsize=None)
 def initial_state() -> dict:
   """The freshly initialised train state as host numpy (made once on one device, placed on each mesh after)."""
-  setup = train.build(tiny_config(), single_device_mesh(), 2048)
+  setup = gpt_trainer.build(tiny_config(), single_device_mesh(), 2048)
   state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)()
   return jax.device_get(state)
 
@@ -64,10 +64,10 @@ def two_steps(config, mesh, patch_side: int):
   Two steps, because the zero-initialised head makes the first loss log(vocab) whatever the rest computes.
   The step is compiled here (not at its first call) to pass FAST_COMPILE.
   """
-  setup = train.build(config, mesh, config.data.num_images)
+  setup = gpt_trainer.build(config, mesh, config.data.num_images)
   state = jax.device_put(initial_state(), setup.state_shardings)
   batch = sharding.global_batch(first_batch(), mesh)
-  step = train.make_train_step(setup, patch_side).lower(state, batch).compile(compiler_options=FAST_COMPILE)
+  step = gpt_trainer.make_train_step(setup, patch_side).lower(state, batch).compile(compiler_options=FAST_COMPILE)
   state, _ = step(state, batch)
   state, metrics = step(state, batch)
   return state, float(metrics.compute()["loss"])
@@ -169,4 +169,23 @@ def test_resolve_mesh_shape():
 def test_batches_that_do_not_split_are_refused(batch, accum, message):
   config = tiny_config(global_batch_size=batch, grad_accum_steps=accum)
   with pytest.raises(ValueError, match=message):
-    train.build(config, sharding.make_mesh((8, 1, 1)), 2048)
+    gpt_trainer.build(config, sharding.make_mesh((8, 1, 1)), 2048)
+
+
+def test_pad_shard_unpad_pads_splits_and_cuts_back():
+  mesh = sharding.one_axis_mesh(jax.devices())
+  seen = []
+
+  def rows(x, y, *, scale):
+    seen.append((x.shape, x.sharding.spec, y.dtype))
+    return {"sum": (x + y) * scale, "x": x}
+
+  out = sharding.pad_shard_unpad(rows, mesh)(np.arange(5), np.ones(5, np.int32), scale=2)
+  assert seen == [((8,), P(sharding.ONE_AXIS), np.int32)]  # padded to the 8 devices, split over them
+  np.testing.assert_array_equal(out["sum"], 2 * (np.arange(5) + 1))
+  assert out["x"].shape == (5,)
+  fixed = sharding.pad_shard_unpad(lambda x: x * 1, size=4)  # no mesh: one shape for every batch
+  np.testing.assert_array_equal(fixed(np.arange(3)), np.arange(3))
+  with pytest.raises(ValueError, match="does not pad to 4 rows"):
+    fixed(np.arange(5))
+

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from npp_jax.data import sources
+import system_packages
 
 
 def write_image(path: pathlib.Path, value: int, size=(12, 10)) -> None:
@@ -192,8 +193,8 @@ def test_fashion_mnist_bad_files(tmp_path):
     sources.load_fashion_mnist(tmp_path, "test")
 
 
-@pytest.mark.skipif(not pathlib.Path(sources.FASHION_MNIST_DIR).is_dir(), reason="dataset-fashion-mnist not installed")
 def test_installed_fashion_mnist():
+  system_packages.require("dataset-fashion-mnist", pathlib.Path(sources.FASHION_MNIST_DIR).is_dir())
   images, labels = sources.load_fashion_mnist(split="test")
   assert images.shape == (10000, 28, 28) and np.bincount(labels).tolist() == [1000] * 10
 

@@ -10,13 +10,13 @@ import scipy.stats
 from flax import nnx
 
 from npp_jax import config as config_lib
-from npp_jax import sampling
 from npp_jax.models import gpt
+from npp_jax.sampling import decoding
 from test_sampling import _numpy_filter, loops_touching, reference, sampler  # noqa: F401 (fixtures)
 
 
 def _settings(**kwargs):
-  return sampling.SamplingSettings(**{"cfg_scale": 2.0, **kwargs})
+  return decoding.SamplingSettings(**{"cfg_scale": 2.0, **kwargs})
 
 
 # -- greedy: the Jacobi fixed point -------------------------------------------------------------------------------
@@ -54,7 +54,7 @@ def enumerable():
   keys = jax.random.split(jax.random.key(1), len(leaves))
   leaves = [jax.random.normal(k, leaf.shape) * (0.35 if leaf.ndim > 1 else 1.0) for k, leaf in zip(keys, leaves)]
   model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-  return sampling.Sampler(model, dtype="float32", devices=jax.devices()[:1])
+  return decoding.Sampler(model, dtype="float32", devices=jax.devices()[:1])
 
 
 def _exact_distribution(model, label, settings):
@@ -92,7 +92,7 @@ _FALSE_ALARM = 1e-3  # per case: a correct sampler fails one case with probabili
 ])
 def test_speculative_samples_follow_the_exact_model_distribution(enumerable, kwargs, window, draft_init):
   n, label = 20_000, 1
-  settings = sampling.SamplingSettings(**kwargs, speculative_window=window, draft_init=draft_init)
+  settings = decoding.SamplingSettings(**kwargs, speculative_window=window, draft_init=draft_init)
   probs = _exact_distribution(enumerable, label, settings)
   tokens, stats = enumerable.sample_with_stats(np.full(n, label), jax.random.key(3), settings)
   index = np.asarray(tokens) @ (_VOCAB ** np.arange(_GRID * _GRID)[::-1])  # lexicographic, as enumerated
@@ -100,7 +100,7 @@ def test_speculative_samples_follow_the_exact_model_distribution(enumerable, kwa
   assert counts[probs == 0].sum() == 0  # filtered-out sequences never come
   assert _chi_square_p_value(counts, probs) > _FALSE_ALARM
   # The test can tell distributions apart: the same counts against a nearby wrong target are rejected.
-  wrong = _exact_distribution(enumerable, label, sampling.SamplingSettings(
+  wrong = _exact_distribution(enumerable, label, decoding.SamplingSettings(
       **{**kwargs, "temperature": kwargs.get("temperature", 1.0) * 1.25}))
   assert _chi_square_p_value(counts, np.where(probs > 0, wrong, 0) / wrong[probs > 0].sum()) < 1e-6
   # Drafts do get accepted (not a one-token-per-pass sampler in disguise).
@@ -115,8 +115,8 @@ def test_speculative_samples_do_not_depend_on_batch_size_or_devices(reference): 
   labels = np.array([3, 1, 4, 1, 5, 9, 2, 6])
   settings = _settings(temperature=1.3, top_k=200, top_p=0.95, speculative_window=4)
   key = jax.random.key(42)
-  all_devices = sampling.Sampler(model, dtype="float32")
-  one_device = sampling.Sampler(model, dtype="float32", devices=jax.devices()[:1])
+  all_devices = decoding.Sampler(model, dtype="float32")
+  one_device = decoding.Sampler(model, dtype="float32", devices=jax.devices()[:1])
   reference_run, stats = all_devices.sample_with_stats(labels, key, settings)
   reference_run = np.asarray(reference_run)
   assert len(np.unique(reference_run)) > 100  # really sampled
@@ -131,12 +131,12 @@ def test_speculative_samples_do_not_depend_on_batch_size_or_devices(reference): 
 def test_speculative_loop_writes_the_cache_in_place_and_never_copies_weights(reference):  # noqa: F811
   """As for the plain loop: the loop body reads the one-chunk cache whole and scatters each row's W new slots in
   place; no cache buffer and no weight matrix is copied per pass."""
-  one_device = sampling.Sampler(reference[0], dtype="float32", devices=jax.devices()[:1])
+  one_device = decoding.Sampler(reference[0], dtype="float32", devices=jax.devices()[:1])
   cfg, window = one_device.cfg, 8
   labels = np.arange(3, dtype=np.int32)
-  static = sampling._Static(cfg=cfg, guided=True, top_k=0, use_top_p=False, greedy=False, mesh=one_device.mesh,
+  static = decoding._Static(cfg=cfg, guided=True, top_k=0, use_top_p=False, greedy=False, mesh=one_device.mesh,
                             window=window)
-  hlo = sampling._generate.lower(one_device._params, labels, labels.astype(np.uint32), jax.random.key(0),
+  hlo = decoding._generate.lower(one_device._params, labels, labels.astype(np.uint32), jax.random.key(0),
                                  jnp.float32(2.0), jnp.int32(-1), jnp.float32(1.0), jnp.float32(1.0),
                                  static=static).compile().as_text()
   cache = f"f32[6,{cfg.n_head},{cfg.block_size + window},{cfg.dim // cfg.n_head}]"  # 3 x (cond, null), one chunk

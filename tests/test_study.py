@@ -15,9 +15,10 @@ from PIL import Image
 
 from npp_jax import config as config_lib
 from npp_jax import study
-from npp_jax import study_report
-from npp_jax import train
+from npp_jax.eval import study_report
 from npp_jax.models import gpt
+from npp_jax.trainers import gpt_trainer
+from npp_jax.trainers import workdir as workdir_lib
 
 from test_cli_errors import one_sentence
 from test_default_pipeline import image_folder
@@ -101,7 +102,7 @@ def test_a_finished_run_is_reused_unless_its_recipe_changed(tmp_path):
   stored = json.loads(config.to_json_best_effort())
   del stored["optim"]["stage_lr_scales"]  # a run from before the field existed: it trained with the default
   (tmp_path / "config.json").write_text(json.dumps(stored))
-  (tmp_path / train.DONE_FILE).write_text(f"{run.steps}\n")
+  (tmp_path / workdir_lib.DONE_FILE).write_text(f"{run.steps}\n")
   assert study.train_run(config, str(tmp_path), print) is False  # finished: not trained again
   stored["optim"]["lr"] *= 2
   stored["seed"] += 1
@@ -189,7 +190,7 @@ def test_quick_study_trains_every_arm_and_seed_and_reports_the_evaluations(quick
                    "npp_2x2-13steps-seed1", "npp_4x4_2x2-14steps-seed0", "npp_4x4_2x2-14steps-seed1"}
   for name in names:
     run_dir = workdir / "runs" / name
-    assert (run_dir / train.DONE_FILE).read_text().strip() == name.split("-")[1].removesuffix("steps")
+    assert (run_dir / workdir_lib.DONE_FILE).read_text().strip() == name.split("-")[1].removesuffix("steps")
     stored = json.loads((run_dir / "config.json").read_text())
     assert stored["seed"] == int(name[-1]) and stored["model"]["dim"] == 64  # the quick model
   # The two seeds train different models.
@@ -223,16 +224,16 @@ def test_quick_study_resumes_without_retraining_finished_runs(quick_study, monke
   runs_dir = workdir / "runs"
   interrupted, lost = runs_dir / "npp_2x2-13steps-seed1", runs_dir / "ntp-8steps-seed0"
   old_scores = evaluation_outputs(workdir)
-  (interrupted / train.DONE_FILE).unlink()  # killed after its last checkpoint, before DONE
+  (interrupted / workdir_lib.DONE_FILE).unlink()  # killed after its last checkpoint, before DONE
   shutil.rmtree(lost)
   before = {p.parent.name: p.stat().st_mtime_ns for p in runs_dir.glob(f"*/{study.EVAL_FILE}")}
   trained = []
-  real_run = train.run
-  monkeypatch.setattr(train, "run", lambda cfg, run_dir: (trained.append(os.path.basename(run_dir)),
+  real_run = gpt_trainer.run
+  monkeypatch.setattr(gpt_trainer, "run", lambda cfg, run_dir: (trained.append(os.path.basename(run_dir)),
                                                           real_run(cfg, run_dir))[1])
   study.run_study(config, str(workdir))
   assert sorted(trained) == sorted([interrupted.name, lost.name])
-  assert (interrupted / train.DONE_FILE).exists() and (lost / train.DONE_FILE).exists()
+  assert (interrupted / workdir_lib.DONE_FILE).exists() and (lost / workdir_lib.DONE_FILE).exists()
   after = {p.parent.name: p.stat().st_mtime_ns for p in runs_dir.glob(f"*/{study.EVAL_FILE}")}
   assert {n for n in before if before[n] != after[n]} == set()  # judged once: the cached scores were reused
   scores = evaluation_outputs(workdir)

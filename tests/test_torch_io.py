@@ -9,7 +9,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from npp_jax import torch_io
+from npp_jax.model_files import torch_io
 
 
 def _assert_same(a, b):
@@ -315,14 +315,14 @@ def test_legacy_file_reads_to_exactly_the_expected_arrays():
 
 
 def test_legacy_gpt_converts_to_the_same_model_as_the_zip_file():
-  from npp_jax import convert  # pylint: disable=g-import-not-at-top
+  from npp_jax.model_files import param_mapping  # pylint: disable=g-import-not-at-top
   from test_convert_gpt import fixture_cfg  # pylint: disable=g-import-not-at-top
   legacy, current = torch_io.load_state_dict(LEGACY / "gpt_legacy.pt"), torch_io.load_state_dict(LLAMAGEN_GPT)
   assert sorted(legacy) == sorted(current)
   for key in current:
     assert legacy[key].dtype == current[key].dtype, key
     np.testing.assert_array_equal(legacy[key], current[key], err_msg=key)
-  exported = convert.gpt_to_torch(convert.gpt_from_torch(LEGACY / "gpt_legacy.pt", fixture_cfg()))
+  exported = param_mapping.gpt_to_torch(param_mapping.gpt_from_torch(LEGACY / "gpt_legacy.pt", fixture_cfg()))
   for key, value in current.items():
     np.testing.assert_array_equal(exported[key], value, err_msg=key)
 

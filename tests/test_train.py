@@ -12,12 +12,13 @@ import jax
 import numpy as np
 import pytest
 
-from npp_jax import checkpoint
-from npp_jax import integrity
-from npp_jax import metrics as metrics_lib
 from npp_jax import sharding
-from npp_jax import train
+from npp_jax.checkpoints import checkpoint
+from npp_jax.checkpoints import integrity
 from npp_jax.config import load_file as load_config_file
+from npp_jax.trainers import gpt_trainer
+from npp_jax.trainers import metrics as metrics_lib
+from npp_jax.trainers import workdir as workdir_lib
 
 TINY = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
 TOTAL, STOP_AFTER, CHECKPOINT_EVERY = 40, 12, 15
@@ -56,7 +57,7 @@ def host(tree):
 def uninterrupted(tmp_path_factory):
   """(workdir, final params, {step: loss}) of the tiny run from 0 to TOTAL without a stop."""
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  state = train.run(tiny_config(), str(workdir), mesh=single_device_mesh())
+  state = gpt_trainer.run(tiny_config(), str(workdir), mesh=single_device_mesh())
   losses = {m["step"]: m["loss"] for m in logged(workdir)}
   return workdir, host(state["params"]), losses
 
@@ -65,7 +66,7 @@ def test_uninterrupted_run(uninterrupted):
   workdir, _, losses = uninterrupted
   assert sorted(losses) == list(range(1, TOTAL + 1))
   assert saved_steps(workdir) == [15, 30, 40]
-  assert (workdir / train.DONE_FILE).read_text().strip() == str(TOTAL)
+  assert (workdir / workdir_lib.DONE_FILE).read_text().strip() == str(TOTAL)
   for step in (15, 30, TOTAL):  # every step, the final one included, got its integrity record
     assert integrity.verify(workdir / checkpoint.CHECKPOINT_DIR / str(step)) is None
   # The synthetic patterns are learnable: the loss falls well below log(vocab) = 4.16 in both stages.
@@ -86,15 +87,15 @@ def test_sigterm_then_resume_equals_the_uninterrupted_run(uninterrupted, tmp_pat
 
   with monkeypatch.context() as patch:
     patch.setattr(metrics_lib.Writer, "scalars", preempt_after_logging)
-    state = train.run(tiny_config(), str(workdir), mesh=single_device_mesh())
+    state = gpt_trainer.run(tiny_config(), str(workdir), mesh=single_device_mesh())
   assert int(state["step"]) == STOP_AFTER
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the loop gave the signal back
   assert saved_steps(workdir) == [STOP_AFTER]  # the SIGTERM save (not a periodic one)
-  assert not (workdir / train.DONE_FILE).exists()
+  assert not (workdir / workdir_lib.DONE_FILE).exists()
   before = {m["step"]: m["loss"] for m in logged(workdir)}
   assert sorted(before) == list(range(1, STOP_AFTER + 1))
 
-  state = train.run(tiny_config(), str(workdir), mesh=single_device_mesh())
+  state = gpt_trainer.run(tiny_config(), str(workdir), mesh=single_device_mesh())
   after = {m["step"]: m["loss"] for m in logged(workdir)}
   assert sorted(after) == list(range(1, TOTAL + 1))  # resumed at STOP_AFTER + 1, not from 0
   for step in range(1, TOTAL + 1):
@@ -102,7 +103,7 @@ def test_sigterm_then_resume_equals_the_uninterrupted_run(uninterrupted, tmp_pat
   got = host(state["params"])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), got, final_params)
   assert saved_steps(workdir) == [15, 30, 40]  # keep_checkpoints=3
-  assert (workdir / train.DONE_FILE).exists()
+  assert (workdir / workdir_lib.DONE_FILE).exists()
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -117,13 +118,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 
   monkeypatch.setattr(checkpoint, "save", remember)
   message = r"non-finite (loss|grad_norm)=[-a-z]+(, grad_norm=[-a-z]+)? at step \d+; the last good checkpoint is kept"
-  with pytest.raises(train.NonFiniteLossError, match=message) as failure:
-    train.run(config, str(tmp_path), mesh=single_device_mesh())
+  with pytest.raises(workdir_lib.NonFiniteLossError, match=message) as failure:
+    gpt_trainer.run(config, str(tmp_path), mesh=single_device_mesh())
   bad_step = int(str(failure.value).split("at step ")[1].split(";")[0])
   good_step = bad_step - 1
   assert max(saved) == good_step and saved_steps(tmp_path)[-1] == good_step
   # The kept checkpoint is intact: it restores, and holds exactly the finite parameters saved at that step.
-  setup = train.build(config, single_device_mesh(), config.data.num_images)
+  setup = gpt_trainer.build(config, single_device_mesh(), config.data.num_images)
   mngr = checkpoint.manager(str(tmp_path), read_only=True)
   try:
     restored, meta = checkpoint.restore(mngr, good_step, setup.abstract_state)
@@ -140,9 +141,9 @@ def test_a_checkpoint_between_log_steps_never_holds_non_finite_parameters(tmp_pa
   # step but not a log step, so only the pre-save check stands between the NaN update and the disk.
   config = tiny_config(log_every=10, checkpoint_every=3)
   config.optim.lr = 1e30
-  with pytest.raises(train.NonFiniteLossError):
-    train.run(config, str(tmp_path), mesh=single_device_mesh())
-  setup = train.build(config, single_device_mesh(), config.data.num_images)
+  with pytest.raises(workdir_lib.NonFiniteLossError):
+    gpt_trainer.run(config, str(tmp_path), mesh=single_device_mesh())
+  setup = gpt_trainer.build(config, single_device_mesh(), config.data.num_images)
   mngr = checkpoint.manager(str(tmp_path), read_only=True)
   try:
     for step in mngr.all_steps():
@@ -157,7 +158,7 @@ def test_workdir_of_another_model_is_refused(uninterrupted):
   config = tiny_config()
   config.model.dim = 32
   with pytest.raises(ValueError, match=r"holds a run with other settings \(model.dim differ\); use a new workdir"):
-    train.run(config, str(workdir), mesh=single_device_mesh())
+    gpt_trainer.run(config, str(workdir), mesh=single_device_mesh())
 
 
 def test_workdir_trained_on_other_data_is_refused(uninterrupted):
@@ -165,7 +166,7 @@ def test_workdir_trained_on_other_data_is_refused(uninterrupted):
   config = tiny_config()
   config.data.num_images = 1024  # another synthetic data set (its fingerprint differs)
   with pytest.raises(ValueError, match="was trained on other data"):
-    train.run(config, str(workdir), mesh=single_device_mesh())
+    gpt_trainer.run(config, str(workdir), mesh=single_device_mesh())
 
 
 class Killed(BaseException):
@@ -188,21 +189,21 @@ def test_done_is_written_only_after_the_final_step_is_committed_and_recorded(tmp
   # its first logged loss (step 4) says that it averages one step, not log_every=2.
   with monkeypatch.context() as patch, pytest.raises(Killed):
     patch.setattr(integrity, "write_record", killed_at(3))
-    train.run(config, str(tmp_path), mesh=single_device_mesh())
-  assert not (tmp_path / train.DONE_FILE).exists() and saved_steps(tmp_path) == [3]
+    gpt_trainer.run(config, str(tmp_path), mesh=single_device_mesh())
+  assert not (tmp_path / workdir_lib.DONE_FILE).exists() and saved_steps(tmp_path) == [3]
   caplog.set_level(logging.INFO)  # the trainer logs through absl
   caplog.clear()
   # Killed after the final step committed but before it was recorded and verified: still no DONE.
   with monkeypatch.context() as patch, pytest.raises(Killed):
     patch.setattr(integrity, "write_record", killed_at(6))
-    train.run(config, str(tmp_path), mesh=single_device_mesh())
+    gpt_trainer.run(config, str(tmp_path), mesh=single_device_mesh())
   out = caplog.text
   assert "has no integrity record" in out and "resumed from step 3" in out
   assert "step 4: the loss and grad_norm above average the 1 steps since the resume at step 3, not 2" in out
-  assert saved_steps(tmp_path) == [3, 6] and not (tmp_path / train.DONE_FILE).exists()
+  assert saved_steps(tmp_path) == [3, 6] and not (tmp_path / workdir_lib.DONE_FILE).exists()
   # The next start finds the run complete: it restores step 6, trains nothing and writes DONE.
-  train.run(config, str(tmp_path), mesh=single_device_mesh())
-  assert (tmp_path / train.DONE_FILE).read_text().strip() == "6"
+  gpt_trainer.run(config, str(tmp_path), mesh=single_device_mesh())
+  assert (tmp_path / workdir_lib.DONE_FILE).read_text().strip() == "6"
 
 
 def test_sigterm_during_start_up_saves_instead_of_killing(tmp_path, monkeypatch):
@@ -210,14 +211,14 @@ def test_sigterm_during_start_up_saves_instead_of_killing(tmp_path, monkeypatch)
   first step boundary (before, the default action killed the process with -15)."""
   config = tiny_config(total_steps=6, checkpoint_every=6, log_every=2)
   config.npp.stages = ((1, 1.0),)
-  load_tokenizer = train._load_tokenizer
+  load_tokenizer = gpt_trainer._load_tokenizer
 
   def signal_during_start_up(cfg):
     os.kill(os.getpid(), signal.SIGTERM)
     return load_tokenizer(cfg)
 
-  monkeypatch.setattr(train, "_load_tokenizer", signal_during_start_up)
-  state = train.run(config, str(tmp_path), mesh=single_device_mesh())
+  monkeypatch.setattr(gpt_trainer, "_load_tokenizer", signal_during_start_up)
+  state = gpt_trainer.run(config, str(tmp_path), mesh=single_device_mesh())
   assert int(state["step"]) == 1 and saved_steps(tmp_path) == [1]
-  assert not (tmp_path / train.DONE_FILE).exists()
+  assert not (tmp_path / workdir_lib.DONE_FILE).exists()
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

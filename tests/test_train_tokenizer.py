@@ -3,7 +3,6 @@
 import gzip
 import importlib.util
 import json
-import os
 import pathlib
 import shutil
 import struct
@@ -15,10 +14,12 @@ import pytest
 from flax import nnx
 
 from npp_jax import assets
-from npp_jax import checkpoint
-from npp_jax import train_tokenizer as tt
+from npp_jax import train_tokenizer
 from npp_jax.data import sources
+from npp_jax.model_files import store
 from npp_jax.models import vq
+from npp_jax.trainers import tokenizer_trainer as tt
+import system_packages
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "vq_fashion.py")
@@ -36,12 +37,9 @@ def load_config():
 
 
 def real_fashion_mnist() -> pathlib.Path:
-  """The installed dataset; CI installs it, so there a missing copy fails instead of skipping."""
+  """The installed dataset (a missing copy fails, with the line that installs it)."""
   path = pathlib.Path(sources.FASHION_MNIST_DIR)
-  if not path.is_dir():
-    if os.environ.get("CI"):
-      pytest.fail(f"Fashion-MNIST not found at {path}")
-    pytest.skip("dataset-fashion-mnist is not installed")
+  system_packages.require("dataset-fashion-mnist", path.is_dir())
   return path
 
 
@@ -76,7 +74,7 @@ def tiny_overrides(data_dir: pathlib.Path) -> list[str]:
 
 
 def cli(workdir: pathlib.Path, *args: str) -> int:
-  return tt.main(["train_tokenizer", "--config", CONFIG, "--workdir", str(workdir), *args])
+  return train_tokenizer.main(["train_tokenizer", "--config", CONFIG, "--workdir", str(workdir), *args])
 
 
 @pytest.fixture(scope="module")
@@ -140,9 +138,9 @@ def test_training_lowers_the_loss_and_writes_the_tokenizer(tiny_run):
   assert [m["step"] for m in read_metrics(tiny_run) if "restarted_codes" in m] == [4, 8]
   result = json.loads((tiny_run / "eval.json").read_text())
   assert result["images"] == 16 and 0 < result["usage"] <= 1
-  vq_cfg, checksum = checkpoint.read_saved_vq(tiny_run / "tokenizer")
+  vq_cfg, checksum = store.read_saved_vq(tiny_run / "tokenizer")
   assert checksum == result["checksum"]
-  model = checkpoint.load_vq(vq_cfg)  # Checks the parameters against the stored checksum.
+  model = store.load_vq(vq_cfg)  # Checks the parameters against the stored checksum.
   assert vq.params_checksum(model) == checksum and vq_cfg.codebook_size == 16
 
 
@@ -175,9 +173,9 @@ def test_missing_dataset_is_one_clear_error(tmp_path, capsys):
 def test_shipped_tokenizer_loads_and_reconstructs():
   config = load_config()
   assert pathlib.Path(config.vq.checkpoint) == assets.FASHION_TOKENIZER
-  saved_cfg, checksum = checkpoint.read_saved_vq(config.vq.checkpoint)
+  saved_cfg, checksum = store.read_saved_vq(config.vq.checkpoint)
   assert checksum == SHIPPED_CHECKSUM
-  model = checkpoint.load_vq(config.vq)
+  model = store.load_vq(config.vq)
   assert vq.params_checksum(model) == SHIPPED_CHECKSUM
   assert {k: saved_cfg[k] for k in config.vq if k != "checkpoint"} == {
       k: config.vq[k] for k in config.vq if k != "checkpoint"}

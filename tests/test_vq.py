@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from npp_jax import convert
+from npp_jax.model_files import param_mapping
 from npp_jax.models import vq
 
 
@@ -26,7 +26,7 @@ def ref(fixtures_dir):
 
 @pytest.fixture(scope="module")
 def model(fixtures_dir):
-  return convert.vq_from_torch(fixtures_dir / "llamagen_tiny" / "vq.pt", tiny_config())
+  return param_mapping.vq_from_torch(fixtures_dir / "llamagen_tiny" / "vq.pt", tiny_config())
 
 
 def _normalise(x):
@@ -136,7 +136,7 @@ def test_vq16_parameter_count():
 
 
 def test_params_checksum(model, fixtures_dir):
-  again = convert.vq_from_torch(fixtures_dir / "llamagen_tiny" / "vq.pt", tiny_config())
+  again = param_mapping.vq_from_torch(fixtures_dir / "llamagen_tiny" / "vq.pt", tiny_config())
   assert vq.params_checksum(again) == vq.params_checksum(model)
   kernel = again.decoder.conv_out.kernel
   kernel[...] = kernel[...].at[0, 0, 0, 0].add(1e-6)

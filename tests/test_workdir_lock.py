@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from npp_jax import workdir_lock
+from npp_jax.checkpoints import workdir_lock
 
 
 def test_a_second_lock_is_refused_until_the_first_is_released(tmp_path):

@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from npp_jax import errors
+
 # name -> views per crop range (tencrop doubles with an extra crop range)
 AUGMENTATIONS = {"tencrop": 10, "flip": 2, "none": 1, "pad": 1, "pad_flip": 2}
 
@@ -38,13 +40,13 @@ def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
     return np.asarray(to_rgb_image(image))
   arr = np.asarray(image)
   if arr.dtype != np.uint8:
-    raise ValueError(f"image arrays must be uint8, got {arr.dtype}")
+    raise errors.InvalidInput(f"image arrays must be uint8, got {arr.dtype}")
   if arr.ndim == 3 and arr.shape[-1] == 1:
     arr = arr[..., 0]
   if arr.ndim == 2:
     arr = np.repeat(arr[..., None], 3, axis=-1)
   if arr.ndim != 3 or arr.shape[-1] != 3:
-    raise ValueError(f"image arrays must be (H, W), (H, W, 1) or (H, W, 3), got shape {arr.shape}")
+    raise errors.InvalidInput(f"image arrays must be (H, W), (H, W, 1) or (H, W, 3), got shape {arr.shape}")
   return arr
 
 
@@ -75,7 +77,7 @@ def five_crop(arr: np.ndarray, size: int) -> np.ndarray:
   """torchvision's five_crop order: top-left, top-right, bottom-left, bottom-right, centre. (5, size, size, C)."""
   height, width = arr.shape[:2]
   if size > height or size > width:
-    raise ValueError(f"crop size {size} is larger than the image ({height}x{width})")
+    raise errors.InvalidInput(f"crop size {size} is larger than the image ({height}x{width})")
   origins = [(0, 0), (0, width - size), (height - size, 0), (height - size, width - size),
              (_center_offset(height, size), _center_offset(width, size))]
   return np.stack([arr[top:top + size, left:left + size] for top, left in origins])
@@ -90,8 +92,8 @@ def pad_to(arr: np.ndarray, size: int, value: int = 0) -> np.ndarray:
   """Centres `arr` (H, W, C) on a size x size canvas filled with `value` (the extra pixel goes right/bottom)."""
   height, width = arr.shape[:2]
   if height > size or width > size:
-    raise ValueError(f"augmentation 'pad' needs images no larger than image_size={size}, got {height}x{width}; "
-                     "use 'none' or 'flip' to crop instead")
+    raise errors.InvalidInput(f"augmentation 'pad' needs images no larger than image_size={size}, got "
+                              f"{height}x{width}; use 'none' or 'flip' to crop instead")
   top, left = (size - height) // 2, (size - width) // 2
   out = np.full((size, size, arr.shape[2]), value, dtype=arr.dtype)
   out[top:top + height, left:left + width] = arr
@@ -108,13 +110,14 @@ def num_views(augmentation: str, extra_crop_range: float = 0.0) -> int:
 def check_augmentation(augmentation: str, extra_crop_range: float = 0.0, crop_range: float = 1.1) -> None:
   """Raises ValueError with one sentence when the augmentation settings are not usable."""
   if augmentation not in AUGMENTATIONS:
-    raise ValueError(f"unknown augmentation {augmentation!r}; choose one of {sorted(AUGMENTATIONS)}")
+    raise errors.InvalidInput(f"unknown augmentation {augmentation!r}; choose one of {sorted(AUGMENTATIONS)}")
   if augmentation == "tencrop":
     for name, value in (("crop_range", crop_range), ("extra_crop_range", extra_crop_range)):
       if value and value < 1.0:
-        raise ValueError(f"{name}={value} must be at least 1.0 (the ten crops are cut from a larger centre crop)")
+        raise errors.InvalidInput(f"{name}={value} must be at least 1.0 (the ten crops are cut from a larger centre "
+                                  "crop)")
   elif extra_crop_range:
-    raise ValueError(f"extra_crop_range applies only to augmentation 'tencrop', not {augmentation!r}")
+    raise errors.InvalidInput(f"extra_crop_range applies only to augmentation 'tencrop', not {augmentation!r}")
 
 
 def make_views(image: Image.Image | np.ndarray, augmentation: str, image_size: int, extra_crop_range: float = 0.0,

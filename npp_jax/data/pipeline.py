@@ -22,6 +22,7 @@ import numpy as np
 from array_record.python import array_record_module
 from etils import epath  # also understands gs:// paths
 
+from npp_jax import errors
 from npp_jax.data import records
 from npp_jax.data import synthetic
 
@@ -53,8 +54,8 @@ class _RecordSource(grain.sources.RandomAccessDataSource):
     sizes = [reader.num_records() for reader in self._readers()]
     self._starts = np.cumsum([0] + sizes)
     if self._starts[-1] != self.manifest.num_images:
-      raise ValueError(f"{directory} holds {self._starts[-1]} records but its manifest says "
-                       f"{self.manifest.num_images}: the preparation did not finish")
+      raise errors.InvalidInput(f"{directory} holds {self._starts[-1]} records but its manifest says "
+                                f"{self.manifest.num_images}: the preparation did not finish")
     self._vocab_size = spec.vocab_size
     # Labels index the class embedding, whose last row is the null class: a label past the classes would be
     # clamped onto it by the gather and trained on silently.
@@ -86,11 +87,11 @@ class _RecordSource(grain.sources.RandomAccessDataSource):
     examples = [records.decode_record(r) for r in raw]
     for index, (codes, label) in zip(indices, examples):
       if codes.max(initial=0) >= self._vocab_size:
-        raise ValueError(f"record {index} in {self._directory} holds code id {int(codes.max())}, "
-                         f"outside the model's vocabulary of {self._vocab_size}")
+        raise errors.InvalidInput(f"record {index} in {self._directory} holds code id {int(codes.max())}, "
+                                  f"outside the model's vocabulary of {self._vocab_size}")
       if not 0 <= label < self._num_classes:
-        raise ValueError(f"record {index} in {self._directory} has label {label}, outside the "
-                         f"{self._num_classes} classes [0, {self._num_classes}) of its manifest and model")
+        raise errors.InvalidInput(f"record {index} in {self._directory} has label {label}, outside the "
+                                  f"{self._num_classes} classes [0, {self._num_classes}) of its manifest and model")
     return examples
 
   def fingerprint(self) -> str:
@@ -148,7 +149,7 @@ class TrainInput:
   def __init__(self, data: ml_collections.ConfigDict, spec: InputSpec, *, global_batch: int, seed: int,
                process_index: int = 0, process_count: int = 1, codes_dir: str | None = None):
     if global_batch % process_count:
-      raise ValueError(f"the global batch {global_batch} does not split over {process_count} processes")
+      raise errors.InvalidInput(f"the global batch {global_batch} does not split over {process_count} processes")
     if data.kind == "synthetic":
       source = synthetic.SyntheticCodes(spec.vocab_size, spec.grid, spec.num_classes, num_images=data.num_images,
                                         seed=seed)
@@ -156,14 +157,15 @@ class TrainInput:
     elif data.kind == "codes":
       directory = codes_dir or data.codes_dir
       if not directory:
-        raise ValueError("data.codes_dir is empty: point it at codes made by `python -m npp_jax.prepare`")
+        raise errors.InvalidInput("data.codes_dir is empty: point it at codes made by `python -m npp_jax.prepare`")
       source = _RecordSource(directory, spec)
       self.fingerprint = source.fingerprint()
     else:
-      raise ValueError(f"data.kind must be 'codes' or 'synthetic', got {data.kind!r}")
+      raise errors.InvalidInput(f"data.kind must be 'codes' or 'synthetic', got {data.kind!r}")
     self.num_images = len(source)
     if self.num_images < global_batch:
-      raise ValueError(f"the data holds {self.num_images} images, fewer than one global batch of {global_batch}")
+      raise errors.InvalidInput(f"the data holds {self.num_images} images, fewer than one global batch of "
+                                f"{global_batch}")
     self._batches = grain.MapDataset.source(
         _LocalBatches(source, global_batch, seed, process_index, process_count))
     self._data = data

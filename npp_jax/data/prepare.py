@@ -32,12 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from array_record.python import array_record_module
-from jax.sharding import NamedSharding, PartitionSpec
+from etils import epath
 from tqdm import tqdm
 
-from npp_jax import checkpoint
+from npp_jax import errors
 from npp_jax import fileio
 from npp_jax import sharding
+from npp_jax.model_files import store
 
 from npp_jax.data import augment
 from npp_jax.data import records
@@ -66,25 +67,14 @@ def device_encoder(encode_fn: Callable, devices: Sequence[Any] | None = None) ->
 
   The uint8 batch goes to the devices sharded along the batch (4x fewer bytes than float32), is normalised there,
   and encoded; the result is returned without waiting, so the host prepares the next batch meanwhile. Devices
-  default to this process's local devices (each process encodes its own shards). The batch size must be a
-  multiple of the number of devices. An `encode_fn` made by `npp_jax.models.vq.make_encode_fn` (a partial of a
-  pure jitted function over the model state) gets its state replicated over the devices once, rather than
-  copied on every call.
+  default to this process's local devices (each process encodes its own shards), where
+  `npp_jax.models.vq.make_encode_fn` puts the model's state; `num_devices` divides the batch sizes that need no
+  padding.
   """
-  devices = list(devices if devices is not None else jax.local_devices())
-  mesh = sharding.one_axis_mesh("data", devices)
-  batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
-  if isinstance(encode_fn, functools.partial) and len(encode_fn.args) == 1 and not encode_fn.keywords:
-    state = jax.device_put(encode_fn.args[0], NamedSharding(mesh, PartitionSpec()))
-    encode_fn = functools.partial(encode_fn.func, state)
-  normalize = jax.jit(to_model_input, out_shardings=batch_sharding)
-
-  def encode(batch: np.ndarray):
-    if batch.shape[0] % len(devices):
-      raise ValueError(f"encode batch of {batch.shape[0]} does not split over {len(devices)} devices")
-    return encode_fn(normalize(jax.device_put(batch, batch_sharding)))
-
-  encode.num_devices = len(devices)
+  mesh = sharding.one_axis_mesh(devices)
+  normalize = jax.jit(to_model_input)
+  encode = sharding.pad_shard_unpad(lambda batch: encode_fn(normalize(batch)), mesh)
+  encode.num_devices = mesh.size
   return encode
 
 
@@ -142,15 +132,16 @@ def prepare_codes(source: Source, encode_fn: BatchEncoder, out_dir: str | os.Pat
   for name, value in (("shard_size", shard_size), ("batch_size", batch_size), ("image_size", image_size),
                       ("grid", grid)):
     if value <= 0:
-      raise ValueError(f"{name} must be positive, got {value}")
+      raise errors.InvalidInput(f"{name} must be positive, got {value}")
   if not 0 < vocab_size <= records.MAX_VOCAB:
-    raise ValueError(f"vocab_size {vocab_size} does not fit the uint16 code records (at most {records.MAX_VOCAB})")
+    raise errors.InvalidInput(f"vocab_size {vocab_size} does not fit the uint16 code records (at most "
+                              f"{records.MAX_VOCAB})")
   if len(source) == 0:
-    raise ValueError("the data source has no images")
+    raise errors.InvalidInput("the data source has no images")
   if process_index is None or process_count is None:
     process_index, process_count = jax.process_index(), jax.process_count()
   if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} is not in [0, process_count={process_count})")
+    raise errors.InvalidInput(f"process_index {process_index} is not in [0, process_count={process_count})")
 
   out = pathlib.Path(out_dir)
   views = augment.num_views(augmentation, extra_crop_range)
@@ -237,13 +228,13 @@ def _encode_shard(loaded: Iterator[tuple[int, np.ndarray | None, int, str]], enc
     codes, count = in_flight.popleft()
     codes = np.asarray(codes)
     if codes.shape != (batch_size, grid * grid):
-      raise ValueError(f"the tokenizer returned codes of shape {codes.shape} for {batch_size} images; expected "
-                       f"({batch_size}, {grid * grid}) for a {grid}x{grid} grid (check vq.image_size and "
-                       "data.image_size)")
+      raise errors.InvalidInput(f"the tokenizer returned codes of shape {codes.shape} for {batch_size} images; "
+                                f"expected ({batch_size}, {grid * grid}) for a {grid}x{grid} grid (check vq.image_size "
+                                "and data.image_size)")
     codes = codes[:count]
     if codes.size and (codes.min() < 0 or codes.max() >= vocab_size):
-      raise ValueError(f"the tokenizer returned code ids in [{codes.min()}, {codes.max()}], outside its vocabulary "
-                       f"of {vocab_size} (check vq.codebook_size)")
+      raise errors.InvalidInput(f"the tokenizer returned code ids in [{codes.min()}, {codes.max()}], outside its "
+                                f"vocabulary of {vocab_size} (check vq.codebook_size)")
     chunks.append(codes.astype(np.uint16))
 
   def flush() -> None:
@@ -260,7 +251,7 @@ def _encode_shard(loaded: Iterator[tuple[int, np.ndarray | None, int, str]], enc
       skipped.append({"index": index, "error": error})
       continue
     if image_views.shape[0] != views:
-      raise ValueError(f"image {index} gave {image_views.shape[0]} views, expected {views}")
+      raise errors.InvalidInput(f"image {index} gave {image_views.shape[0]} views, expected {views}")
     labels.append(label)
     for view in image_views:
       batch[fill] = view
@@ -344,15 +335,15 @@ def _check_or_write_state(out: pathlib.Path, settings: dict[str, Any]) -> None:
     try:
       old = json.loads(path.read_text())
     except json.JSONDecodeError:
-      raise ValueError(f"{path} is not valid JSON; delete the directory {out} to start again") from None
+      raise errors.InvalidInput(f"{path} is not valid JSON; delete the directory {out} to start again") from None
     diffs = _describe_difference(old, settings)
     if diffs:
-      raise ValueError(f"{out} was prepared with other settings ({'; '.join(diffs)}); use a new --out directory "
-                       "or delete this one")
+      raise errors.InvalidInput(f"{out} was prepared with other settings ({'; '.join(diffs)}); use a new --out "
+                                "directory or delete this one")
     return
   if out.is_dir() and (any(out.glob("codes-*.arrayrecord")) or (out / records.MANIFEST).exists()):
-    raise ValueError(f"{out} holds code shards but no {STATE}, so they cannot be checked against this run; "
-                     "use a new --out directory")
+    raise errors.InvalidInput(f"{out} holds code shards but no {STATE}, so they cannot be checked against this run; "
+                              "use a new --out directory")
   out.mkdir(parents=True, exist_ok=True)
   _write_json(path, settings)
 
@@ -374,7 +365,7 @@ def _write_manifest(out: pathlib.Path, num_shards: int, settings: dict[str, Any]
   skipped = sorted(s["index"] for e in entries for s in e["skipped"])
   sizes = [e["records"] for e in entries]
   if not sum(sizes):
-    raise ValueError(f"none of the {len(source)} images could be decoded; nothing to write")
+    raise errors.InvalidInput(f"none of the {len(source)} images could be decoded; nothing to write")
   manifest = records.Manifest(
       num_images=sum(sizes), num_classes=len(settings["class_names"]), views=settings["views"],
       grid=settings["grid"], vocab_size=settings["vocab_size"],
@@ -394,22 +385,36 @@ def skipped_details(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
   return sorted(entries, key=lambda e: e["index"])
 
 
+def prepare_once(config, out_dir: str, log: Callable[[str], None]) -> str:
+  """`out_dir`, holding the config's codes: prepared now unless an earlier run did (its manifest is there).
+
+  How a trainer (WORKDIR/codes) and the study (one set for every run) get codes of a small dataset.
+  """
+  if not (epath.Path(out_dir) / records.MANIFEST).exists():  # a trainer's workdir may be gs://
+    if not config.data.source:
+      raise errors.InvalidInput(f"{out_dir} holds no codes and data.source is empty: set data.source or "
+                                "data.codes_dir")
+    log(f"preparing {config.data.source} codes into {out_dir} (once; later runs reuse them)")
+    prepare_from_config(config, out_dir)
+  return out_dir
+
+
 def prepare_from_config(config, out_dir: str, process_index: int = -1, process_count: int = -1):
   """Builds the source and the tokenizer from `config`, prepares the codes, logs a summary; returns it."""
   for section in ("data", "vq"):
     if section not in config:
-      raise ValueError(f"the config has no `{section}` section (prepare needs `data` and `vq`)")
+      raise errors.InvalidInput(f"the config has no `{section}` section (prepare needs `data` and `vq`)")
   data = config.data
   image_size = data.get("image_size", 0) or config.vq.image_size
   if image_size != config.vq.image_size:
-    raise ValueError(f"data.image_size={image_size} but the tokenizer is configured for vq.image_size="
-                     f"{config.vq.image_size}; set both to the same size")
+    raise errors.InvalidInput(f"data.image_size={image_size} but the tokenizer is configured for vq.image_size="
+                              f"{config.vq.image_size}; set both to the same size")
   if (process_index < 0) != (process_count < 0) or process_index >= max(process_count, 1):
-    raise ValueError(f"--process_index={process_index} and --process_count={process_count} must be given together, "
-                     "with 0 <= process_index < process_count")
+    raise errors.InvalidInput(f"--process_index={process_index} and --process_count={process_count} must be given "
+                              "together, with 0 <= process_index < process_count")
   source = sources.make_source(data)  # first: a bad data path fails before the tokenizer loads
 
-  model = checkpoint.load_vq(config.vq)
+  model = store.load_vq(config.vq)
   encoder = device_encoder(vq.make_encode_fn(model))
   batch_size = -(-int(data.get("encode_batch_size", 256)) // encoder.num_devices) * encoder.num_devices
   summary = prepare_codes(

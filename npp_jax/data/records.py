@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 from array_record.python import array_record_module
 
+from npp_jax import errors
 from npp_jax import fileio
 
 MAGIC = b"NPPC"
@@ -36,9 +37,9 @@ def encode_record(codes: np.ndarray, label: int) -> bytes:
   """Serialises one image's views (V, S) of code ids and its label."""
   codes = np.asarray(codes)
   if codes.ndim != 2:
-    raise ValueError(f"codes must be (views, seq_len), got shape {codes.shape}")
+    raise errors.InvalidInput(f"codes must be (views, seq_len), got shape {codes.shape}")
   if codes.size and (codes.min() < 0 or codes.max() >= MAX_VOCAB):
-    raise ValueError(f"code ids must lie in [0, {MAX_VOCAB}), got [{codes.min()}, {codes.max()}]")
+    raise errors.InvalidInput(f"code ids must lie in [0, {MAX_VOCAB}), got [{codes.min()}, {codes.max()}]")
   views, seq_len = codes.shape
   header = _HEADER.pack(MAGIC, VERSION, 0, views, seq_len, int(label))
   return header + codes.astype("<u2").tobytes()
@@ -47,13 +48,13 @@ def encode_record(codes: np.ndarray, label: int) -> bytes:
 def decode_record(record: bytes) -> tuple[np.ndarray, int]:
   """Inverse of `encode_record`: returns (codes (V, S) uint16, label)."""
   if len(record) < _HEADER.size:
-    raise ValueError(f"record of {len(record)} bytes is shorter than its header")
+    raise errors.InvalidInput(f"record of {len(record)} bytes is shorter than its header")
   magic, version, _, views, seq_len, label = _HEADER.unpack_from(record)
   if magic != MAGIC or version != VERSION:
-    raise ValueError(f"not an npp-jax code record (magic {magic!r}, version {version})")
+    raise errors.InvalidInput(f"not an npp-jax code record (magic {magic!r}, version {version})")
   expected = _HEADER.size + 2 * views * seq_len
   if len(record) != expected:
-    raise ValueError(f"record has {len(record)} bytes, its header promises {expected}")
+    raise errors.InvalidInput(f"record has {len(record)} bytes, its header promises {expected}")
   codes = np.frombuffer(record, dtype="<u2", offset=_HEADER.size).reshape(views, seq_len)
   return codes, label
 
@@ -98,7 +99,7 @@ class Manifest:
       fields = json.loads(path.read_text())
       return cls(**fields)
     except (json.JSONDecodeError, TypeError) as e:
-      raise ValueError(f"{path} is not a valid manifest: {e}") from None
+      raise errors.InvalidInput(f"{path} is not a valid manifest: {e}") from None
 
   def shard_paths(self, directory: str | os.PathLike) -> list[str]:
     return [str(pathlib.Path(directory) / name) for name in self.shards]
@@ -119,7 +120,7 @@ def check_compatible(manifest: Manifest, *, vocab_size: int, grid: int, num_clas
     problems.append(f"the codes were made by tokenizer {manifest.tokenizer_checksum[:12] or '(unrecorded)'} but "
                     f"the config names tokenizer {tokenizer_checksum[:12]}")
   if problems:
-    raise ValueError(f"codes{(' in ' + where) if where else ''} do not fit the config: " + "; ".join(problems))
+    raise errors.InvalidInput(f"codes{(' in ' + where) if where else ''} do not fit the config: " + "; ".join(problems))
 
 
 def write_shard(path: str | os.PathLike, records: Sequence[bytes]) -> None:

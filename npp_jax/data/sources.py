@@ -42,6 +42,8 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from npp_jax import errors
+
 # torchvision's IMG_EXTENSIONS, so a folder lists the same files (and indices) as the reference's ImageFolder.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -115,7 +117,7 @@ def _is_image_file(name: str) -> bool:
 
 def _require_dir(path: str | os.PathLike, what: str) -> pathlib.Path:
   if not str(path).strip():
-    raise ValueError(f"no {what} directory given (set --config.data.dir)")
+    raise errors.InvalidInput(f"no {what} directory given (set --config.data.dir)")
   path = pathlib.Path(os.path.expanduser(str(path)))
   if not path.is_dir():
     raise FileNotFoundError(f"{what} directory {path} does not exist")
@@ -130,7 +132,7 @@ def read_class_order(path: str | os.PathLike) -> list[str]:
   names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
   if len(set(names)) != len(names):
     dup = sorted({n for n in names if names.count(n) > 1})
-    raise ValueError(f"class order file {path} lists {', '.join(dup[:5])} more than once")
+    raise errors.InvalidInput(f"class order file {path} lists {', '.join(dup[:5])} more than once")
   return names
 
 
@@ -148,11 +150,12 @@ def check_class_order(found: Sequence[str], expected: Sequence[str], *, where: s
       parts.append(f"{len(missing)} missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
     if extra:
       parts.append(f"{len(extra)} not in the list ({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''})")
-    raise ValueError(f"the classes in {where} do not match {expected_from}: " + " and ".join(parts))
+    raise errors.InvalidInput(f"the classes in {where} do not match {expected_from}: " + " and ".join(parts))
   first = next(i for i, (a, b) in enumerate(zip(found, expected)) if a != b)
-  raise ValueError(f"the classes in {where} sorted by name are in a different order from {expected_from} "
-                   f"(label {first} would be {found[first]!r}, the list says {expected[first]!r}); labels follow "
-                   "sorted folder names as in torchvision's ImageFolder, so these images would be mislabelled")
+  raise errors.InvalidInput(f"the classes in {where} sorted by name are in a different order from {expected_from} "
+                            f"(label {first} would be {found[first]!r}, the list says {expected[first]!r}); labels "
+                            "follow sorted folder names as in torchvision's ImageFolder, so these images would be "
+                            "mislabelled")
 
 
 class ImageFolderSource(Source):
@@ -173,10 +176,10 @@ class ImageFolderSource(Source):
     self.class_order_file = str(class_order) if class_order else ""
     classes = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
-      raise ValueError(f"{self.root} has no class sub-folders; an image folder needs one folder per class")
+      raise errors.InvalidInput(f"{self.root} has no class sub-folders; an image folder needs one folder per class")
     if set(classes) <= _SPLIT_FOLDER_NAMES:
-      raise ValueError(f"{self.root} holds split folders ({', '.join(classes)}), not class folders; point "
-                       "data.dir at one split (e.g. .../train) or use data.source='imagenet' with data.split")
+      raise errors.InvalidInput(f"{self.root} holds split folders ({', '.join(classes)}), not class folders; point "
+                                "data.dir at one split (e.g. .../train) or use data.source='imagenet' with data.split")
     if class_order:
       check_class_order(classes, read_class_order(class_order), where=str(self.root),
                         expected_from=f"class order file {class_order}")
@@ -188,8 +191,8 @@ class ImageFolderSource(Source):
       files, ignored = _scan_class_folder(self.root / name)
       self.ignored_files += ignored
       if not files and not allow_empty_classes:
-        raise ValueError(f"class folder {self.root / name} has no image files ({', '.join(IMAGE_EXTENSIONS)}); "
-                         "remove it or set data.allow_empty_classes=True")
+        raise errors.InvalidInput(f"class folder {self.root / name} has no image files "
+                                  f"({', '.join(IMAGE_EXTENSIONS)}); remove it or set data.allow_empty_classes=True")
       self.paths += files
       labels += [label] * len(files)
     self.labels = np.asarray(labels, dtype=np.int32)
@@ -249,7 +252,7 @@ class ImageNetSource(ImageFolderSource):
     root = _require_dir(root, "ImageNet")
     split = {"validation": "val"}.get(split, split)
     if split not in ("train", "val"):
-      raise ValueError(f"ImageNet split must be 'train' or 'val', got {split!r}")
+      raise errors.InvalidInput(f"ImageNet split must be 'train' or 'val', got {split!r}")
     split_dir = root / split
     if not split_dir.is_dir():
       hint = ""
@@ -265,8 +268,8 @@ class ImageNetSource(ImageFolderSource):
     if class_dirs:
       expected = standard or sorted(class_dirs)
       if standard is None and (len(class_dirs) != 1000 or not all(_WNID.fullmatch(c) for c in class_dirs)):
-        raise ValueError(f"the class folders in {split_dir} are not the 1,000 ImageNet wnids (e.g. n01440764); "
-                         "use data.source='folder' for other data")
+        raise errors.InvalidInput(f"the class folders in {split_dir} are not the 1,000 ImageNet wnids (e.g. "
+                                  "n01440764); use data.source='folder' for other data")
       check_class_order(sorted(class_dirs), expected, where=str(split_dir),
                         expected_from="the 1,000 standard ImageNet-1k classes")
       super().__init__(split_dir, _kind="imagenet", _what="ImageNet")
@@ -275,19 +278,19 @@ class ImageNetSource(ImageFolderSource):
 
   def _init_flat_val(self, root: pathlib.Path, split_dir: pathlib.Path, standard: list[str] | None) -> None:
     if self.split != "val":
-      raise ValueError(f"ImageNet train folder {split_dir} has no class folders")
+      raise errors.InvalidInput(f"ImageNet train folder {split_dir} has no class folders")
     self.root, self._kind, self.class_order_file = split_dir, "imagenet", ""
     names = sorted(e.name for e in os.scandir(split_dir) if e.is_file())
     files = [n for n in names if _is_image_file(n)]
     self.ignored_files = [str(split_dir / n) for n in names if not _is_image_file(n)]
     if not files:
-      raise ValueError(f"ImageNet val folder {split_dir} has neither class folders nor images")
+      raise errors.InvalidInput(f"ImageNet val folder {split_dir} has neither class folders nor images")
     wnids = _flat_val_wnids(root, files)
     classes = standard or sorted(set(wnids))
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted(set(wnids) - set(index))
     if unknown:
-      raise ValueError(f"the ImageNet val labels name classes outside ImageNet-1k: {', '.join(unknown[:3])}")
+      raise errors.InvalidInput(f"the ImageNet val labels name classes outside ImageNet-1k: {', '.join(unknown[:3])}")
     self.class_names = classes
     self.paths = [str(split_dir / f) for f in files]
     self.labels = np.asarray([index[w] for w in wnids], dtype=np.int32)
@@ -305,7 +308,7 @@ def _flat_val_wnids(root: pathlib.Path, files: list[str]) -> list[str]:
         table = {row["ImageId"]: row["PredictionString"].split()[0] for row in csv.DictReader(f)}
       missing = [f for f in files if os.path.splitext(f)[0] not in table]
       if missing:
-        raise ValueError(f"{csv_path} has no label for {len(missing)} val images (e.g. {missing[0]})")
+        raise errors.InvalidInput(f"{csv_path} has no label for {len(missing)} val images (e.g. {missing[0]})")
       return [table[os.path.splitext(f)[0]] for f in files]
   original = [f"ILSVRC2012_val_{i:08d}.JPEG" for i in range(1, 50001)]
   tfds_labels = _tfds_imagenet_file("validation_labels.txt")
@@ -329,18 +332,19 @@ def _read_idx(path: pathlib.Path, kind: str) -> np.ndarray:
     with opener(path, "rb") as f:
       data = f.read()
   except (OSError, EOFError) as e:
-    raise ValueError(f"cannot read {path}: {e}") from None
+    raise errors.InvalidInput(f"cannot read {path}: {e}") from None
   ndim = 3 if kind == "images" else 1
   header = 4 + 4 * ndim
   if len(data) < header:
-    raise ValueError(f"{path} is too short to be an IDX {kind} file ({len(data)} bytes)")
+    raise errors.InvalidInput(f"{path} is too short to be an IDX {kind} file ({len(data)} bytes)")
   (magic,) = struct.unpack(">I", data[:4])
   if magic != _IDX_MAGIC[kind]:
-    raise ValueError(f"{path} has magic number {magic:#010x}, expected {_IDX_MAGIC[kind]:#010x} for IDX {kind}")
+    raise errors.InvalidInput(f"{path} has magic number {magic:#010x}, expected {_IDX_MAGIC[kind]:#010x} for "
+                              f"IDX {kind}")
   dims = struct.unpack(f">{ndim}I", data[4:header])
   size = int(np.prod(dims))
   if len(data) - header != size:
-    raise ValueError(f"{path} holds {len(data) - header} bytes of data, its header {dims} promises {size}")
+    raise errors.InvalidInput(f"{path} holds {len(data) - header} bytes of data, its header {dims} promises {size}")
   return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
 
 
@@ -355,7 +359,7 @@ def load_fashion_mnist(directory: str | os.PathLike = FASHION_MNIST_DIR, split: 
                        ) -> tuple[np.ndarray, np.ndarray]:
   """Fashion-MNIST from its IDX files: (uint8 images (N, 28, 28), int64 labels (N,))."""
   if split not in _IDX_PREFIX:
-    raise ValueError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
+    raise errors.InvalidInput(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
   directory = pathlib.Path(os.path.expanduser(str(directory)))
   if not directory.is_dir():
     raise FileNotFoundError(f"Fashion-MNIST directory {directory} does not exist; install it with "
@@ -364,9 +368,9 @@ def load_fashion_mnist(directory: str | os.PathLike = FASHION_MNIST_DIR, split: 
   images = _read_idx(_idx_path(directory, f"{prefix}-images-idx3-ubyte"), "images")
   labels = _read_idx(_idx_path(directory, f"{prefix}-labels-idx1-ubyte"), "labels")
   if len(images) != len(labels):
-    raise ValueError(f"Fashion-MNIST {split} in {directory} has {len(images)} images but {len(labels)} labels")
+    raise errors.InvalidInput(f"Fashion-MNIST {split} in {directory} has {len(images)} images but {len(labels)} labels")
   if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
-    raise ValueError(f"Fashion-MNIST {split} labels go up to {labels.max()}, expected 0..9")
+    raise errors.InvalidInput(f"Fashion-MNIST {split} labels go up to {labels.max()}, expected 0..9")
   return images, labels.astype(np.int64)
 
 
@@ -432,4 +436,4 @@ def make_source(data_cfg) -> Source:
                              allow_empty_classes=bool(data_cfg.get("allow_empty_classes", False)))
   if kind == "fashion_mnist":
     return FashionMnistSource(directory or FASHION_MNIST_DIR, split)
-  raise ValueError(f"unknown data.source {kind!r}; choose one of {', '.join(SOURCES)}")
+  raise errors.InvalidInput(f"unknown data.source {kind!r}; choose one of {', '.join(SOURCES)}")

@@ -44,7 +44,9 @@ import numpy as np
 from scipy import linalg
 from tqdm import tqdm
 
+from npp_jax import errors
 from npp_jax import fileio
+from npp_jax.model_files import param_mapping
 from npp_jax.models import inception
 
 PathLike = str | os.PathLike
@@ -73,7 +75,7 @@ def compute_statistics(acts: np.ndarray) -> FIDStatistics:
   """Mean and covariance of (N, D) features, exactly as ADM: np.mean(axis=0), np.cov(rowvar=False)."""
   acts = np.asarray(acts)
   if acts.ndim != 2 or acts.shape[0] < 2:
-    raise ValueError(f"feature statistics need an (N, D) array with N >= 2, got shape {acts.shape}")
+    raise errors.InvalidInput(f"feature statistics need an (N, D) array with N >= 2, got shape {acts.shape}")
   return FIDStatistics(np.mean(acts, axis=0), np.cov(acts, rowvar=False))
 
 
@@ -89,8 +91,8 @@ def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> f
       covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
   if np.iscomplexobj(covmean):
     if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-      raise ValueError(f"FID: sqrtm(sigma1 @ sigma2) has an imaginary part of {np.max(np.abs(covmean.imag)):.3g}; "
-                       "the covariances are not valid")
+      raise errors.InvalidInput("FID: sqrtm(sigma1 @ sigma2) has an imaginary part of "
+                                f"{np.max(np.abs(covmean.imag)):.3g}; the covariances are not valid")
     covmean = covmean.real
   return np.trace(covmean)
 
@@ -104,8 +106,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
   mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
   sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
   if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-    raise ValueError(f"FID: statistics of different dimensions: mu {mu1.shape} vs {mu2.shape}, "
-                     f"sigma {sigma1.shape} vs {sigma2.shape}")
+    raise errors.InvalidInput(f"FID: statistics of different dimensions: mu {mu1.shape} vs {mu2.shape}, "
+                              f"sigma {sigma1.shape} vs {sigma2.shape}")
   tr_covmean = _trace_sqrt_product(sigma1, sigma2, eps)
   diff = mu1 - mu2  # float32 for float32 means, as in ADM; the sum below is float64.
   return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
@@ -133,7 +135,7 @@ def inception_score(probs: np.ndarray, split_size: int = IS_SPLIT_SIZE) -> float
   """
   probs = np.asarray(probs, np.float32)
   if probs.ndim != 2 or len(probs) == 0:
-    raise ValueError(f"Inception Score needs (N, classes) probabilities with N >= 1, got shape {probs.shape}")
+    raise errors.InvalidInput(f"Inception Score needs (N, classes) probabilities with N >= 1, got shape {probs.shape}")
   scores = []
   for i in range(0, len(probs), split_size):
     part = probs[i:i + split_size]
@@ -179,7 +181,7 @@ def manifold_radii(features: np.ndarray, k: int = PR_NEIGHBOURHOOD, block_size: 
   """(N,) float32 squared distance of each point to its k-th nearest neighbour in `features` (itself is the 0th)."""
   features = np.asarray(features)
   if len(features) <= k:
-    raise ValueError(f"precision/recall with k={k} needs more than {k} points per set, got {len(features)}")
+    raise errors.InvalidInput(f"precision/recall with k={k} needs more than {k} points per set, got {len(features)}")
   x = _centred(features, features.mean(axis=0, dtype=np.float64))
   radii = []
   for r in range(0, len(x), block_size):
@@ -196,7 +198,7 @@ def precision_recall(ref: np.ndarray, sample: np.ndarray, k: int = PR_NEIGHBOURH
   """ADM's improved precision and recall of `sample` features against `ref` features (both (N, D))."""
   ref, sample = np.asarray(ref), np.asarray(sample)
   if ref.ndim != 2 or sample.ndim != 2 or ref.shape[1] != sample.shape[1]:
-    raise ValueError(f"precision/recall needs (N, D) features of equal D, got {ref.shape} and {sample.shape}")
+    raise errors.InvalidInput(f"precision/recall needs (N, D) features of equal D, got {ref.shape} and {sample.shape}")
   radii_ref, radii_sample = manifold_radii(ref, k, block_size), manifold_radii(sample, k, block_size)
   centre = ref.mean(axis=0, dtype=np.float64)
   ref_c, sample_c = _centred(ref, centre), _centred(sample, centre)
@@ -229,11 +231,11 @@ def _npz_member(path: PathLike, name: str):
   try:
     archive = zipfile.ZipFile(path)
   except (zipfile.BadZipFile, OSError) as e:
-    raise ValueError(f"{path} is not a readable .npz file ({e})") from None
+    raise errors.InvalidInput(f"{path} is not a readable .npz file ({e})") from None
   with archive:
     if f"{name}.npy" not in archive.namelist():
       keys = ", ".join(sorted(n[:-4] for n in archive.namelist() if n.endswith(".npy"))) or "none"
-      raise ValueError(f"{path} has no array {name!r} (its arrays: {keys})")
+      raise errors.InvalidInput(f"{path} has no array {name!r} (its arrays: {keys})")
     with archive.open(f"{name}.npy") as f:
       try:
         version = np.lib.format.read_magic(f)
@@ -242,11 +244,11 @@ def _npz_member(path: PathLike, name: str):
         elif version == (2, 0):
           shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
         else:
-          raise ValueError(f"unsupported .npy format version {version}")
+          raise errors.InvalidInput(f"unsupported .npy format version {version}")
       except ValueError as e:
-        raise ValueError(f"{path}: {name} is not a valid .npy array ({e})") from None
+        raise errors.InvalidInput(f"{path}: {name} is not a valid .npy array ({e})") from None
       if fortran or dtype.hasobject:
-        raise ValueError(f"{path}: {name} must be a C-ordered numeric array")
+        raise errors.InvalidInput(f"{path}: {name} must be a C-ordered numeric array")
       yield f, shape, dtype
 
 
@@ -254,7 +256,7 @@ def image_array_shape(path: PathLike) -> tuple[int, int, int, int]:
   """Shape (N, H, W, 3) of the uint8 `arr_0` in an ADM-style .npz, checked without reading the images."""
   with _npz_member(path, "arr_0") as (_, shape, dtype):
     if len(shape) != 4 or shape[-1] != 3 or dtype != np.uint8:
-      raise ValueError(f"{path}: arr_0 must be uint8 images of shape (N, H, W, 3), got {dtype} {shape}")
+      raise errors.InvalidInput(f"{path}: arr_0 must be uint8 images of shape (N, H, W, 3), got {dtype} {shape}")
     return tuple(shape)
 
 
@@ -267,7 +269,7 @@ def iter_image_batches(path: PathLike, batch_size: int) -> Iterator[np.ndarray]:
       count = min(batch_size, shape[0] - start)
       data = f.read(count * per_image)
       if len(data) != count * per_image:
-        raise ValueError(f"{path}: arr_0 is truncated")
+        raise errors.InvalidInput(f"{path}: arr_0 is truncated")
       yield np.frombuffer(data, dtype).reshape(count, *shape[1:])
 
 
@@ -364,31 +366,32 @@ def _stored_statistics(ref_path: pathlib.Path) -> tuple[FIDStatistics, FIDStatis
   with np.load(ref_path, allow_pickle=False) as data:
     missing = [k for k in ("mu", "sigma", "mu_s", "sigma_s") if k not in data.files]
     if missing:
-      raise ValueError(f"{ref_path} has no stored statistics ({', '.join(missing)} missing); use ref_stats='images'")
+      raise errors.InvalidInput(f"{ref_path} has no stored statistics ({', '.join(missing)} missing); use "
+                                "ref_stats='images'")
     stats = FIDStatistics(data["mu"], data["sigma"]), FIDStatistics(data["mu_s"], data["sigma_s"])
   for (name, dim), (mu, sigma) in zip(dims.items(), stats):
     if mu.shape != (dim,) or sigma.shape != (dim, dim):
-      raise ValueError(f"{ref_path}: stored {name} has shape {mu.shape} and its sigma {sigma.shape}; "
-                       f"expected ({dim},) and ({dim}, {dim})")
+      raise errors.InvalidInput(f"{ref_path}: stored {name} has shape {mu.shape} and its sigma {sigma.shape}; "
+                                f"expected ({dim},) and ({dim}, {dim})")
   return stats
 
 
 def _check_counts(samples_path, sample_shape, ref_path, ref_shape, metrics, ref_stats, min_samples) -> None:
   """Refuses a reference of another resolution, or too few images for the requested metrics."""
   if sample_shape[1:3] != ref_shape[1:3]:
-    raise ValueError(f"the reference images are {ref_shape[1]}x{ref_shape[2]} but the samples are "
-                     f"{sample_shape[1]}x{sample_shape[2]}; use a reference batch of the samples' resolution")
+    raise errors.InvalidInput(f"the reference images are {ref_shape[1]}x{ref_shape[2]} but the samples are "
+                              f"{sample_shape[1]}x{sample_shape[2]}; use a reference batch of the samples' resolution")
   if {"fid", "sfid"} & set(metrics):
     fid_min = max(min_samples, 2)
     if sample_shape[0] < fid_min:
-      raise ValueError(f"{samples_path} holds {sample_shape[0]} images; FID needs at least {fid_min} "
-                       "(min_samples; the default is the feature dimension + 1)")
+      raise errors.InvalidInput(f"{samples_path} holds {sample_shape[0]} images; FID needs at least {fid_min} "
+                                "(min_samples; the default is the feature dimension + 1)")
     if ref_stats == "images" and ref_shape[0] < fid_min:
-      raise ValueError(f"the reference {ref_path} holds {ref_shape[0]} images; its FID statistics need at least "
-                       f"{fid_min}")
+      raise errors.InvalidInput(f"the reference {ref_path} holds {ref_shape[0]} images; its FID statistics need at "
+                                f"least {fid_min}")
   if "pr" in metrics and min(sample_shape[0], ref_shape[0]) <= PR_NEIGHBOURHOOD:
-    raise ValueError(f"precision/recall needs at least {PR_NEIGHBOURHOOD + 1} images in both the samples and "
-                     "the reference")
+    raise errors.InvalidInput(f"precision/recall needs at least {PR_NEIGHBOURHOOD + 1} images in both the samples and "
+                              "the reference")
 
 
 def evaluate(samples_path: PathLike, ref_path: PathLike, weights_path: PathLike, *, batch_size: int = 200,
@@ -417,20 +420,20 @@ def evaluate(samples_path: PathLike, ref_path: PathLike, weights_path: PathLike,
   metrics = tuple(metrics)
   unknown = [m for m in metrics if m not in METRICS]
   if unknown or not metrics:
-    raise ValueError(f"unknown or no metrics {list(unknown)}; choose from {', '.join(METRICS)}")
+    raise errors.InvalidInput(f"unknown or no metrics {list(unknown)}; choose from {', '.join(METRICS)}")
   if ref_stats not in REF_STATS:
-    raise ValueError(f"unknown ref_stats {ref_stats!r}; choose one of {', '.join(REF_STATS)}")
+    raise errors.InvalidInput(f"unknown ref_stats {ref_stats!r}; choose one of {', '.join(REF_STATS)}")
   if ref_stats == "stored" and preprocessing != "tf1":
-    raise ValueError("the statistics stored in an ADM reference come from TF's Inception preprocessing; "
-                     "use preprocessing='tf1' with ref_stats='stored'")
+    raise errors.InvalidInput("the statistics stored in an ADM reference come from TF's Inception preprocessing; "
+                              "use preprocessing='tf1' with ref_stats='stored'")
   if batch_size < 1:
-    raise ValueError(f"batch size must be positive, got {batch_size}")
+    raise errors.InvalidInput(f"batch size must be positive, got {batch_size}")
   sample_shape, ref_shape = image_array_shape(samples_path), image_array_shape(ref_path)
   _check_counts(samples_path, sample_shape, ref_path, ref_shape, metrics, ref_stats, min_samples)
   stored = _stored_statistics(ref_path) if ref_stats == "stored" else None  # Checked before the long part.
 
   weights_sha = fileio.file_sha256(weights_path)
-  model = inception.inception_from_torch(weights_path, preprocessing=preprocessing)
+  model = param_mapping.inception_from_torch(weights_path, preprocessing=preprocessing)
   fc_kernel = np.asarray(model.fc_kernel[...])
   feature_fn = inception.make_feature_fn(model, outputs=("pool3", "spatial"))
   ref_sha = fileio.file_sha256(ref_path)

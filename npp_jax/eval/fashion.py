@@ -24,9 +24,11 @@ import jax
 import numpy as np
 
 from npp_jax import assets
-from npp_jax import checkpoint
+from npp_jax import errors
+from npp_jax import sharding
 from npp_jax.data import augment, sources
 from npp_jax.eval import adm
+from npp_jax.model_files import store
 from npp_jax.models import classifier as classifier_lib
 
 DEFAULT_BATCH_SIZE = 500
@@ -51,17 +53,13 @@ def predict(images: Any, apply_fn: Callable, batch_size: int = DEFAULT_BATCH_SIZ
   """
   images = np.asarray(images)
   if images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] == 0:
-    raise ValueError(f"expected images of shape (N, H, W, 3) with N >= 1, got {images.shape}")
+    raise errors.InvalidInput(f"expected images of shape (N, H, W, 3) with N >= 1, got {images.shape}")
   n = images.shape[0]
   batch_size = min(batch_size, n)
-  outputs = []
-  for start in range(0, n, batch_size):
-    batch = images[start:start + batch_size]
-    if len(batch) < batch_size:
-      batch = np.concatenate([batch, np.zeros((batch_size - len(batch), *batch.shape[1:]), batch.dtype)])
-    outputs.append(apply_fn(batch))  # Dispatched without waiting, read below.
-  logits = np.concatenate([np.asarray(batch_logits) for batch_logits, _ in outputs])[:n]
-  features = np.concatenate([np.asarray(f) for _, f in outputs])[:n]
+  padded_apply = sharding.pad_shard_unpad(apply_fn, size=batch_size)
+  outputs = [padded_apply(images[start:start + batch_size]) for start in range(0, n, batch_size)]  # not waited for
+  logits = np.concatenate([np.asarray(batch_logits) for batch_logits, _ in outputs])
+  features = np.concatenate([np.asarray(f) for _, f in outputs])
   return logits, features
 
 
@@ -83,9 +81,9 @@ class Evaluator:
 
   def __init__(self, directory: str | os.PathLike = assets.FASHION_CLASSIFIER,
                batch_size: int = DEFAULT_BATCH_SIZE):
-    self.model, self.meta = checkpoint.load_classifier(directory)
+    self.model, self.meta = store.load_classifier(directory)
     self.apply_fn = classifier_lib.make_apply_fn(self.model)
-    self.reference = checkpoint.load_reference_stats(directory)
+    self.reference = store.load_reference_stats(directory)
     self.batch_size = batch_size
 
   def __call__(self, images: Any, labels: Any, *, bootstrap: int = 0) -> dict:
@@ -130,13 +128,14 @@ def classifier_metrics(images: Any, labels: Any, model: Evaluator | classifier_l
     reference = model.reference if reference is None else reference
   else:
     apply_fn, batch_size, num_classes = classifier_lib.make_apply_fn(model), DEFAULT_BATCH_SIZE, model.head.out_features
-    reference = checkpoint.load_reference_stats() if reference is None else reference
+    reference = store.load_reference_stats() if reference is None else reference
   images = np.asarray(jax.device_get(images))
   labels = np.asarray(jax.device_get(labels)).astype(np.int64).reshape(-1)
   if len(labels) != len(images):
-    raise ValueError(f"classifier_metrics got {len(images)} images but {len(labels)} labels")
+    raise errors.InvalidInput(f"classifier_metrics got {len(images)} images but {len(labels)} labels")
   if np.any((labels < 0) | (labels >= num_classes)):
-    raise ValueError(f"conditioning labels must lie in 0..{num_classes - 1}, got {labels.min()}..{labels.max()}")
+    raise errors.InvalidInput(f"conditioning labels must lie in 0..{num_classes - 1}, got "
+                              f"{labels.min()}..{labels.max()}")
   logits, features = predict(images, apply_fn, batch_size)
   overall, per_class = agreement(logits, labels, num_classes)
   fd = frechet_distance_to(features, reference) if len(images) >= 2 else math.nan

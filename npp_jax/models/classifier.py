@@ -11,8 +11,8 @@ stages of 3x3 convs with ReLU, each stage ending in a 2x2 max pool (16 -> 8 -> 4
 features are taken before the ReLU so that no unit is stuck at zero on every image, which would make their
 covariance (and the Frechet distance's square root) singular.
 
-Weights ship as `npp_jax/assets/fashion_classifier/`, a directory that `npp_jax.checkpoint.save_classifier` writes
-and `load_classifier` reads (written by `npp_jax.train_classifier`).
+Weights ship as `npp_jax/assets/fashion_classifier/`, a directory that `npp_jax.model_files.store.save_classifier`
+writes and `load_classifier` reads (written by `npp_jax.train_classifier`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from npp_jax import errors
 
 IMAGE_SIZE = 32
 NUM_CLASSES = 10
@@ -40,7 +42,7 @@ def to_model_input(images: Any) -> jax.Array:
   if dtype == jnp.uint8:
     return images.astype(jnp.float32) / 127.5 - 1.0
   if not jnp.issubdtype(dtype, jnp.floating):
-    raise ValueError(f"classifier images must be uint8 or float in [-1, 1], got {dtype}")
+    raise errors.InvalidInput(f"classifier images must be uint8 or float in [-1, 1], got {dtype}")
   return jnp.clip(images.astype(jnp.float32), -1.0, 1.0)
 
 
@@ -58,7 +60,7 @@ class FashionClassifier(nnx.Module):
                num_classes: int = NUM_CLASSES, image_size: int = IMAGE_SIZE,
                space_to_depth: int = DEFAULT_ARCH["space_to_depth"], *, rngs: nnx.Rngs):
     if image_size % (space_to_depth * 2 ** len(stages)):
-      raise ValueError(f"image_size {image_size} must be divisible by {space_to_depth} * 2**{len(stages)}")
+      raise errors.InvalidInput(f"image_size {image_size} must be divisible by {space_to_depth} * 2**{len(stages)}")
     self.block = space_to_depth
     self.pool_after = tuple(itertools.accumulate(len(stage) for stage in stages))
     convs, in_ch = [], 3 * space_to_depth ** 2

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 import ml_collections
 
+from npp_jax import errors
 from npp_jax import npp
 from npp_jax.models import rope
 
@@ -39,7 +40,7 @@ def ffn_hidden_dim(cfg: ml_collections.ConfigDict) -> int:
 def grid_side(cfg: ml_collections.ConfigDict) -> int:
   grid = math.isqrt(cfg.block_size)
   if grid * grid != cfg.block_size:
-    raise ValueError(f"model.block_size={cfg.block_size} is not a square number of codes")
+    raise errors.InvalidInput(f"model.block_size={cfg.block_size} is not a square number of codes")
   return grid
 
 
@@ -144,9 +145,10 @@ class GPT(nnx.Module):
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     if cfg.dim % cfg.n_head:
-      raise ValueError(f"model.dim={cfg.dim} is not divisible by model.n_head={cfg.n_head}")
+      raise errors.InvalidInput(f"model.dim={cfg.dim} is not divisible by model.n_head={cfg.n_head}")
     if cfg.cls_token_num != 1:
-      raise ValueError(f"class-conditional models use one class token; got model.cls_token_num={cfg.cls_token_num}")
+      raise errors.InvalidInput("class-conditional models use one class token; got "
+                                f"model.cls_token_num={cfg.cls_token_num}")
     self.cfg = ml_collections.FrozenConfigDict(cfg)  # static and hashable inside the graph definition
     self.grid = grid_side(cfg)
     normal = jax.nn.initializers.normal(cfg.initializer_range)

@@ -16,15 +16,14 @@ Outputs (`InceptionV3.__call__`): `pool3` (N, 2048) FID features; `logits` (N, 1
 (N, 2023) ADM's sFID features = Mixed_6d.branch1x1[..., :7] flattened (h, w, c); `mixed_6d_branch1x1`
 (N, 17, 17, 192); `mixed_6e` (N, 17, 17, 768). Under jit only the outputs that are used are computed.
 
-Weights come from pytorch-fid's file `pt_inception-2015-12-05-6726825d.pth` via `inception_from_torch`.
+Weights come from pytorch-fid's file `pt_inception-2015-12-05-6726825d.pth` via
+`npp_jax.model_files.param_mapping.inception_from_torch`.
 """
 
 from __future__ import annotations
 
 import functools
-import math
-import os
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +31,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from npp_jax import errors
 from npp_jax import sharding
-from npp_jax import torch_io
 
 IMAGE_SIZE = 299
 POOL_DIM = 2048
@@ -101,7 +100,7 @@ def preprocess(images: jnp.ndarray, mode: str = "pytorch_fid", precision=jax.lax
   if mode == "tf1":
     x = _resize(x, IMAGE_SIZE, half_pixel=False, precision=precision)
     return (x - 128.0) / 128.0
-  raise ValueError(f"unknown Inception preprocessing {mode!r}; choose one of {', '.join(PREPROCESSINGS)}")
+  raise errors.InvalidInput(f"unknown Inception preprocessing {mode!r}; choose one of {', '.join(PREPROCESSINGS)}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -268,7 +267,8 @@ class InceptionV3(nnx.Module):
 
   def __init__(self, preprocessing: str = "pytorch_fid", precision=jax.lax.Precision.HIGHEST):
     if preprocessing not in PREPROCESSINGS:
-      raise ValueError(f"unknown Inception preprocessing {preprocessing!r}; choose one of {', '.join(PREPROCESSINGS)}")
+      raise errors.InvalidInput(f"unknown Inception preprocessing {preprocessing!r}; choose one of "
+                                f"{', '.join(PREPROCESSINGS)}")
     self.preprocessing = preprocessing
     self.precision = precision
     conv = functools.partial(BasicConv, precision=precision)
@@ -313,103 +313,23 @@ class InceptionV3(nnx.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# PyTorch weights.
-
-# Our leaf name -> (torch key suffix, layout change), for the leaves of a BasicConv.
-_CONV_LEAVES = {
-    "kernel": ("conv.weight", lambda w: w.transpose(2, 3, 1, 0)),  # OIHW -> HWIO
-    "scale": ("bn.weight", None),
-    "bias": ("bn.bias", None),
-    "mean": ("bn.running_mean", None),
-    "var": ("bn.running_var", None),
-}
-_TOP_LEAVES = {"fc_kernel": ("fc.weight", lambda w: w.T), "fc_bias": ("fc.bias", None)}
-
-
-def _torch_name(path: Sequence) -> tuple[str, Callable | None]:
-  """Our parameter path -> (its torch key, the function that turns the torch array into ours)."""
-  path = [str(p) for p in path]
-  if len(path) == 1:
-    return _TOP_LEAVES[path[0]]
-  suffix, transform = _CONV_LEAVES[path[-1]]
-  return ".".join(path[:-1] + [suffix]), transform
-
-
-def _describe(keys: Sequence[str], limit: int = 8) -> str:
-  keys = sorted(keys)
-  return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
-def inception_from_torch(source: str | os.PathLike | Mapping[str, np.ndarray], **kwargs) -> InceptionV3:
-  """Builds the FID Inception from pytorch-fid's state dict (a path to the .pth file, or the dict itself).
-
-  Strict: every torch key must be used and every shape must match; `*.num_batches_tracked` is ignored.
-  `kwargs` go to `InceptionV3` (preprocessing, precision).
-
-  Raises:
-    FileNotFoundError: the weight file does not exist.
-    ValueError: the file is unreadable, or keys are missing, unexpected or mis-shaped (all named in one message).
-  """
-  if isinstance(source, Mapping):
-    state_dict, where = source, "the state dict"
-  else:
-    state_dict, where = torch_io.load_state_dict(source), f"Inception weight file {source}"
-  state_dict = {k: v for k, v in state_dict.items() if not k.endswith(".num_batches_tracked")}
-  model = nnx.eval_shape(lambda: InceptionV3(**kwargs))  # Shapes only: the values come from the state dict.
-  variables = {}
-  for path, var in nnx.to_flat_state(nnx.state(model)):
-    key, transform = _torch_name(path)
-    variables[key] = (var, transform)
-
-  missing = [k for k in variables if k not in state_dict]
-  unexpected = [k for k in state_dict if k not in variables]
-  misshaped = []
-  for key, (var, transform) in variables.items():
-    if key in state_dict:
-      value = np.asarray(state_dict[key])
-      value = transform(value) if transform else value
-      if value.shape != var.shape:
-        misshaped.append(f"{key} {tuple(np.asarray(state_dict[key]).shape)}")
-  problems = []
-  if missing:
-    problems.append(f"missing {_describe(missing)}")
-  if unexpected:
-    problems.append(f"unexpected {_describe(unexpected)}")
-  if misshaped:
-    problems.append(f"wrongly shaped {_describe(misshaped)}")
-  if problems:
-    raise ValueError(f"{where} is not pytorch-fid's FID Inception ({'; '.join(problems)})")
-
-  for key, (var, transform) in variables.items():
-    value = np.asarray(state_dict[key], dtype=np.float32)
-    var.set_value(jnp.asarray(transform(value) if transform else value))
-  return model
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Batched, sharded feature extraction.
-
-
-def data_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """A 1-D mesh named "data" over `devices` (default: all devices)."""
-  return sharding.one_axis_mesh("data", devices if devices is not None else jax.devices())
 
 
 def make_feature_fn(model: InceptionV3, outputs: Sequence[str] = ("pool3", "spatial", "logits"),
                     mesh: jax.sharding.Mesh | None = None) -> Callable[[np.ndarray], dict[str, jax.Array]]:
   """Returns fn(uint8 NHWC images) -> {name: (N, ...) array} for the chosen `outputs`, jitted once per input shape.
 
-  The parameters are replicated and the batch is split over the mesh's "data" axis (all devices by default); a
+  The parameters are replicated and the batch is split over the mesh's one axis (all devices by default); a
   batch whose size the device count does not divide is padded with black images and the padding is cut off.
   Results are jax arrays, so the next batch can be dispatched before they are read.
   """
   unknown = [o for o in outputs if o not in OUTPUTS]
   if unknown:
-    raise ValueError(f"unknown Inception outputs {unknown}; choose from {', '.join(OUTPUTS)}")
-  mesh = mesh if mesh is not None else data_mesh()
-  num_shards = mesh.devices.size
+    raise errors.InvalidInput(f"unknown Inception outputs {unknown}; choose from {', '.join(OUTPUTS)}")
+  mesh = mesh if mesh is not None else sharding.one_axis_mesh(jax.devices())
   graphdef, state = nnx.split(model)
-  replicated, batch_sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  replicated, batch_sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(sharding.ONE_AXIS))
   state = jax.device_put(state, replicated)
 
   @functools.partial(jax.jit, in_shardings=(replicated, batch_sharded), out_shardings=batch_sharded)
@@ -417,15 +337,12 @@ def make_feature_fn(model: InceptionV3, outputs: Sequence[str] = ("pool3", "spat
     out = nnx.merge(graphdef, state)(images)
     return {name: out[name] for name in outputs}
 
+  sharded_forward = sharding.pad_shard_unpad(functools.partial(forward, state), mesh)
+
   def features(images: np.ndarray) -> dict[str, jax.Array]:
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3:
-      raise ValueError(f"expected images of shape (N, H, W, 3), got {images.shape}")
-    n = images.shape[0]
-    padded = math.ceil(max(n, 1) / num_shards) * num_shards
-    if padded != n:
-      images = np.concatenate([images, np.zeros((padded - n, *images.shape[1:]), images.dtype)])
-    out = forward(state, images)
-    return out if padded == n else {k: v[:n] for k, v in out.items()}
+      raise errors.InvalidInput(f"expected images of shape (N, H, W, 3), got {images.shape}")
+    return sharded_forward(images)
 
   return features

@@ -14,6 +14,8 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
+from npp_jax import errors
+
 
 @functools.lru_cache(maxsize=64)
 def rope_table(grid: int, head_dim: int, base: float = 10000.0,
@@ -24,7 +26,7 @@ def rope_table(grid: int, head_dim: int, base: float = 10000.0,
   NPP passes the coarse grid (grid // patch_side), so a patch gets the integer position of its block.
   """
   if head_dim % 4:
-    raise ValueError(f"2D RoPE needs head_dim divisible by 4, got {head_dim}")
+    raise errors.InvalidInput(f"2D RoPE needs head_dim divisible by 4, got {head_dim}")
   half = head_dim // 2
   freqs = 1.0 / (base ** (np.arange(0, half, 2)[: half // 2].astype(np.float32) / half))
   pos = np.arange(grid, dtype=np.float32)

@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from npp_jax import errors
 from npp_jax import sharding
 
 Array = jax.Array
@@ -48,7 +49,8 @@ def grid_size(vq_cfg: ml_collections.ConfigDict) -> int:
   """Side of the code grid: image_size over the encoder's downsampling factor."""
   factor = 2 ** (len(vq_cfg.encoder_ch_mult) - 1)
   if vq_cfg.image_size % factor:
-    raise ValueError(f"vq.image_size {vq_cfg.image_size} is not a multiple of the downsampling factor {factor}")
+    raise errors.InvalidInput(f"vq.image_size {vq_cfg.image_size} is not a multiple of the downsampling factor "
+                              f"{factor}")
   return vq_cfg.image_size // factor
 
 
@@ -303,7 +305,7 @@ class VQModel(nnx.Module):
     b, n = codes.shape
     side = int(round(n ** 0.5))
     if side * side != n:
-      raise ValueError(f"cannot decode {n} codes per image: not a square grid")
+      raise errors.InvalidInput(f"cannot decode {n} codes per image: not a square grid")
     return self.decode_latent(self.quantize.lookup(codes).reshape(b, side, side, -1))
 
   def __call__(self, images: Array, *, deterministic: bool = True,
@@ -327,11 +329,10 @@ def _make_jitted(model: VQModel, method: Callable[[VQModel, Array], Array]) -> C
   """`jax.jit` over (state, x) of a model method, bound to the model's current state.
 
   The state is replicated over this process's devices, so a batch sharded over them (the sampler's output, say)
-  is accepted as it is. The returned callable is a functools.partial: `.func` is the pure jitted `(state, x) -> y`
-  and `.args[0]` the state, for callers that place the state themselves.
+  is accepted as it is.
   """
   graphdef, state = nnx.split(model)
-  replicated = jax.sharding.NamedSharding(sharding.one_axis_mesh("devices"), jax.sharding.PartitionSpec())
+  replicated = jax.sharding.NamedSharding(sharding.one_axis_mesh(), jax.sharding.PartitionSpec())
   state = jax.device_put(state, replicated)
 
   @jax.jit

@@ -22,6 +22,8 @@ from typing import Iterator
 
 from etils import epath
 
+from npp_jax import errors
+
 ALGORITHM = "crc32"
 RECORD_PREFIX = "integrity.process_"
 _OWNER = re.compile(r"(?:^|\.)process_(\d+)$")
@@ -118,7 +120,7 @@ def _read(path: epath.Path) -> dict:
   try:
     record = json.loads(path.read_text())
     if not isinstance(record.get("files"), dict) or not isinstance(record.get("process_count"), int):
-      raise ValueError("fields missing")
+      raise errors.InvalidInput("fields missing")
     return record
   except ValueError as e:
     raise IntegrityError(f"{path} is not a valid integrity record ({e})") from None

@@ -14,12 +14,13 @@ import ml_collections
 import jax
 from jax.experimental import topologies
 
-from npp_jax import chips
-from npp_jax import metrics as metrics_lib
+from npp_jax import errors
 from npp_jax import npp
 from npp_jax import sharding
-from npp_jax import train
 from npp_jax.models import gpt
+from npp_jax.trainers import chips
+from npp_jax.trainers import gpt_trainer
+from npp_jax.trainers import metrics as metrics_lib
 
 # Generations whose slice names count TensorCores (two per chip, driven as one "megacore" device) and whose chips
 # form a 3D torus; the others count chips on a 2D torus.
@@ -29,7 +30,7 @@ _MEGACORE_3D = ("v4", "v5p")
 def _torus(chips: int, dims: int) -> tuple[int, ...]:
   """Splits a power-of-two chip count over `dims` torus axes as evenly as possible, larger axes last."""
   if chips < 1 or chips & (chips - 1):
-    raise ValueError(f"a TPU slice has a power-of-two number of chips, got {chips}")
+    raise errors.InvalidInput(f"a TPU slice has a power-of-two number of chips, got {chips}")
   shape = [1] * dims
   axis = dims - 1
   while chips > 1:
@@ -47,12 +48,12 @@ def topology_name(accelerator: str) -> tuple[str, str]:
     generation, count = accelerator.lower().split("-")
     count = int(count)
   except ValueError:
-    raise ValueError(f"mesh.topology must look like v5p-64 or v5e-16, got {accelerator!r}") from None
+    raise errors.InvalidInput(f"mesh.topology must look like v5p-64 or v5e-16, got {accelerator!r}") from None
   if generation in ("v5litepod", "v5lite"):
     generation = "v5e"
   if generation not in chips.TPU_GENERATIONS:
-    raise ValueError(f"unknown TPU generation {generation!r} in {accelerator!r}; known: "
-                     f"{sorted(chips.TPU_GENERATIONS)}")
+    raise errors.InvalidInput(f"unknown TPU generation {generation!r} in {accelerator!r}; known: "
+                              f"{sorted(chips.TPU_GENERATIONS)}")
   if generation in _MEGACORE_3D:
     shape = _torus(max(count // 2, 1), 3)
     return f"{generation}:{'x'.join(map(str, shape))}", "megacore"
@@ -67,8 +68,8 @@ def topology_devices(accelerator: str) -> tuple[list, float | None]:
                                         chips_per_host_bounds=(2, 2, 1), num_slices=1)
   except Exception as e:  # noqa: BLE001  (missing libtpu, unknown name: one sentence for the user)
     hint = "" if importlib.util.find_spec("libtpu") else "; it needs libtpu: pip install -e '.[tpu]'"
-    raise ValueError(f"cannot compile for TPU topology {accelerator!r} = {name} "
-                     f"({str(e).strip().splitlines()[0][:200]}){hint}") from None
+    raise errors.InvalidInput(f"cannot compile for TPU topology {accelerator!r} = {name} "
+                              f"({str(e).strip().splitlines()[0][:200]}){hint}") from None
   return list(desc.devices), chips.TPU_GENERATIONS[name.split(":")[0]].hbm_gib
 
 
@@ -80,7 +81,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     entry = chips.chip(devices[0].device_kind)
     hbm_gib = entry.hbm_gib if entry else None
   mesh = sharding.make_mesh(config.mesh.shape, devices)
-  setup = train.build(config, mesh, config.train.num_images)
+  setup = gpt_trainer.build(config, mesh, config.train.num_images)
   where = config.mesh.topology or f"{len(devices)} x {devices[0].device_kind}"
   print(f"compiling for {where}, mesh {dict(mesh.shape)}", flush=True)
   print(f"parameters: {gpt.num_parameters(config.model):,}", flush=True)
@@ -88,11 +89,11 @@ def run(config: ml_collections.ConfigDict) -> dict:
   report = {"parameters": gpt.num_parameters(config.model), "stages": {}}
   grid = gpt.grid_side(config.model)
   for patch_side in sorted({s.patch_side for s in setup.stages}):
-    step = train.make_train_step(setup, patch_side)
+    step = gpt_trainer.make_train_step(setup, patch_side)
     seq = npp.coarse_grid(grid, patch_side) ** 2
     flops = metrics_lib.train_flops_per_sequence(config.model, seq) * config.train.global_batch_size
     try:
-      compiled = step.lower(setup.abstract_state, train.abstract_batch(setup)).compile()
+      compiled = step.lower(setup.abstract_state, gpt_trainer.abstract_batch(setup)).compile()
     except jax.errors.JaxRuntimeError as e:
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise

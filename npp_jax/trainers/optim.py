@@ -1,4 +1,8 @@
-"""AdamW with the reference's weight-decay rule, global-norm clipping, and the per-stage learning-rate schedule."""
+"""AdamW with the reference's weight-decay rule, global-norm clipping, and the per-stage learning-rate schedule.
+
+The schedule is built from spans of steps (an NPP stage's [start, end), or one span for a whole run), and the
+optimizer takes the schedule, so any trainer uses it without knowing NPP's stages.
+"""
 
 from __future__ import annotations
 
@@ -9,33 +13,36 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from npp_jax import npp
+from npp_jax import errors
 
 
-def learning_rate_schedule(optim: ml_collections.ConfigDict, stages: Sequence[npp.Stage], warmup_steps: int
+Span = tuple[int, int]  # [start, end) in steps
+
+
+def learning_rate_schedule(optim: ml_collections.ConfigDict, spans: Sequence[Span], warmup_steps: int
                            ) -> optax.Schedule:
-  """'constant' (LlamaGen) or 'stagewise' (NPP's --scheduler).
+  """'constant' (LlamaGen) or 'stagewise' (NPP's --scheduler) over consecutive spans (the NPP stages).
 
-  Stagewise: inside each stage [start, end), a linear warmup from 0 over `warmup_steps`, the constant rate, then a
+  Stagewise: inside each span [start, end), a linear warmup from 0 over `warmup_steps`, the constant rate, then a
   linear decay to end_lr over the last decay_fraction of the stage. The warmup restarts at every stage switch, as in
   the reference (the rate is 0 at the first step of each stage).
 
   `optim.stage_lr_scales` (empty: all 1) multiplies the peak rate of each stage, e.g. (2.0, 1.0) trains the patch
   stage at twice the rate; under 'constant' the rate is then constant within each stage.
   """
-  peaks = stage_peak_rates(optim, stages)
+  peaks = stage_peak_rates(optim, len(spans))
   if optim.schedule not in ("constant", "stagewise"):
-    raise ValueError(f"optim.schedule must be 'constant' or 'stagewise', got {optim.schedule!r}")
+    raise errors.InvalidInput(f"optim.schedule must be 'constant' or 'stagewise', got {optim.schedule!r}")
   if optim.schedule == "constant" and len(set(peaks)) == 1:
     return optax.constant_schedule(peaks[0])
-  starts = jnp.asarray([s.start for s in stages])
-  ends = jnp.asarray([s.end for s in stages])
+  starts = jnp.asarray([start for start, _ in spans])
+  ends = jnp.asarray([end for _, end in spans])
   peak = jnp.asarray(peaks, jnp.float32)
-  warmups = jnp.asarray([max(1, min(warmup_steps, s.steps)) for s in stages])
-  decays = jnp.asarray([round(optim.decay_fraction * s.steps) for s in stages])
+  warmups = jnp.asarray([max(1, min(warmup_steps, end - start)) for start, end in spans])
+  decays = jnp.asarray([round(optim.decay_fraction * (end - start)) for start, end in spans])
 
   def schedule(step):
-    i = jnp.clip(jnp.searchsorted(ends, step, side="right"), 0, len(stages) - 1)
+    i = jnp.clip(jnp.searchsorted(ends, step, side="right"), 0, len(spans) - 1)
     if optim.schedule == "constant":
       return peak[i]
     t = (step - starts[i]).astype(jnp.float32)
@@ -48,14 +55,14 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, stages: Sequence[np
   return schedule
 
 
-def stage_peak_rates(optim: ml_collections.ConfigDict, stages: Sequence[npp.Stage]) -> list[float]:
+def stage_peak_rates(optim: ml_collections.ConfigDict, num_stages: int) -> list[float]:
   """optim.lr times each stage's entry of optim.stage_lr_scales (one positive number per stage, or none)."""
   scales = tuple(optim.get("stage_lr_scales", ()) or ())
   if not scales:
-    return [float(optim.lr)] * len(stages)
-  if len(scales) != len(stages) or any(float(x) <= 0 for x in scales):
-    raise ValueError(f"optim.stage_lr_scales must hold one positive number per stage ({len(stages)} stages), got "
-                     f"{scales}")
+    return [float(optim.lr)] * num_stages
+  if len(scales) != num_stages or any(float(x) <= 0 for x in scales):
+    raise errors.InvalidInput(f"optim.stage_lr_scales must hold one positive number per stage ({num_stages} stages), "
+                              f"got {scales}")
   return [float(optim.lr) * float(x) for x in scales]
 
 
@@ -74,17 +81,17 @@ def decay_mask(params: dict, rule: str) -> dict:
       return "norm" not in names[-1]
     if rule in ("all", "none"):
       return rule == "all"
-    raise ValueError(f"optim.decay must be one of ndim>=2, no_norm, all, none; got {rule!r}")
+    raise errors.InvalidInput(f"optim.decay must be one of ndim>=2, no_norm, all, none; got {rule!r}")
   return jax.tree_util.tree_map_with_path(decide, params)
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, stages: Sequence[npp.Stage], params: dict, *,
-                   warmup_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  schedule = learning_rate_schedule(optim, stages, warmup_steps)
+def make_optimizer(optim: ml_collections.ConfigDict, schedule: optax.Schedule, params: dict
+                   ) -> optax.GradientTransformation:
+  """Clipping (if optim.grad_clip > 0), then AdamW at `schedule`'s rate with decay on `optim.decay`'s parameters."""
   adamw = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
                       mask=decay_mask(params, optim.decay), mu_dtype=jnp.dtype(optim.mu_dtype))
   parts = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip > 0 else []
-  return optax.chain(*parts, adamw), schedule
+  return optax.chain(*parts, adamw)
 
 
 def ema_update(ema: dict, params: dict, decay: float) -> dict:

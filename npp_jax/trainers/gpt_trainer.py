@@ -7,42 +7,32 @@ donated state; the model is split once (graphdef + pure parameter dict) and merg
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
-import signal
 import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 from clu import metrics as clu_metrics
 from etils import epath
 from flax import nnx
-from jax.experimental import multihost_utils
 
-from npp_jax import checkpoint
-from npp_jax import metrics as metrics_lib
-from npp_jax import monitor
+from npp_jax import errors
 from npp_jax import npp
-from npp_jax import optim
 from npp_jax import sharding
-from npp_jax import workdir_lock
+from npp_jax.checkpoints import checkpoint
 from npp_jax.data import pipeline
 from npp_jax.data import prepare
+from npp_jax.model_files import store
 from npp_jax.models import gpt
 from npp_jax.models import vq
-
-DONE_FILE = "DONE"
-
-
-class NonFiniteLossError(RuntimeError):
-  """The loss or the gradient norm became NaN or Inf."""
-
+from npp_jax.trainers import metrics as metrics_lib
+from npp_jax.trainers import monitor
+from npp_jax.trainers import optim
+from npp_jax.trainers import workdir as workdir_lib
 
 StepMetrics = clu_metrics.Collection.create(
     loss=clu_metrics.Average.from_output("loss"),
@@ -91,8 +81,9 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, num_images
   graphdef = nnx.graphdef(abstract_model)
   param_shardings = sharding.param_shardings(abstract_model, mesh)
   abstract_params = nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param))
-  tx, schedule = optim.make_optimizer(config.optim, stages, abstract_params,
-                                      warmup_steps=warmup_steps(config, num_images))
+  schedule = optim.learning_rate_schedule(config.optim, [(s.start, s.end) for s in stages],
+                                          warmup_steps(config, num_images))
+  tx = optim.make_optimizer(config.optim, schedule, abstract_params)
 
   def init_fn() -> dict:
     model = gpt.GPT(model_cfg, rngs=nnx.Rngs(params=jax.random.fold_in(seed_key, 0)))
@@ -120,13 +111,13 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, num_images
 def _check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
   batch, accum = config.train.global_batch_size, config.train.grad_accum_steps
   if accum < 1 or batch % accum:
-    raise ValueError(f"train.global_batch_size={batch} is not a multiple of train.grad_accum_steps={accum}")
+    raise errors.InvalidInput(f"train.global_batch_size={batch} is not a multiple of train.grad_accum_steps={accum}")
   divisor = sharding.batch_divisor(mesh)
   if (batch // accum) % divisor:
-    raise ValueError(f"the micro-batch of {batch // accum} does not split over the {divisor} devices of the "
-                     f"mesh's data and fsdp axes")
+    raise errors.InvalidInput(f"the micro-batch of {batch // accum} does not split over the {divisor} devices of the "
+                              f"mesh's data and fsdp axes")
   if batch % jax.process_count():
-    raise ValueError(f"train.global_batch_size={batch} does not split over {jax.process_count()} processes")
+    raise errors.InvalidInput(f"train.global_batch_size={batch} does not split over {jax.process_count()} processes")
 
 
 def make_train_step(setup: Setup, patch_side: int) -> Callable[[dict, dict], tuple[dict, StepMetrics]]:
@@ -185,27 +176,6 @@ def abstract_batch(setup: Setup) -> dict:
           "labels": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sh)}
 
 
-class _Preemption:
-  """SIGTERM (preemption, scancel, docker stop) asks the loop to save and leave at the next step boundary."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
-
-  def agreed(self) -> bool:
-    """All processes must stop at the same step, so the flag is shared (one tiny collective)."""
-    if jax.process_count() == 1:
-      return self.requested
-    return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
-
-
 def log(message: str) -> None:
   """Progress for the user, from process 0 only (absl logging: stderr from `python -m npp_jax.main`)."""
   if jax.process_index() == 0:
@@ -214,23 +184,14 @@ def log(message: str) -> None:
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding.Mesh | None = None) -> dict:
   """Trains (or resumes) in `workdir`; returns the final state."""
-  preemption = _Preemption()  # first: a SIGTERM during the slow start-up still ends in a save, not a kill
-  try:
-    workdir = _absolute(workdir)  # Orbax refuses relative paths
-    lock = workdir_lock.acquire(workdir, log)  # before anything is written: codes, config, checkpoints
-    try:
-      return _run(config, workdir, mesh, preemption)
-    finally:
-      lock.close()
-  finally:
-    preemption.restore()
+  with workdir_lib.Run(workdir, log) as run_dir:
+    return _run(config, run_dir, mesh)
 
 
-def _run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh | None,
-         preemption: _Preemption) -> dict:
+def _run(config: ml_collections.ConfigDict, run_dir: workdir_lib.Run, mesh: jax.sharding.Mesh | None) -> dict:
   mesh = mesh or sharding.make_mesh(config.mesh.shape)
   tokenizer = _load_tokenizer(config)
-  codes_dir = _codes_dir(config, workdir, tokenizer)
+  codes_dir = _codes_dir(config, run_dir.path)
   checksum = config.data.tokenizer_checksum or (tokenizer[1] if tokenizer else "")
   spec = pipeline.InputSpec(config.model.vocab_size, gpt.grid_side(config.model), config.model.num_classes,
                             checksum)
@@ -246,85 +207,38 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mes
                              for s in setup.stages))
   log(f"input tokens relative to next-token prediction: {npp.tokens_per_step_fraction(setup.stages):.3f}")
 
-  checkpoint.write_config(workdir, config)
-  for stale in checkpoint.remove_temporaries(epath.Path(workdir) / checkpoint.CHECKPOINT_DIR):
-    log(f"removed {stale}, the partial save of an earlier run that stopped mid-save")
-  mngr = checkpoint.manager(workdir, keep=config.train.keep_checkpoints)
-  writer = None
-  try:
-    state, start = _initial_state(setup, mngr, data.fingerprint)
-    writer = metrics_lib.Writer(workdir)
-    watcher = None
-    if tokenizer:
-      watcher = monitor.Monitor(config, workdir, writer, setup.graphdef, tokenizer[0])
-    state, finished = _loop(setup, state, start, data, mngr, writer, preemption, watcher)
-    checkpoint.finish(mngr)
-    if finished:
-      _mark_done(mngr, setup.total_steps, restored_final=start == setup.total_steps)
-  except BaseException:
-    with contextlib.suppress(Exception):  # commit what was started; the first error is the one to report
-      checkpoint.finish(mngr)
-    raise
-  finally:
-    mngr.close()
-    if writer is not None:
-      writer.close()
+  run_dir.open(config, keep=config.train.keep_checkpoints)
+  state, start = run_dir.restore_or_init(setup.abstract_state, data.fingerprint, lambda: _initial_state(setup))
+  watcher = None
+  if tokenizer:
+    watcher = monitor.Monitor(config, run_dir.path, run_dir.writer, setup.graphdef, tokenizer[0])
+  state, finished = _loop(setup, state, start, data, run_dir, watcher)
+  if finished:
+    run_dir.finish(setup.total_steps, restored_final=start == setup.total_steps)
   return state
-
-
-def _mark_done(mngr, total: int, restored_final: bool) -> None:
-  """WORKDIR/DONE, the babysitter's stop sign: written only once the final step is committed and verified.
-
-  A final step without a record (killed between its commit and its record) counts as verified once it restored.
-  """
-  note = checkpoint.verify_step(mngr, total)
-  if note and not restored_final:
-    raise checkpoint.CheckpointError(f"the final step {total} was saved but cannot be verified ({note}); "
-                                     "DONE is not written")
-  if jax.process_index() == 0:
-    (epath.Path(mngr.directory).parent / DONE_FILE).write_text(f"{total}\n")
-
-
-def _absolute(path: str) -> str:
-  return path if "://" in path else os.path.abspath(path)
 
 
 def _load_tokenizer(config: ml_collections.ConfigDict):
   """(VQ model, its checksum), or None when the config names no tokenizer."""
   if "vq" not in config or not config.vq.checkpoint:
     return None
-  model = checkpoint.load_vq(config.vq)
+  model = store.load_vq(config.vq)
   if config.vq.codebook_size != config.model.vocab_size:
-    raise ValueError(f"the tokenizer has {config.vq.codebook_size} codes but model.vocab_size="
-                     f"{config.model.vocab_size}")
+    raise errors.InvalidInput(f"the tokenizer has {config.vq.codebook_size} codes but model.vocab_size="
+                              f"{config.model.vocab_size}")
   return model, vq.params_checksum(model)
 
 
-def _codes_dir(config: ml_collections.ConfigDict, workdir: str, tokenizer) -> str | None:
+def _codes_dir(config: ml_collections.ConfigDict, workdir: str) -> str | None:
   """The codes to train on; small datasets (data.source set, no codes_dir) are prepared into WORKDIR/codes."""
   if config.data.kind != "codes" or config.data.codes_dir or not config.data.source:
     return None
-  codes = str(epath.Path(workdir) / "codes")
-  if (epath.Path(codes) / "manifest.json").exists():
-    return codes
-  if tokenizer is None:
-    raise ValueError("data.source is set but vq.checkpoint is empty: preparing codes needs the tokenizer")
-  log(f"preparing {config.data.source} codes into {codes} (once; later runs reuse them)")
-  prepare.prepare_from_config(config, codes)
-  return codes
+  return prepare.prepare_once(config, str(epath.Path(workdir) / "codes"), log)
 
 
-def _initial_state(setup: Setup, mngr, fingerprint: str) -> tuple[dict, int]:
+def _initial_state(setup: Setup) -> dict:
+  """A fresh state, created already sharded (no parameter is ever whole on one device), or init_from's weights."""
   config = setup.config
-  restored = checkpoint.restore_newest(mngr, setup.abstract_state, log)
-  if restored is not None:
-    state, meta, latest = restored
-    if meta.get("data") != fingerprint:
-      raise ValueError(f"the checkpoint at step {latest} was trained on other data (fingerprint "
-                       f"{meta.get('data')}, now {fingerprint}); use a new workdir")
-    log(f"resumed from step {latest}")
-    return state, latest
-  # Created already sharded: no parameter is ever whole on one device.
   state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)()
   if config.init_from:
     params = checkpoint.restore_params(config.init_from, setup.abstract_state["params"])
@@ -332,10 +246,10 @@ def _initial_state(setup: Setup, mngr, fingerprint: str) -> tuple[dict, int]:
     if "ema" in state:
       state["ema"] = jax.tree.map(jnp.copy, params)
     log(f"initialised the parameters from {config.init_from}")
-  return state, 0
+  return state
 
 
-def _loop(setup: Setup, state: dict, start: int, data: pipeline.TrainInput, mngr, writer, preemption,
+def _loop(setup: Setup, state: dict, start: int, data: pipeline.TrainInput, run_dir: workdir_lib.Run,
           watcher) -> tuple[dict, bool]:
   """Trains from `start`; returns (state, whether the last step was reached)."""
   config = setup.config
@@ -363,38 +277,28 @@ def _loop(setup: Setup, state: dict, start: int, data: pipeline.TrainInput, mngr
     if done % config.train.log_every == 0 or last:
       values = {k: float(v) for k, v in accumulated.compute().items()}
       accumulated = None
-      _check_finite(values, done)
+      run_dir.check_finite(values, done)
       now = time.time()
       values.update(_throughput(config, stage, done - last_log_step, now - last_log))
       values.update(stage=stage.index, patch_side=stage.patch_side)
-      writer.scalars(done, values)
+      run_dir.writer.scalars(done, values)
       log(metrics_lib.progress_line(done, setup.total_steps, values, started, start))
       if last_log_step == start and done - start < config.train.log_every and not last:
         log(f"step {done}: the loss and grad_norm above average the {done - start} steps since the resume at "
             f"step {start}, not {config.train.log_every}")
       last_log, last_log_step = now, done
-    # Every process must take the same decision at the same step: with several processes the flag is shared at
-    # log steps only (a collective that every process enters); a single process stops at once.
-    stop = preemption.agreed() if (jax.process_count() == 1 or done % config.train.log_every == 0) else False
+    stop = run_dir.stop_requested(done, config.train.log_every)
     if done % config.train.checkpoint_every == 0 or last or stop:
-      _check_finite({k: float(v) for k, v in step_metrics.compute().items()}, done)
-      checkpoint.save(mngr, done, state, meta(done, stage))
+      run_dir.check_finite({k: float(v) for k, v in step_metrics.compute().items()}, done)
+      run_dir.save(done, state, meta(done, stage))
     if watcher and ((config.eval.every and done % config.eval.every == 0) or last):
       values = watcher(done, state.get("ema", state["params"]))
       if values:
         log(f"step {done}: " + " ".join(f"{k}={v:.4g}" for k, v in values.items()))
     if stop:
-      checkpoint.finish(mngr)
-      log(f"SIGTERM: saved step {done}; exiting so the run can resume from it")
+      run_dir.leave(done)
       return state, False
   return state, step + 1 >= setup.total_steps
-
-
-def _check_finite(values: dict[str, float], step: int) -> None:
-  bad = {k: v for k, v in values.items() if k in ("loss", "grad_norm") and not np.isfinite(v)}
-  if bad:
-    raise NonFiniteLossError(f"non-finite {', '.join(f'{k}={v}' for k, v in bad.items())} at step {step}; "
-                             "the last good checkpoint is kept (lower optim.lr or check the data)")
 
 
 def _throughput(config: ml_collections.ConfigDict, stage: npp.Stage, steps: int, seconds: float) -> dict:

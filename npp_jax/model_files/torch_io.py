@@ -26,6 +26,7 @@ from typing import Any, Mapping
 import ml_dtypes
 import numpy as np
 
+from npp_jax import errors
 from npp_jax import fileio
 
 PathLike = str | os.PathLike
@@ -268,34 +269,35 @@ def load(path: PathLike) -> Any:
       head = f.read(16)
     if head.startswith(b"\x80\x02\x8a\x0a" + _LEGACY_MAGIC):
       return _load_legacy(path)
-    raise ValueError(f"{path} is not a PyTorch checkpoint (neither a torch.save zip file nor the legacy format)")
+    raise errors.InvalidInput(f"{path} is not a PyTorch checkpoint (neither a torch.save zip file nor the legacy "
+                              "format)")
   except pickle.UnpicklingError as e:
-    raise ValueError(f"cannot read {path}: {e}") from None
+    raise errors.InvalidInput(f"cannot read {path}: {e}") from None
   except RecursionError:
-    raise ValueError(f"cannot read {path}: the pickle nests too deep") from None
+    raise errors.InvalidInput(f"cannot read {path}: the pickle nests too deep") from None
   except (zipfile.BadZipFile, EOFError, struct.error, OSError) as e:
-    raise ValueError(f"{path} is corrupt: {e}") from None
+    raise errors.InvalidInput(f"{path} is corrupt: {e}") from None
 
 
 def _load_zip(path: pathlib.Path) -> Any:
   with zipfile.ZipFile(path) as archive:
     pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
     if len(pickles) != 1:
-      raise ValueError(f"{path} is a zip file but not a torch.save checkpoint (no single <prefix>/data.pkl)")
+      raise errors.InvalidInput(f"{path} is a zip file but not a torch.save checkpoint (no single <prefix>/data.pkl)")
     prefix = pickles[0][: -len("data.pkl")]
     names = set(archive.namelist())
     byteorder = "little"
     if prefix + "byteorder" in names:
       byteorder = archive.read(prefix + "byteorder").decode("ascii").strip()
       if byteorder not in ("little", "big"):
-        raise ValueError(f"{path} has an unknown byteorder record {byteorder!r}")
+        raise errors.InvalidInput(f"{path} has an unknown byteorder record {byteorder!r}")
     storages: dict[str, np.ndarray] = {}
 
     def load_storage(storage_type: _StorageType, key: str, numel: int, view) -> np.ndarray:
       del numel, view  # the record's length is the storage's size
       if key not in storages:
         if prefix + f"data/{key}" not in names:
-          raise ValueError(f"{path} is missing the record {prefix}data/{key}")
+          raise errors.InvalidInput(f"{path} is missing the record {prefix}data/{key}")
         # A bytearray makes the arrays writable, like the tensors they stand for.
         raw = bytearray(archive.read(prefix + f"data/{key}"))
         storages[key] = _storage_array(raw, storage_type, byteorder, path)
@@ -307,7 +309,7 @@ def _load_zip(path: pathlib.Path) -> Any:
 def _storage_array(raw: bytearray, storage_type: _StorageType, byteorder: str, path) -> np.ndarray:
   dtype = storage_type.dtype.newbyteorder("<" if byteorder == "little" else ">")
   if len(raw) % dtype.itemsize:
-    raise ValueError(f"{path} has a {storage_type.name} of {len(raw)} bytes, not a whole number of elements")
+    raise errors.InvalidInput(f"{path} has a {storage_type.name} of {len(raw)} bytes, not a whole number of elements")
   return np.frombuffer(raw, dtype=dtype).astype(storage_type.dtype, copy=False)
 
 
@@ -319,10 +321,10 @@ def _load_legacy(path: pathlib.Path) -> Any:
   header()  # the magic number, already matched
   protocol = header()
   if protocol != 1001:
-    raise ValueError(f"{path} is a legacy torch file of protocol {protocol!r}; only 1001 is known")
+    raise errors.InvalidInput(f"{path} is a legacy torch file of protocol {protocol!r}; only 1001 is known")
   sys_info = header()
   if not isinstance(sys_info, dict):
-    raise ValueError(f"{path} has no system info after its protocol version")
+    raise errors.InvalidInput(f"{path} has no system info after its protocol version")
   byteorder = "little" if sys_info.get("little_endian", True) else "big"
   roots: dict[str, _LazyStorage] = {}
   views: dict[str, _LazyStorage] = {}
@@ -346,18 +348,18 @@ def _load_legacy(path: pathlib.Path) -> Any:
   obj = _unpickle(_RestrictedUnpickler(f, load_storage))
   keys = header()
   if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
-    raise ValueError(f"{path} has no list of storage keys after its object")
+    raise errors.InvalidInput(f"{path} has no list of storage keys after its object")
   for key in keys:
     if key not in roots:
-      raise ValueError(f"{path} holds data for storage {key}, which no tensor names")
+      raise errors.InvalidInput(f"{path} holds data for storage {key}, which no tensor names")
     storage = roots[key]
     count = int.from_bytes(f.read(8), byteorder)
     if count != storage.numel:
-      raise ValueError(f"{path}: storage {key} holds {count} elements, its pickle says {storage.numel}")
+      raise errors.InvalidInput(f"{path}: storage {key} holds {count} elements, its pickle says {storage.numel}")
     nbytes = count * storage.storage_type.dtype.itemsize
     raw = bytearray(f.read(nbytes))
     if len(raw) != nbytes:
-      raise ValueError(f"{path} is truncated: storage {key} has {len(raw)} of its {nbytes} bytes")
+      raise errors.InvalidInput(f"{path} is truncated: storage {key} has {len(raw)} of its {nbytes} bytes")
     storage.array = _storage_array(raw, storage.storage_type, byteorder, path)
   return _plain(obj)
 
@@ -481,7 +483,7 @@ def _load_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
   try:
     return dict(safetensors.numpy.load_file(path))
   except Exception as e:  # safetensors raises its own SafetensorError on a bad file.
-    raise ValueError(f"{path} is not a valid safetensors file: {e}") from None
+    raise errors.InvalidInput(f"{path} is not a valid safetensors file: {e}") from None
 
 
 def _describe_keys(keys) -> str:
@@ -522,10 +524,10 @@ def load_state_dict(path: PathLike, *, key: str | None = None) -> dict[str, np.n
     raise FileNotFoundError(f"checkpoint file {path} does not exist")
   obj = _load_safetensors(path) if _is_safetensors(path) else load(path)
   if not isinstance(obj, Mapping):
-    raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    raise errors.InvalidInput(f"{path} holds a {type(obj).__name__}, not a state dict")
   if key is not None:
     if key not in obj or not isinstance(obj[key], Mapping):
-      raise ValueError(f"{path} has no state dict under {key!r}; its entries are {_describe_keys(obj.keys())}")
+      raise errors.InvalidInput(f"{path} has no state dict under {key!r}; its entries are {_describe_keys(obj.keys())}")
     sd = obj[key]
   else:
     found = [k for k in _CONTAINER_PREFERENCE if isinstance(obj.get(k), Mapping)]
@@ -534,11 +536,11 @@ def load_state_dict(path: PathLike, *, key: str | None = None) -> dict[str, np.n
     elif _is_flat_state_dict(obj):
       sd = obj
     else:
-      raise ValueError(f"{path} holds no state dict under 'model', 'module' or 'state_dict' and is not one "
-                       f"itself; its entries are {_describe_keys(obj.keys())} (choose one with key=...)")
+      raise errors.InvalidInput(f"{path} holds no state dict under 'model', 'module' or 'state_dict' and is not one "
+                                f"itself; its entries are {_describe_keys(obj.keys())} (choose one with key=...)")
   bad = [k for k, v in sd.items() if not (isinstance(k, str) and isinstance(v, np.ndarray))]
   if bad:
-    raise ValueError(f"{path}: the state dict has entries that are not named tensors: {_describe_keys(bad)}")
+    raise errors.InvalidInput(f"{path}: the state dict has entries that are not named tensors: {_describe_keys(bad)}")
   return _strip_wrapper_prefixes(dict(sd))
 
 

@@ -27,13 +27,15 @@ from typing import Callable
 import numpy as np
 from etils import epath
 
+from npp_jax import errors
+
 LOCK_FILE = "LOCK"
 LEASE_FILE = "LEASE.json"
 HEARTBEAT_S = 60.0
 STALE_AFTER_S = 5 * HEARTBEAT_S
 
 
-class WorkdirInUse(OSError):
+class WorkdirInUse(errors.UserError, OSError):
   """Another live trainer holds the workdir."""
 
 

@@ -16,13 +16,16 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from npp_jax import errors
 from npp_jax import fileio
 from npp_jax import images
-from npp_jax import sampling
 from npp_jax.eval import adm
 from npp_jax.eval import fashion
+from npp_jax.model_files import param_mapping
 from npp_jax.models import inception
 from npp_jax.models import vq as vq_lib
+from npp_jax.sampling import decoding
+from npp_jax.sampling import generation
 
 
 class Monitor:
@@ -34,17 +37,14 @@ class Monitor:
     self._graphdef = graphdef
     self._decode = vq_lib.make_decode_fn(vq_model)
     self._dir = epath.Path(workdir) / "samples"
-    self._settings = sampling.SamplingSettings(cfg_scale=config.sample.cfg_scale,
-                                               temperature=config.sample.temperature, top_k=config.sample.top_k,
-                                               top_p=config.sample.top_p)
-    self._settings.validate(config.model.vocab_size)
+    self._settings = decoding.SamplingSettings.from_config(config.sample).validate(config.model.vocab_size)
     self._key = jax.random.fold_in(jax.random.key(config.seed), 2)  # the same samples at every step: comparable
     self._metric = _make_metric(config.eval)
 
   def __call__(self, step: int, params: dict) -> dict[str, float]:
     if jax.process_count() > 1:
       params = multihost_utils.process_allgather(params, tiled=True)  # sampling runs on local devices
-    sampler = sampling.Sampler(nnx.merge(self._graphdef, params))
+    sampler = decoding.Sampler(nnx.merge(self._graphdef, params))
     classes, per_class = self._config.model.num_classes, self._config.eval.grid_columns
     labels = np.repeat(np.arange(classes), per_class)
     grid = images.make_grid(self._images(sampler, labels), rows=classes, pad=1)
@@ -62,20 +62,10 @@ class Monitor:
         self._writer.scalars(step, {f"eval/{k}": v for k, v in values.items()})
     return values
 
-  def _images(self, sampler: sampling.Sampler, labels: np.ndarray, offset: int = 0) -> np.ndarray:
-    return sample_images(sampler, self._decode, labels, self._key, self._settings,
-                         batch_size=self._config.eval.batch_size, offset=offset)
-
-
-def sample_images(sampler: sampling.Sampler, decode: Callable[[jax.Array], jax.Array], labels: np.ndarray,
-                  key: jax.Array, settings: sampling.SamplingSettings, *, batch_size: int, offset: int = 0
-                  ) -> np.ndarray:
-  """uint8 images for `labels`, in batches; sample i's key depends only on (key, offset + i)."""
-  out = []
-  for start in range(0, len(labels), batch_size):
-    tokens = sampler(labels[start:start + batch_size], key, settings, sample_offset=offset + start)
-    out.append(images.to_uint8(decode(tokens)))
-  return np.concatenate(out)
+  def _images(self, sampler: decoding.Sampler, labels: np.ndarray, offset: int = 0) -> np.ndarray:
+    return np.concatenate([batch for _, batch in generation.sample_images(
+        sampler, self._decode, labels, self._key, self._settings, batch_size=self._config.eval.batch_size,
+        offset=offset)])
 
 
 def _make_metric(eval_cfg: ml_collections.ConfigDict) -> Callable[[np.ndarray, np.ndarray], dict] | None:
@@ -88,7 +78,7 @@ def _make_metric(eval_cfg: ml_collections.ConfigDict) -> Callable[[np.ndarray, n
 
     return classifier_metric
   if eval_cfg.classifier:
-    raise ValueError(f"eval.classifier must be '' or 'fashion', got {eval_cfg.classifier!r}")
+    raise errors.InvalidInput(f"eval.classifier must be '' or 'fashion', got {eval_cfg.classifier!r}")
   if eval_cfg.inception:
     return _inception_fid(eval_cfg)
   return None
@@ -97,8 +87,8 @@ def _make_metric(eval_cfg: ml_collections.ConfigDict) -> Callable[[np.ndarray, n
 def _inception_fid(eval_cfg: ml_collections.ConfigDict) -> Callable[[np.ndarray, np.ndarray], dict]:
   """FID of the samples against a reference batch's images (its activations cached next to it)."""
   if not eval_cfg.reference:
-    raise ValueError("eval.inception is set but eval.reference is empty: give a reference batch .npz")
-  feature_fn = inception.make_feature_fn(inception.inception_from_torch(eval_cfg.inception), ("pool3",))
+    raise errors.InvalidInput("eval.inception is set but eval.reference is empty: give a reference batch .npz")
+  feature_fn = inception.make_feature_fn(param_mapping.inception_from_torch(eval_cfg.inception), ("pool3",))
   reference, _ = adm.reference_activations(
       feature_fn, eval_cfg.reference, ref_sha256=fileio.file_sha256(eval_cfg.reference),
       weights_sha256=fileio.file_sha256(eval_cfg.inception), preprocessing="pytorch_fid",

@@ -16,8 +16,8 @@ import ml_collections
 from etils import epath
 from tensorboardX import SummaryWriter
 
-from npp_jax import chips
 from npp_jax.models import gpt
+from npp_jax.trainers import chips
 
 def train_flops_per_sequence(model: ml_collections.ConfigDict, seq_len: int) -> float:
   """Training FLOPs (forward + backward) of one sequence of `seq_len` positions."""

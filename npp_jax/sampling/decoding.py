@@ -45,12 +45,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from npp_jax import errors
 from npp_jax import sharding
 from npp_jax.models import gpt
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 _MIN_TEMPERATURE = 1e-5  # the reference's floor on the divisor
-_BATCH_AXIS = "batch"
 _CACHE_CHUNKS = 4  # decode scans, one per cache chunk; each attends over the chunks filled so far
 DRAFT_INITS = ("random", "previous")
 
@@ -83,6 +83,15 @@ class SamplingSettings:
   speculative_window: int = 0
   draft_init: str = "previous"
 
+  @classmethod
+  def from_config(cls, sample: Any = None, **overrides: Any) -> "SamplingSettings":
+    """The one way a config becomes settings: the fields of a run config's `sample` section (those it lacks keep
+    the defaults above), then `overrides` that are not None (the flags a user gave, say); validated."""
+    sample = sample or {}
+    values = {f.name: sample[f.name] for f in dataclasses.fields(cls) if f.name in sample}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return cls(**values).validate()
+
   @property
   def guided(self) -> bool:
     return self.cfg_scale > 1.0
@@ -90,25 +99,27 @@ class SamplingSettings:
   def validate(self, vocab_size: int | None = None) -> "SamplingSettings":
     """Raises ValueError with one sentence on the first invalid setting; returns self."""
     if not np.isfinite(self.cfg_scale) or self.cfg_scale < 0:
-      raise ValueError(f"cfg_scale must be a finite number >= 1 (1 = no guidance), got {self.cfg_scale}")
+      raise errors.InvalidInput(f"cfg_scale must be a finite number >= 1 (1 = no guidance), got {self.cfg_scale}")
     if self.cfg_scale < 1:
-      raise ValueError(f"cfg_scale {self.cfg_scale} is below 1: the reference treats any value <= 1 as no guidance, "
-                       "so use 1.0 for no guidance or a value > 1 to guide")
+      raise errors.InvalidInput(f"cfg_scale {self.cfg_scale} is below 1: the reference treats any value <= 1 as no "
+                                "guidance, so use 1.0 for no guidance or a value > 1 to guide")
     if int(self.cfg_interval) != self.cfg_interval or self.cfg_interval < -1:
-      raise ValueError(f"cfg_interval must be -1 (guide every token) or an integer >= 0, got {self.cfg_interval}")
+      raise errors.InvalidInput("cfg_interval must be -1 (guide every token) or an integer >= 0, got "
+                                f"{self.cfg_interval}")
     if not np.isfinite(self.temperature) or self.temperature < 0:
-      raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
+      raise errors.InvalidInput(f"temperature must be a finite number > 0, got {self.temperature}")
     if self.temperature == 0 and not self.greedy:
-      raise ValueError("temperature 0 would divide the logits by zero; use greedy decoding (--greedy) for argmax")
+      raise errors.InvalidInput("temperature 0 would divide the logits by zero; use greedy decoding (--greedy) for "
+                                "argmax")
     if int(self.top_k) != self.top_k or self.top_k < 0 or (vocab_size is not None and self.top_k > vocab_size):
       limit = f"between 0 and the vocabulary size {vocab_size}" if vocab_size is not None else ">= 0"
-      raise ValueError(f"top_k must be an integer {limit} (0 keeps every token), got {self.top_k}")
+      raise errors.InvalidInput(f"top_k must be an integer {limit} (0 keeps every token), got {self.top_k}")
     if not 0 < self.top_p <= 1:
-      raise ValueError(f"top_p must be in (0, 1] (1 keeps every token), got {self.top_p}")
+      raise errors.InvalidInput(f"top_p must be in (0, 1] (1 keeps every token), got {self.top_p}")
     if int(self.speculative_window) != self.speculative_window or self.speculative_window < 0:
-      raise ValueError(f"speculative_window must be an integer >= 0 (0 = off), got {self.speculative_window}")
+      raise errors.InvalidInput(f"speculative_window must be an integer >= 0 (0 = off), got {self.speculative_window}")
     if self.draft_init not in DRAFT_INITS:
-      raise ValueError(f"draft_init must be one of {DRAFT_INITS}, got {self.draft_init!r}")
+      raise errors.InvalidInput(f"draft_init must be one of {DRAFT_INITS}, got {self.draft_init!r}")
     return self
 
 
@@ -116,12 +127,12 @@ def check_labels(labels: Any, num_classes: int) -> np.ndarray:
   """The labels as a 1-D int32 array, or a ValueError if any lies outside [0, num_classes)."""
   labels = np.asarray(labels)
   if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
-    raise ValueError(f"labels must be a non-empty 1-D list of integer class ids, got shape {labels.shape} "
-                     f"and dtype {labels.dtype}")
+    raise errors.InvalidInput(f"labels must be a non-empty 1-D list of integer class ids, got shape {labels.shape} "
+                              f"and dtype {labels.dtype}")
   bad = labels[(labels < 0) | (labels >= num_classes)]
   if bad.size:
-    raise ValueError(f"label {int(bad[0])} is not a class id in [0, {num_classes}) (the null class {num_classes} "
-                     "is used by guidance and cannot be requested)")
+    raise errors.InvalidInput(f"label {int(bad[0])} is not a class id in [0, {num_classes}) (the null class "
+                              f"{num_classes} is used by guidance and cannot be requested)")
   return labels.astype(np.int32)
 
 
@@ -202,7 +213,7 @@ def _decode_loop(params, cfg, labels, choose, *, guided, cfg_scale, cfg_interval
   # whose attention reads chunks 0..c only.
   chunks = gpt.chunk_bounds(seq_len, min(_CACHE_CHUNKS, seq_len))
   cache = gpt.init_cache(cfg, rows.shape[0], seq_len, params["output"].dtype, len(chunks))
-  cache = jax.tree.map(lambda c: _constrain(c, mesh, P(_BATCH_AXIS)), cache)
+  cache = jax.tree.map(lambda c: _constrain(c, mesh, P(sharding.ONE_AXIS)), cache)
 
   def step_logits(logits, t):
     logits = logits[:, -1]
@@ -273,7 +284,7 @@ def _speculative_loop(params, cfg, labels, sample_keys, target, *, window, guide
   pair = (lambda a: jnp.repeat(a, 2, axis=0)) if guided else (lambda a: a)
   # Slots 0..S-1 hold the sample; a pass writes W slots from n, and finished rows (n = S) keep running, so S + W.
   cache = gpt.init_cache(cfg, model_rows.shape[0], seq_len + window, params["output"].dtype, 1)
-  cache = jax.tree.map(lambda c: _constrain(c, mesh, P(_BATCH_AXIS)), cache)
+  cache = jax.tree.map(lambda c: _constrain(c, mesh, P(sharding.ONE_AXIS)), cache)
   class_tokens = params["cls_embedding"][model_rows][:, None]
 
   def pass_keys(j):
@@ -407,27 +418,16 @@ class Sampler:
   def __init__(self, model: nnx.Module, *, dtype: str | None = None, devices: Sequence[jax.Device] | None = None):
     dtype = str(dtype or model.cfg.dtype)
     if dtype not in COMPUTE_DTYPES:
-      raise ValueError(f"sampling dtype must be one of {COMPUTE_DTYPES}, got {dtype!r}")
+      raise errors.InvalidInput(f"sampling dtype must be one of {COMPUTE_DTYPES}, got {dtype!r}")
     self.cfg = model.cfg
     self.dtype = dtype
     devices = list(devices) if devices is not None else jax.local_devices()
-    self.mesh = sharding.one_axis_mesh(_BATCH_AXIS, devices)
+    self.mesh = sharding.one_axis_mesh(devices)
     self._params = jax.device_put(_decode_params(*nnx.split(model), dtype), NamedSharding(self.mesh, P()))
 
   @property
   def num_devices(self) -> int:
     return self.mesh.size
-
-  def _shard_batch(self, *arrays: np.ndarray) -> tuple[int, list[jax.Array]]:
-    """Pads the leading axis to a multiple of the device count (repeating row 0) and shards it."""
-    n = arrays[0].shape[0]
-    padded = -n % self.num_devices
-    batch_sharding = NamedSharding(self.mesh, P(_BATCH_AXIS))  # not `sharding`: that is the module
-    out = []
-    for a in arrays:
-      a = np.concatenate([a, np.repeat(a[:1], padded, axis=0)]) if padded else a
-      out.append(jax.device_put(a, batch_sharding))
-    return n, out
 
   def __call__(self, labels: Any, key: jax.Array, settings: SamplingSettings, *, sample_offset: int = 0) -> jax.Array:
     """int32 tokens (B, block_size) for labels (B,); sample i uses key fold_in(key, sample_offset + i)."""
@@ -440,17 +440,14 @@ class Sampler:
     labels = check_labels(labels, self.cfg.num_classes)
     ids = sample_offset + np.arange(labels.shape[0], dtype=np.int64)
     if sample_offset < 0 or ids[-1] > np.iinfo(np.uint32).max:
-      raise ValueError(f"sample_offset must keep sample indices in [0, 2**32), got offset {sample_offset}")
-    n, (labels, ids) = self._shard_batch(labels, ids.astype(np.uint32))
+      raise errors.InvalidInput(f"sample_offset must keep sample indices in [0, 2**32), got offset {sample_offset}")
     static = _Static(cfg=self.cfg, guided=settings.guided, top_k=int(settings.top_k), use_top_p=settings.top_p < 1,
                      greedy=bool(settings.greedy), mesh=self.mesh, window=int(settings.speculative_window),
                      draft_init=settings.draft_init if settings.speculative_window else "previous")
-    tokens, stats = _generate(self._params, labels, ids, key, jnp.float32(settings.cfg_scale),
-                              jnp.int32(settings.cfg_interval), jnp.float32(settings.temperature),
-                              jnp.float32(settings.top_p), static=static)
-    if tokens.shape[0] != n:
-      tokens, stats = jax.tree.map(lambda a: a[:n], (tokens, stats))
-    return tokens, stats
+    generate_rows = lambda labels, ids: _generate(
+        self._params, labels, ids, key, jnp.float32(settings.cfg_scale), jnp.int32(settings.cfg_interval),
+        jnp.float32(settings.temperature), jnp.float32(settings.top_p), static=static)
+    return sharding.pad_shard_unpad(generate_rows, self.mesh)(labels, ids.astype(np.uint32))
 
   def teacher_forced_logits(self, labels: Any, tokens: Any, *, cfg_scale: float, cfg_interval: int = -1) -> jax.Array:
     """float32 (B, block_size, V): the logits the sampler would see at each step if it had chosen `tokens`."""
@@ -458,11 +455,11 @@ class Sampler:
     labels = check_labels(labels, self.cfg.num_classes)
     tokens = np.asarray(tokens, np.int32)
     if tokens.shape != (labels.shape[0], self.cfg.block_size):
-      raise ValueError(f"tokens must have shape {(labels.shape[0], self.cfg.block_size)}, got {tokens.shape}")
-    n, (labels, tokens) = self._shard_batch(labels, tokens)
-    logits = _teacher_forced(self._params, labels, tokens, jnp.float32(cfg_scale), jnp.int32(cfg_interval),
-                             cfg=self.cfg, guided=settings.guided, mesh=self.mesh)
-    return logits[:n]
+      raise errors.InvalidInput(f"tokens must have shape {(labels.shape[0], self.cfg.block_size)}, got {tokens.shape}")
+    logits_of = lambda labels, tokens: _teacher_forced(self._params, labels, tokens, jnp.float32(cfg_scale),
+                                                       jnp.int32(cfg_interval), cfg=self.cfg, guided=settings.guided,
+                                                       mesh=self.mesh)
+    return sharding.pad_shard_unpad(logits_of, self.mesh)(labels, tokens)
 
 
 def generate(model: nnx.Module, labels: Any, key: jax.Array, *, cfg_scale: float, cfg_interval: int = -1,
