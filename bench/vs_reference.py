@@ -296,7 +296,7 @@ def print_table(results: dict, precisions: list[str]) -> None:
     label, spec = MEASUREMENTS[name]
     if spec.get("compiled"):
       continue  # folded into its train_* row
-    compiled = results.get(name.replace("train", "compiled"), {})
+    compiled = results.get(name.replace("train", "compiled"), {}) if name.startswith("train") else {}
     reference = {p: _median(cells.get(("reference", p))) for p in precisions}
     reference_compiled = {p: _median(compiled.get(("reference", p))) for p in precisions}
     ours = {p: _median(cells.get(("ours", p))) for p in precisions}
