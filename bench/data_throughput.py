@@ -36,6 +36,7 @@ from PIL import Image
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from npp_jax import cli  # noqa: E402
+from npp_jax import errors  # noqa: E402
 from npp_jax.data import augment  # noqa: E402
 from npp_jax.data import pipeline  # noqa: E402
 from npp_jax.data import prepare  # noqa: E402
@@ -180,7 +181,7 @@ def measure_input(config, codes_dir: str, batches: int) -> dict:
 
 def bench_input(args) -> None:
   if args.config is None or args.codes_dir is None:
-    raise ValueError("input needs --config (the run's config) and --codes_dir (codes made by prepare)")
+    raise errors.InvalidInput("input needs --config (the run's config) and --codes_dir (codes made by prepare)")
   result = measure_input(args.config, args.codes_dir, args.batches)
   line = f"training input: {result['records_per_s']:,.0f} records/s over {args.batches} batches"
   if args.consumed_per_s:

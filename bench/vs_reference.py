@@ -43,6 +43,7 @@ from flax import nnx
 
 from npp_jax import cli
 from npp_jax import config as config_lib
+from npp_jax import errors
 from npp_jax import sharding
 from npp_jax.models import gpt
 from npp_jax.sampling import decoding
@@ -234,13 +235,13 @@ def run(fv: flags.FlagValues) -> None:
     return
   for name in ("torch_python", "npp_repo"):
     if not fv[name].value:
-      raise ValueError(f"--{name} is required")
+      raise errors.InvalidInput(f"--{name} is required")
   unknown = sorted(set(fv.only) - set(MEASUREMENTS))
   if unknown:
-    raise ValueError(f"unknown measurements {unknown}; choose from {sorted(MEASUREMENTS)}")
+    raise errors.InvalidInput(f"unknown measurements {unknown}; choose from {sorted(MEASUREMENTS)}")
   bad = sorted(set(fv.precisions) - set(decoding.COMPUTE_DTYPES))
   if bad:
-    raise ValueError(f"unknown precisions {bad}; choose from {list(decoding.COMPUTE_DTYPES)}")
+    raise errors.InvalidInput(f"unknown precisions {bad}; choose from {list(decoding.COMPUTE_DTYPES)}")
   here = pathlib.Path(__file__).resolve()
   reference_cmd = [fv.torch_python, str(here.with_name("vs_reference_torch.py")), "--npp_repo", fv.npp_repo]
   if fv.llamagen_repo:
