@@ -25,7 +25,7 @@ def test_a_second_lock_is_refused_until_the_first_is_released(tmp_path):
 
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
   holder = subprocess.Popen(
-      [sys.executable, "-c", "import sys, time; from npp_jax import workdir_lock; "
+      [sys.executable, "-c", "import sys, time; from npp_jax.checkpoints import workdir_lock; "
        f"workdir_lock.acquire({str(tmp_path)!r}); print('held', flush=True); time.sleep(60)"],
       stdout=subprocess.PIPE, text=True)
   try:
