@@ -128,6 +128,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.read_threads = 4
   c.data.worker_count = 0
   c.data.prefetch = 2
+  c.data.subset_per_class = 0  # > 0: train on this many images of each class (a seeded, class-balanced subset)
+  c.data.subset_seed = 0
+  # Held-out codes for eval.heldout_every: prepared codes of images the model never trains on, or (small datasets,
+  # prepared like WORKDIR/codes) the source's split to prepare into WORKDIR/codes_<split>, e.g. 'test'.
+  c.data.heldout_codes_dir = ""
+  c.data.heldout_split = ""
+  c.data.heldout_images = 2000  # a class-balanced selection of the held-out codes; 0: all
 
   # The tokenizer that decodes samples (and, for auto-prepared codes, encodes the data); empty checkpoint: none.
   c.vq = vq.default_config()
@@ -135,6 +142,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Training-time samples and metrics (needs vq.checkpoint): a grid with one row per class, and a metric.
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 0  # steps between samples + metric; 0: only at the end
+  c.eval.heldout_every = 0  # steps between held-out loss evaluations (needs held-out codes, see data); 0: never
   c.eval.grid_columns = 8
   c.eval.num_samples = 1000  # for the metric
   c.eval.batch_size = 250

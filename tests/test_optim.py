@@ -72,6 +72,16 @@ def test_constant_schedule():
   assert [float(schedule(s)) for s in (0, 499, 500, 999)] == pytest.approx([1e-4] * 4)
 
 
+@pytest.mark.parametrize("scales", [(), (0.5, 2.0)])
+def test_warmup_constant_warms_up_once_and_holds_through_stage_switches(scales):
+  stages = npp.make_stages([(2, 0.5), (1, 0.5)], 1000, 16)
+  schedule = optim.learning_rate_schedule(optim_config(schedule="warmup_constant", stage_lr_scales=scales),
+                                          spans(stages), 10)
+  first, second = (1e-4 * s for s in (scales or (1.0, 1.0)))
+  expected = {0: 0.0, 5: first / 2, 10: first, 499: first, 500: second, 501: second, 999: second}
+  assert {s: float(schedule(s)) for s in expected} == pytest.approx(expected, rel=1e-6, abs=1e-12)
+
+
 def test_stage_lr_scales_scale_each_stage_peak():
   stages = npp.make_stages([(2, 0.5), (1, 0.5)], 1000, 16)
   plain = optim.learning_rate_schedule(optim_config(), spans(stages), 10)

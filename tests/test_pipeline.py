@@ -229,3 +229,39 @@ def test_too_few_images_or_bad_batch_split(codes_dir):
     pipeline.TrainInput(data_config("codes", str(codes_dir)), spec(), global_batch=8, seed=0, process_count=3)
   with pytest.raises(ValueError, match="data.kind"):
     pipeline.TrainInput(data_config("images"), spec(), global_batch=8, seed=0)
+
+
+def test_class_balanced_subset_is_seeded_nested_and_balanced():
+  labels = np.random.default_rng(0).integers(0, 4, 400)
+  subset = pipeline.class_balanced_subset(labels, 20, seed=3)
+  assert (np.diff(subset) > 0).all()
+  assert np.bincount(labels[subset]).tolist() == [20] * 4
+  np.testing.assert_array_equal(subset, pipeline.class_balanced_subset(labels, 20, seed=3))
+  assert set(subset) != set(pipeline.class_balanced_subset(labels, 20, seed=4))
+  assert set(subset) <= set(pipeline.class_balanced_subset(labels, 30, seed=3))  # more images keep the fewer
+  with pytest.raises(ValueError, match=r"fewer than the 500 per class that data.subset_per_class asks for"):
+    pipeline.class_balanced_subset(labels, 500, seed=3)
+
+
+def test_a_subset_trains_on_its_images_only_each_once_per_epoch(codes_dir):
+  data_cfg = data_config("codes", str(codes_dir))
+  data_cfg.update(subset_per_class=4, subset_seed=7)
+  data = pipeline.TrainInput(data_cfg, spec(), global_batch=4, seed=0)
+  labels = np.arange(32) % CLASSES  # what the fixture wrote
+  chosen = pipeline.class_balanced_subset(labels, 4, seed=7)
+  assert data.num_images == 12
+  full = pipeline.TrainInput(data_config("codes", str(codes_dir)), spec(), global_batch=4, seed=0)
+  assert data.fingerprint != full.fingerprint  # a resume on other data is refused
+  for epoch in np.array_split(take(data.iterator(), 3 * 3), 3):
+    images = np.concatenate([b["tokens"][:, 0] // 2 for b in epoch])
+    assert sorted(images) == chosen.tolist()
+    np.testing.assert_array_equal(np.concatenate([b["labels"] for b in epoch]), images % CLASSES)
+
+
+def test_heldout_codes_are_the_first_views_of_a_balanced_selection(codes_dir):
+  everything = pipeline.heldout_codes(str(codes_dir), spec())
+  np.testing.assert_array_equal(everything["tokens"][:, 0], 2 * np.arange(32))  # view 0 of every image, in order
+  np.testing.assert_array_equal(everything["labels"], np.arange(32) % CLASSES)
+  some = pipeline.heldout_codes(str(codes_dir), spec(), num_images=7)  # 2 per class: whole classes only
+  assert np.bincount(some["labels"]).tolist() == [2] * CLASSES
+  np.testing.assert_array_equal(some["labels"], (some["tokens"][:, 0] // 2) % CLASSES)

@@ -222,3 +222,40 @@ def test_sigterm_during_start_up_saves_instead_of_killing(tmp_path, monkeypatch)
   assert int(state["step"]) == 1 and saved_steps(tmp_path) == [1]
   assert not (tmp_path / workdir_lib.DONE_FILE).exists()
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_heldout_loss_is_the_next_token_loss_on_the_heldout_codes(tmp_path):
+  from flax import nnx
+
+  from npp_jax.models import gpt
+  from test_pipeline import write_codes
+
+  rng = np.random.default_rng(0)
+  views = rng.integers(0, 64, (70, 2, 64)).astype(np.uint16)
+  labels = rng.integers(0, 10, 70).tolist()
+  heldout_dir = write_codes(tmp_path / "heldout", views, labels, vocab=64, grid=8, num_classes=10)
+  config = tiny_config(total_steps=20, log_every=5)
+  config.eval.heldout_every = 10
+  config.data.update(heldout_codes_dir=str(heldout_dir), heldout_images=0)
+  state = gpt_trainer.run(config, str(tmp_path / "run"), mesh=single_device_mesh())
+
+  rows = [m for m in logged(tmp_path / "run") if "heldout_loss" in m]
+  assert [m["step"] for m in rows] == [10, 20]
+  # Independently: the final model's log-softmax at each position, scored against the next code, over the 64
+  # images that fill two batches of 32 (view 0 of each, its own label), in float64.
+  model = nnx.merge(nnx.graphdef(gpt.GPT(config.model, rngs=nnx.Rngs(0))), state["params"])
+  tokens, classes = views[:64, 0].astype(np.int32), np.asarray(labels[:64], np.int32)
+  logits = np.asarray(model(tokens, classes, patch_side=1, deterministic=True), np.float64)
+  log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - \
+      logits.max(-1, keepdims=True)
+  expected = -np.take_along_axis(log_probs, tokens[..., None], axis=-1).mean()
+  assert rows[-1]["heldout_loss"] == pytest.approx(expected, rel=1e-5)
+  assert rows[0]["heldout_loss"] != rows[-1]["heldout_loss"]
+
+
+def test_heldout_loss_without_heldout_codes_is_refused_before_anything_is_written(tmp_path):
+  config = tiny_config()
+  config.eval.heldout_every = 10
+  with pytest.raises(ValueError, match="eval.heldout_every=10 needs held-out codes"):
+    gpt_trainer.run(config, str(tmp_path / "run"), mesh=single_device_mesh())
+  assert not (tmp_path / "run" / "checkpoints").exists()

@@ -4,6 +4,8 @@ The example order is a function of (seed, global index) alone: the records are s
 augmentation view is drawn per image and epoch, and global batch t holds examples [t*B, (t+1)*B). Each process
 reads only its own rows of each global batch. So the data at step t is the same for any number of processes, and
 resuming at step t means starting the dataset at batch t: no iterator state has to survive a change of topology.
+`data.subset_per_class` trains on a seeded, class-balanced subset of the records (the many-epochs regime of a
+small set); `heldout_codes` reads codes that the model never trains on, for the held-out loss.
 
 Grain's elements are whole local batches, read with one batched ArrayRecord call: per-record Python overhead
 would otherwise cap the input at a few thousand records/s.
@@ -97,6 +99,62 @@ class _RecordSource(grain.sources.RandomAccessDataSource):
   def fingerprint(self) -> str:
     return hashlib.sha256(self.manifest.to_json().encode()).hexdigest()[:16]
 
+  def labels(self) -> np.ndarray:
+    """Every record's label, in record order (one pass over the shards)."""
+    chunk = 4096
+    return np.asarray([label for start in range(0, len(self), chunk)
+                       for _, label in self.read_many(list(range(start, min(start + chunk, len(self)))))], np.int64)
+
+
+class _Subset:
+  """The records at `indices` of a source, renumbered 0..len-1."""
+
+  def __init__(self, source: _RecordSource, indices: np.ndarray, description: str):
+    self._source, self._indices, self._description = source, indices, description
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def read_many(self, indices: list[int]) -> list[tuple[np.ndarray, int]]:
+    return self._source.read_many(self._indices[np.asarray(indices)].tolist())
+
+  def fingerprint(self) -> str:
+    return hashlib.sha256(f"{self._source.fingerprint()} {self._description}".encode()).hexdigest()[:16]
+
+
+def class_balanced_subset(labels: np.ndarray, per_class: int, seed: int, field: str = "data.subset_per_class"
+                          ) -> np.ndarray:
+  """Sorted indices of `per_class` examples of every class present, each class's drawn by a permutation seeded by
+  (seed, class): growing `per_class` keeps the smaller subset's examples."""
+  chosen = []
+  for label in np.unique(labels):
+    members = np.flatnonzero(labels == label)
+    if len(members) < per_class:
+      raise errors.InvalidInput(f"class {label} has {len(members)} examples, fewer than the {per_class} per "
+                                f"class that {field} asks for")
+    chosen.append(members[np.random.default_rng([seed, int(label)]).permutation(len(members))[:per_class]])
+  return np.sort(np.concatenate(chosen))
+
+
+def _subset(source: _RecordSource, per_class: int, seed: int) -> _Subset:
+  indices = class_balanced_subset(source.labels(), per_class, seed)
+  return _Subset(source, indices, f"subset {per_class} per class, seed {seed}")
+
+
+def heldout_codes(directory: str, spec: InputSpec, num_images: int = 0) -> dict[str, np.ndarray]:
+  """{'tokens': (N, S) int32, 'labels': (N,) int32}: the first view of held-out records, all of them or a
+  class-balanced `num_images` (rounded down to whole classes; seed 0, so every run scores the same images)."""
+  source = _RecordSource(directory, spec)
+  if num_images and num_images < len(source):
+    labels = source.labels()
+    indices = class_balanced_subset(labels, num_images // len(np.unique(labels)), seed=0,
+                                    field="data.heldout_images")
+  else:
+    indices = np.arange(len(source))
+  examples = source.read_many(indices.tolist())
+  return {"tokens": np.stack([codes[0] for codes, _ in examples]).astype(np.int32),
+          "labels": np.asarray([label for _, label in examples], np.int32)}
+
 
 def _exists(path: str) -> bool:
   return epath.Path(path).exists()
@@ -151,6 +209,8 @@ class TrainInput:
     if global_batch % process_count:
       raise errors.InvalidInput(f"the global batch {global_batch} does not split over {process_count} processes")
     if data.kind == "synthetic":
+      if data.get("subset_per_class", 0) > 0:
+        raise errors.InvalidInput("data.subset_per_class selects records of prepared codes; synthetic data has none")
       source = synthetic.SyntheticCodes(spec.vocab_size, spec.grid, spec.num_classes, num_images=data.num_images,
                                         seed=seed)
       self.fingerprint = source.fingerprint()
@@ -159,6 +219,8 @@ class TrainInput:
       if not directory:
         raise errors.InvalidInput("data.codes_dir is empty: point it at codes made by `python -m npp_jax.prepare`")
       source = _RecordSource(directory, spec)
+      if data.get("subset_per_class", 0) > 0:
+        source = _subset(source, int(data.subset_per_class), int(data.get("subset_seed", 0)))
       self.fingerprint = source.fingerprint()
     else:
       raise errors.InvalidInput(f"data.kind must be 'codes' or 'synthetic', got {data.kind!r}")

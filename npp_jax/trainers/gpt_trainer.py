@@ -29,6 +29,7 @@ from npp_jax.data import prepare
 from npp_jax.model_files import store
 from npp_jax.models import gpt
 from npp_jax.models import vq
+from npp_jax.trainers import heldout as heldout_lib
 from npp_jax.trainers import metrics as metrics_lib
 from npp_jax.trainers import monitor
 from npp_jax.trainers import optim
@@ -207,12 +208,13 @@ def _run(config: ml_collections.ConfigDict, run_dir: workdir_lib.Run, mesh: jax.
                              for s in setup.stages))
   log(f"input tokens relative to next-token prediction: {npp.tokens_per_step_fraction(setup.stages):.3f}")
 
+  heldout = _heldout_loss(setup, run_dir.path, spec)
   run_dir.open(config, keep=config.train.keep_checkpoints)
   state, start = run_dir.restore_or_init(setup.abstract_state, data.fingerprint, lambda: _initial_state(setup))
   watcher = None
   if tokenizer:
     watcher = monitor.Monitor(config, run_dir.path, run_dir.writer, setup.graphdef, tokenizer[0])
-  state, finished = _loop(setup, state, start, data, run_dir, watcher)
+  state, finished = _loop(setup, state, start, data, run_dir, watcher, heldout)
   if finished:
     run_dir.finish(setup.total_steps, restored_final=start == setup.total_steps)
   return state
@@ -236,6 +238,28 @@ def _codes_dir(config: ml_collections.ConfigDict, workdir: str) -> str | None:
   return prepare.prepare_once(config, str(epath.Path(workdir) / "codes"), log)
 
 
+def _heldout_loss(setup: Setup, workdir: str, spec: pipeline.InputSpec) -> heldout_lib.HeldoutLoss | None:
+  """The held-out loss of eval.heldout_every, on data.heldout_codes_dir or on WORKDIR/codes_<data.heldout_split>
+  (prepared once, like WORKDIR/codes); None when it is off."""
+  config = setup.config
+  if not config.eval.heldout_every:
+    return None
+  directory = config.data.heldout_codes_dir
+  if not directory and config.data.heldout_split and config.data.source:
+    split_config = ml_collections.ConfigDict(config.to_dict())
+    split_config.data.split = config.data.heldout_split
+    directory = prepare.prepare_once(split_config, str(epath.Path(workdir) / f"codes_{config.data.heldout_split}"),
+                                     log)
+  if not directory:
+    raise errors.InvalidInput(f"eval.heldout_every={config.eval.heldout_every} needs held-out codes: set "
+                              "data.heldout_codes_dir, or data.source and data.heldout_split")
+  codes = pipeline.heldout_codes(directory, spec, int(config.data.heldout_images))
+  loss = heldout_lib.HeldoutLoss(codes, setup.graphdef, setup.mesh, int(config.train.global_batch_size),
+                                 setup.state_shardings["params"])
+  log(f"held-out loss every {config.eval.heldout_every} steps on {loss.num_images:,} images of {directory}")
+  return loss
+
+
 def _initial_state(setup: Setup) -> dict:
   """A fresh state, created already sharded (no parameter is ever whole on one device), or init_from's weights."""
   config = setup.config
@@ -250,7 +274,7 @@ def _initial_state(setup: Setup) -> dict:
 
 
 def _loop(setup: Setup, state: dict, start: int, data: pipeline.TrainInput, run_dir: workdir_lib.Run,
-          watcher) -> tuple[dict, bool]:
+          watcher, heldout: heldout_lib.HeldoutLoss | None) -> tuple[dict, bool]:
   """Trains from `start`; returns (state, whether the last step was reached)."""
   config = setup.config
   steps_fns: dict[int, Callable] = {}
@@ -291,6 +315,10 @@ def _loop(setup: Setup, state: dict, start: int, data: pipeline.TrainInput, run_
     if done % config.train.checkpoint_every == 0 or last or stop:
       run_dir.check_finite({k: float(v) for k, v in step_metrics.compute().items()}, done)
       run_dir.save(done, state, meta(done, stage))
+    if heldout and (done % config.eval.heldout_every == 0 or last):
+      value = heldout(state.get("ema", state["params"]))
+      run_dir.writer.scalars(done, {"heldout_loss": value})
+      log(f"step {done}: heldout_loss={value:.4f}")
     if watcher and ((config.eval.every and done % config.eval.every == 0) or last):
       values = watcher(done, state.get("ema", state["params"]))
       if values:

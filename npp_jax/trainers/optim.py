@@ -17,11 +17,17 @@ from npp_jax import errors
 
 
 Span = tuple[int, int]  # [start, end) in steps
+SCHEDULES = ("constant", "warmup_constant", "stagewise")
 
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict, spans: Sequence[Span], warmup_steps: int
                            ) -> optax.Schedule:
-  """'constant' (LlamaGen) or 'stagewise' (NPP's --scheduler) over consecutive spans (the NPP stages).
+  """'constant' (LlamaGen), 'warmup_constant' or 'stagewise' (NPP's --scheduler) over consecutive spans (the NPP
+  stages).
+
+  Constant: the peak rate from the first step, as LlamaGen's train_c2i.py without --scheduler. Warmup_constant: one
+  linear warmup from 0 over `warmup_steps` at the start of the run, then the peak rate to the end (not restarted at
+  stage switches): LlamaGen's baseline for rates too high to start at.
 
   Stagewise: inside each span [start, end), a linear warmup from 0 over `warmup_steps`, the constant rate, then a
   linear decay to end_lr over the last decay_fraction of the stage. The warmup restarts at every stage switch, as in
@@ -31,10 +37,12 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, spans: Sequence[Spa
   stage at twice the rate; under 'constant' the rate is then constant within each stage.
   """
   peaks = stage_peak_rates(optim, len(spans))
-  if optim.schedule not in ("constant", "stagewise"):
-    raise errors.InvalidInput(f"optim.schedule must be 'constant' or 'stagewise', got {optim.schedule!r}")
+  if optim.schedule not in SCHEDULES:
+    raise errors.InvalidInput(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {optim.schedule!r}")
   if optim.schedule == "constant" and len(set(peaks)) == 1:
     return optax.constant_schedule(peaks[0])
+  if optim.schedule == "warmup_constant" and len(set(peaks)) == 1:
+    return optax.linear_schedule(0.0, peaks[0], max(1, warmup_steps))
   starts = jnp.asarray([start for start, _ in spans])
   ends = jnp.asarray([end for _, end in spans])
   peak = jnp.asarray(peaks, jnp.float32)
@@ -45,6 +53,8 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, spans: Sequence[Spa
     i = jnp.clip(jnp.searchsorted(ends, step, side="right"), 0, len(spans) - 1)
     if optim.schedule == "constant":
       return peak[i]
+    if optim.schedule == "warmup_constant":
+      return peak[i] * jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / max(1, warmup_steps))
     t = (step - starts[i]).astype(jnp.float32)
     warm = peak[i] * t / warmups[i]
     decay_start = (ends[i] - decays[i] - starts[i]).astype(jnp.float32)
