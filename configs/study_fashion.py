@@ -28,7 +28,10 @@ def get_config():
   s.arms.npp_4x4_2x2 = {"npp": {"stages": ((4, 0.25), (2, 0.25), (1, 0.5))}}
   s.baseline = "ntp"
   s.seeds = (0, 1)
+  s.also_against = ()  # more arms every arm is compared with in the report, beside the baseline
+  s.budget_unit = "steps"  # or 'epochs': passes over the training set (see data.subset_per_class)
   s.budgets = (200, 400)  # steps of the baseline at train.global_batch_size
+  s.heldout_points = 10  # held-out loss evaluations per run, with eval.heldout_every and held-out codes
   s.match = ("images", "flops")
   s.num_samples = 1000
   s.eval_seed = 0  # the same sampling key for every run: differences come from the models

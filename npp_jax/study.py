@@ -4,7 +4,8 @@
 
 The config is a trainer config (what every arm starts from) plus a `study` section: the arms (each a partial config
 merged over the base, e.g. its own npp.stages or learning rate), the seeds, the budgets (counted in steps of the
-baseline arm) and how each budget is matched: `images` (every arm sees as many images as the baseline; NPP then
+baseline arm, or with `study.budget_unit='epochs'` in passes over the training set, which `data.subset_per_class`
+can make a small class-balanced subset) and how each budget is matched: `images` (every arm sees as many images as the baseline; NPP then
 costs less) or `flops` (every arm gets the baseline's training FLOPs; NPP then sees more images). Each (arm, steps,
 seed) is an ordinary trainer workdir, WORKDIR/runs/ARM-STEPSsteps-seedSEED, so the study resumes after an
 interruption, never retrains a finished run, and any run can be sampled or evaluated on its own.
@@ -13,7 +14,9 @@ Every finished run is judged the same way: `study.num_samples` samples (labels c
 sampling key for every run) at `sample.cfg_scale` and at each scale of `study.cfg_sweep`, scored by the shipped
 Fashion-MNIST classifier (Frechet distance in its feature space and label agreement, each with its standard error
 from `study.bootstrap` resamplings of the images). A run's scores are cached in its workdir (study_eval.json).
-WORKDIR/results.json holds every figure; WORKDIR/report.md and its plots are made from it alone (`study_report`).
+With `eval.heldout_every` and `data.heldout_split` (e.g. the test images), every run also logs its next-token loss
+on held-out codes (WORKDIR/codes_<split>, prepared once) about `study.heldout_points` times, so the report shows
+whether each run has converged. WORKDIR/results.json holds every figure; WORKDIR/report.md and its plots are made from it alone (`study_report`).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from npp_jax import npp
 from npp_jax.checkpoints import checkpoint
 from npp_jax.checkpoints import integrity
 from npp_jax.checkpoints import workdir_lock
+from npp_jax.data import pipeline
 from npp_jax.data import prepare
 from npp_jax.eval import fashion
 from npp_jax.eval import study_report
@@ -56,10 +60,14 @@ from npp_jax.trainers import metrics as metrics_lib
 from npp_jax.trainers import workdir as workdir_lib
 
 MATCHES = ("images", "flops")
+BUDGET_UNITS = ("steps", "epochs")
 RESULTS_FILE = "results.json"
 EVAL_FILE = "study_eval.json"
-# Sections of a run's config that decide what it trains; a finished run is reused only if they are unchanged.
-RUN_IDENTITY = ("seed", "model", "npp", "optim", "train")
+# Sections of a run's config that decide what it trains; a finished run is reused only if they are unchanged. The
+# data section counts except where the codes are and how fast they are read.
+RUN_IDENTITY = ("seed", "model", "npp", "optim", "train", "data")
+NOT_IDENTITY = ("codes_dir", "heldout_codes_dir", "heldout_split", "heldout_images", "dir", "read_threads",
+                "worker_count", "prefetch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +77,7 @@ class Run:
   arm: str
   seed: int
   steps: int
-  points: tuple[tuple[int, str], ...]
+  points: tuple[tuple[float, str], ...]
 
   @property
   def name(self) -> str:
@@ -142,34 +150,58 @@ def matched_steps(arm: ml_collections.ConfigDict, baseline: ml_collections.Confi
   raise errors.InvalidInput(f"study.match entries must be one of {MATCHES}, got {match!r}")
 
 
-def plan(config: ml_collections.ConfigDict) -> tuple[dict[str, ml_collections.ConfigDict], list[Run]]:
-  """(arm configs, runs). Runs that coincide (the baseline under both matches) are trained once."""
+def baseline_steps(config: ml_collections.ConfigDict, budget: float, train_images: int | None) -> int:
+  """A budget in the baseline's steps: as given, or `budget` passes over the `train_images` training images."""
+  if config.study.get("budget_unit", "steps") == "steps":
+    return int(budget)
+  if not train_images:
+    raise ValueError("budgets in epochs need the number of training images")
+  return max(1, round(budget * train_images / config.train.global_batch_size))
+
+
+def check(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
+  """The arm configs, once the study section has been checked (before the study writes anything)."""
   study = config.study
-  if not study.budgets or any(int(b) < 1 for b in study.budgets):
-    raise errors.InvalidInput(f"study.budgets must be positive step counts of the baseline, got {tuple(study.budgets)}")
+  if not study.budgets or any(float(b) <= 0 for b in study.budgets):
+    raise errors.InvalidInput(f"study.budgets must be positive, got {tuple(study.budgets)}")
+  if study.get("budget_unit", "steps") not in BUDGET_UNITS:
+    raise errors.InvalidInput(f"study.budget_unit must be one of {BUDGET_UNITS}, got {study.budget_unit!r}")
   if not study.seeds:
     raise errors.InvalidInput("study.seeds is empty")
   if not study.match:
     raise errors.InvalidInput(f"study.match is empty: give some of {MATCHES}")
-  arms = arm_configs(config)
+  return arm_configs(config)
+
+
+def plan(config: ml_collections.ConfigDict, train_images: int | None = None
+         ) -> tuple[dict[str, ml_collections.ConfigDict], list[Run]]:
+  """(arm configs, runs). Runs that coincide (the baseline under both matches) are trained once. A run's points
+  name its budgets as given (steps or epochs)."""
+  study = config.study
+  arms = check(config)
   baseline = arms[study.baseline]
-  points: dict[tuple[str, int, int], list[tuple[int, str]]] = {}
+  points: dict[tuple[str, int, int], list[tuple[float, str]]] = {}
   for budget in study.budgets:
+    base_steps = baseline_steps(config, budget, train_images)
     for match in study.match:
       for name, arm in arms.items():
-        steps = matched_steps(arm, baseline, int(budget), match)
+        steps = matched_steps(arm, baseline, base_steps, match)
         for seed in study.seeds:
-          points.setdefault((name, int(seed), steps), []).append((int(budget), match))
+          points.setdefault((name, int(seed), steps), []).append((budget, match))
   runs = [Run(name, seed, steps, tuple(p)) for (name, seed, steps), p in points.items()]
   return arms, runs
 
 
-def run_config(arm: ml_collections.ConfigDict, run: Run, codes_dir: str) -> ml_collections.ConfigDict:
-  """The trainer config of one run: the arm's, with the run's seed and steps, on the study's shared codes."""
+def run_config(arm: ml_collections.ConfigDict, run: Run, codes_dir: str, heldout_dir: str = "",
+               heldout_points: int = 0) -> ml_collections.ConfigDict:
+  """The trainer config of one run: the arm's, with the run's seed and steps, on the study's shared codes; with
+  held-out codes, the held-out loss about `heldout_points` times (and at the end)."""
   config = copy.deepcopy(arm)
   config.seed = run.seed
   config.train.total_steps = run.steps
   config.data.codes_dir = codes_dir
+  config.data.heldout_codes_dir = heldout_dir
+  config.eval.heldout_every = -(-run.steps // heldout_points) if heldout_dir and heldout_points else 0
   # The study judges every run itself (study_eval.json); the trainer only leaves the final sample grid.
   config.eval.update(every=0, classifier="", inception="")
   return config
@@ -184,7 +216,8 @@ def _check_same_run(run_dir: str, config: ml_collections.ConfigDict) -> None:
   if not path.exists():
     return
   stored = json.loads(path.read_text())
-  changed = config_lib.differences(stored, json.loads(config.to_json_best_effort()), RUN_IDENTITY)
+  changed = config_lib.differences(stored, json.loads(config.to_json_best_effort()), RUN_IDENTITY,
+                                   ignore=NOT_IDENTITY)
   if changed:
     raise errors.InvalidInput(f"{run_dir} was trained with other settings ({', '.join(changed)} differ from the study "
                               "config); use a new study workdir or remove that run")
@@ -200,13 +233,14 @@ def train_run(config: ml_collections.ConfigDict, run_dir: str, log: Callable[[st
   return True
 
 
-def logged_history(run_dir: str) -> list[dict]:
-  """The trainer's metrics.jsonl, one row per logged step; after a resume the last execution of a step wins."""
+def logged_history(run_dir: str, key: str = "loss") -> list[dict]:
+  """The trainer's metrics.jsonl rows holding `key` (the training rows, or e.g. heldout_loss), one per step; after a
+  resume the last execution of a step wins."""
   rows: dict[int, dict] = {}
   with open(os.path.join(run_dir, "metrics.jsonl")) as f:
     for line in f:
       row = json.loads(line)
-      if "loss" in row:
+      if key in row:
         rows[row["step"]] = row
   return [rows[s] for s in sorted(rows)]
 
@@ -280,21 +314,24 @@ def run_study(config: ml_collections.ConfigDict, workdir: str, *, command: str =
               log: Callable[[str], None] = logging.info) -> dict:
   """Trains and judges every run of the study (reusing finished ones), writes results.json, report.md and plots."""
   config = resolve(config)
-  arms, runs = plan(config)
+  check(config)
   workdir = os.path.abspath(workdir)
   lock = workdir_lock.acquire(workdir, log)  # one study per workdir; each run takes its own lock too
   try:
     started = time.time()
     codes_dir = _prepare_codes(config, workdir, log)
-    log(f"{len(runs)} runs: " + ", ".join(r.name for r in runs))
+    heldout_dir = _prepare_heldout_codes(config, workdir, log)
+    train_images = training_set_size(config, codes_dir)
+    arms, runs = plan(config, train_images)
+    log(f"{train_images:,} training images; {len(runs)} runs: " + ", ".join(r.name for r in runs))
     judge = Judge(config)  # the base config: every arm is judged with the same settings
     records = []
     for i, run in enumerate(runs):
       run_dir = os.path.join(workdir, "runs", run.name)
-      cfg = run_config(arms[run.arm], run, codes_dir)
+      cfg = run_config(arms[run.arm], run, codes_dir, heldout_dir, int(config.study.get("heldout_points", 0)))
       trained = train_run(cfg, run_dir, log)
       scores = judge(run_dir, run.steps)
-      records.append(_record(run, cfg, run_dir, scores, trained))
+      records.append(_record(run, cfg, run_dir, scores, trained, train_images))
       log(f"[{i + 1}/{len(runs)}] {run.name}: " + ", ".join(
           f"cfg {scale}: fd={s['fd']:.4g} agreement={s['agreement']:.4f}" for scale, s in scores.items()))
     baseline_model = arms[config.study.baseline].model
@@ -302,6 +339,8 @@ def run_study(config: ml_collections.ConfigDict, workdir: str, *, command: str =
         "command": command,
         "study": config.study.to_dict(),
         "baseline": config.study.baseline,
+        "budget_unit": config.study.get("budget_unit", "steps"),
+        "train_images": train_images,
         "fixed_cfg_scale": float(config.sample.cfg_scale),
         "eval": judge.settings,
         "arms": {name: {"stages": [list(s) for s in arm.npp.stages],
@@ -328,7 +367,29 @@ def _prepare_codes(config: ml_collections.ConfigDict, workdir: str, log: Callabl
   return prepare.prepare_once(config, os.path.join(workdir, "codes"), log)
 
 
-def _record(run: Run, config: ml_collections.ConfigDict, run_dir: str, scores: dict, trained: bool) -> dict:
+def _prepare_heldout_codes(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None]) -> str:
+  """The held-out codes every run is scored on ("" when the study has none): data.heldout_codes_dir, or the
+  data.heldout_split of the source prepared once into WORKDIR/codes_<split>."""
+  if not config.eval.heldout_every:
+    return ""
+  if config.data.heldout_codes_dir:
+    return config.data.heldout_codes_dir
+  if not (config.data.heldout_split and config.data.source):
+    raise errors.InvalidInput("eval.heldout_every needs held-out codes: set data.heldout_codes_dir, or data.source "
+                              "and data.heldout_split")
+  split_config = ml_collections.ConfigDict(config.to_dict())
+  split_config.data.split = config.data.heldout_split
+  return prepare.prepare_once(split_config, os.path.join(workdir, f"codes_{config.data.heldout_split}"), log)
+
+
+def training_set_size(config: ml_collections.ConfigDict, codes_dir: str) -> int:
+  """How many images an epoch of every run passes over (data.subset_per_class applied)."""
+  spec = pipeline.InputSpec(config.model.vocab_size, gpt.grid_side(config.model), config.model.num_classes)
+  return pipeline.TrainInput(config.data, spec, global_batch=1, seed=0, codes_dir=codes_dir).num_images
+
+
+def _record(run: Run, config: ml_collections.ConfigDict, run_dir: str, scores: dict, trained: bool,
+            train_images: int) -> dict:
   history = logged_history(run_dir)
   grid = gpt.grid_side(config.model)
   return {
@@ -336,12 +397,14 @@ def _record(run: Run, config: ml_collections.ConfigDict, run_dir: str, scores: d
       "points": [list(p) for p in run.points],
       "batch_size": int(config.train.global_batch_size),
       "images": run.steps * int(config.train.global_batch_size),
+      "epochs": run.steps * int(config.train.global_batch_size) / train_images,
       "flops": training_flops(config, run.steps),
       "seconds": training_seconds(history),
       "trained_now": trained,
       "stages": [{"patch_side": s.patch_side, "start": s.start, "end": s.end}
                  for s in npp.make_stages(config.npp.stages, run.steps, grid)],
       "loss": [[row["step"], row["loss"]] for row in history],
+      "heldout_loss": [[row["step"], row["heldout_loss"]] for row in logged_history(run_dir, "heldout_loss")],
       "scores": scores,
   }
 
