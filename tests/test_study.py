@@ -9,12 +9,14 @@ import pathlib
 import re
 import shutil
 
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
 from npp_jax import config as config_lib
 from npp_jax import study
+from npp_jax.data import prepare
 from npp_jax.eval import study_report
 from npp_jax.models import gpt
 from npp_jax.trainers import gpt_trainer
@@ -79,6 +81,30 @@ def test_the_default_plan_matches_images_and_flops():
   assert 0.6 < ratio < 0.65
   flops_matched = sorted(r.steps for r in runs if r.arm == "npp_2x2" and r.points[0][1] == "flops")
   assert [abs(s - b / ratio) <= 1 for s, b in zip(flops_matched, (200, 200, 400, 400))] == [True] * 4
+
+
+def test_budgets_in_epochs_are_passes_over_the_training_set():
+  config = study.resolve(config_lib.load_file(str(REPO / "configs" / "study_fashion_epochs.py")))
+  arms, runs = study.plan(config, train_images=1000)
+  assert set(arms) == {"ntp_constant", "ntp", "npp_2x2", "npp_2x2_constant"}
+  assert arms["ntp_constant"].optim.schedule == arms["npp_2x2_constant"].optim.schedule == "warmup_constant"
+  assert arms["ntp"].optim.schedule == arms["npp_2x2"].optim.schedule == "stagewise"
+  batch = config.train.global_batch_size
+  covered = set()
+  for run in runs:
+    for epochs, match in run.points:
+      covered.add((run.arm, run.seed, epochs, match))
+      base_steps = round(epochs * 1000 / batch)  # the baseline's steps for `epochs` passes over 1,000 images
+      if match == "images":
+        assert run.steps == base_steps
+      else:
+        target = study.training_flops(arms["ntp_constant"], base_steps)
+        assert abs(study.training_flops(arms[run.arm], run.steps) - target) <= \
+            study.training_flops(arms["ntp"], 1), run
+  assert covered == {(a, s, e, m) for a in arms for s in (0, 1) for e in (5, 15, 45) for m in ("images", "flops")}
+  assert sorted({r.steps for r in runs if r.arm == "ntp"}) == [78, 234, 703]
+  with pytest.raises(ValueError, match="budgets in epochs need the number of training images"):
+    study.plan(config)
 
 
 def test_an_arm_override_must_name_a_trainer_field():
@@ -166,12 +192,30 @@ def test_report_means_spreads_and_verdicts():
   assert compared.count("(worse)") == 2
 
 
+def test_convergence_reads_the_heldout_curve():
+  def run(losses):
+    return {"steps": 100, "heldout_loss": [[10 * (i + 1), loss] for i, loss in enumerate(losses)]}
+
+  falling = study_report.convergence(run([5, 4, 3.5, 3.2, 3.1, 3.0, 2.95, 2.9, 2.85, 2.8]))
+  assert falling["verdict"] == "still falling"
+  assert falling["last_quarter_change"] == pytest.approx(2.8 / 2.95 - 1)  # against step 70, the last <= 75
+  rising = study_report.convergence(run([5, 4, 3, 2.9, 2.95, 3.0, 3.0, 3.0, 3.0, 3.0]))
+  assert (rising["verdict"], rising["minimum"], rising["minimum_step"]) == ("rising", 2.9, 40)
+  assert study_report.convergence(run([5, 4, 3, 3, 3, 3, 3, 3, 3, 2.99]))["verdict"] == "flat"
+
+
 @pytest.fixture(scope="module")
 def quick_study(tmp_path_factory):
   """The quick study on a small image folder, with one extra guidance scale; the workdir and the config."""
   root = tmp_path_factory.mktemp("study")
   config = load(quick=True, cfg_sweep=(1.5,))
-  config.data.update(source="folder", dir=str(image_folder(root / "images")), shard_size=16)
+  config.data.update(source="folder", dir=str(image_folder(root / "images")), shard_size=16, subset_per_class=3)
+  # Held-out codes of other images through the same tokenizer; each run scores them twice.
+  heldout = ml_collections.ConfigDict(config.to_dict())
+  heldout.data.dir = str(image_folder(root / "heldout", per_class=2))
+  config.data.heldout_codes_dir = prepare.prepare_once(heldout, str(root / "heldout_codes"), print)
+  config.eval.heldout_every = 1
+  config.study.heldout_points = 2
   workdir = root / "study"
   study.run_study(config, str(workdir), command="python -m npp_jax.study (test)")
   return workdir, config
@@ -200,7 +244,12 @@ def test_quick_study_trains_every_arm_and_seed_and_reports_the_evaluations(quick
 
   results = json.loads((workdir / study.RESULTS_FILE).read_text())
   assert {r["name"]: r["scores"] for r in results["runs"]} == scores
+  assert results["train_images"] == 3 * 10  # data.subset_per_class of each class
+  for run in results["runs"]:  # the held-out loss at half the run and at its end
+    assert [step for step, _ in run["heldout_loss"]] == [-(-run["steps"] // 2), run["steps"]], run["name"]
+    assert run["epochs"] == pytest.approx(run["steps"] * 16 / 30)
   report = (workdir / study_report.REPORT_FILE).read_text()
+  assert "## Has each run converged?" in report
   # Every run's row carries the numbers its study_eval.json holds.
   for name, s in scores.items():
     row = next(line for line in report.splitlines() if line.startswith(f"| `{name}` |"))

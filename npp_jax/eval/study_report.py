@@ -1,9 +1,11 @@
 """The study's report: WORKDIR/report.md and its plots, made from results.json alone (every figure in them is one
 the study computed, never re-typed).
 
-Plots (matplotlib, Agg): quality against training FLOPs, quality against wall-clock, and the loss curves with the
-stage switches marked. The table gives, per budget and matching, each arm's mean and standard deviation over seeds;
-the comparisons give each arm's difference to the baseline with its standard error (seeds and sampling noise).
+Plots (matplotlib, Agg): quality against the budget (one row per matching), against training FLOPs and against
+wall-clock, and the loss curves (training, and held-out where the runs logged it) with the stage switches marked.
+The table gives, per budget and matching, each arm's mean and standard deviation over seeds; the comparisons give
+each arm's difference to the baseline (and to each arm of `study.also_against`) with its standard error (seeds and
+sampling noise); the convergence table reads the held-out curves.
 """
 
 from __future__ import annotations
@@ -20,7 +22,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 from npp_jax import fileio  # noqa: E402
 
 REPORT_FILE = "report.md"
-PLOTS = {"flops": "quality_vs_flops.png", "seconds": "quality_vs_wallclock.png", "loss": "loss_curves.png"}
+PLOTS = {"budget": "quality_vs_budget.png", "flops": "quality_vs_flops.png", "seconds": "quality_vs_wallclock.png",
+         "loss": "loss_curves.png"}
+# A held-out curve that still fell by more than this fraction over a run's last quarter is "still falling"; one
+# that ends this far above its minimum is "rising" (the run overfits).
+CONVERGENCE_TOLERANCE = 0.01
 METRICS = (("fd", "Frechet distance (classifier features, lower is better)"),
            ("agreement", "label agreement (higher is better)"))
 
@@ -34,9 +40,19 @@ def mean_sd(values: Iterable[float]) -> tuple[float, float]:
   return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
+def budget_unit(results: dict) -> str:
+  return results.get("budget_unit", "steps")
+
+
+def references(results: dict) -> list[str]:
+  """The arms every other arm is compared with: the baseline, then study.also_against."""
+  return [results["baseline"], *[a for a in results["study"].get("also_against", ()) if a != results["baseline"]]]
+
+
 def arm_order(results: dict) -> list[str]:
-  """The baseline first, then the other arms by name."""
-  return [results["baseline"], *sorted(a for a in results["arms"] if a != results["baseline"])]
+  """The reference arms first, then the other arms by name."""
+  first = references(results)
+  return [*first, *sorted(a for a in results["arms"] if a not in first)]
 
 
 def groups(results: dict) -> dict[tuple[int, str, str], list[dict]]:
@@ -103,7 +119,7 @@ def markdown(results: dict) -> str:
       "```",
       "",
       f"- Model: {model['parameters']:,} parameters; code grid {model['grid']}x{model['grid']}, "
-      f"vocabulary {model['vocab_size']}. Budgets are counted in steps of the baseline arm `{baseline}`.",
+      f"vocabulary {model['vocab_size']}. " + _budget_sentence(results),
       "- Arms: " + "; ".join(f"`{name}` stages {tuple(tuple(s) for s in results['arms'][name]['stages'])}"
                                for name in arm_order(results)) + ".",
       f"- Seeds: {', '.join(map(str, seeds))}. Every run is judged on {ev['num_samples']:,} samples (labels cycling "
@@ -122,6 +138,8 @@ def markdown(results: dict) -> str:
       f"{results['study_seconds_this_invocation'] / 60:.1f} min and trained "
       f"{sum(r['trained_now'] for r in results['runs'])} of them; finished runs and their cached scores are reused.",
       "",
+      f"![quality against the budget]({PLOTS['budget']})",
+      "",
       "![quality against training FLOPs](" + PLOTS["flops"] + ")",
       "",
       "![quality against wall-clock](" + PLOTS["seconds"] + ")",
@@ -131,8 +149,10 @@ def markdown(results: dict) -> str:
       "## Results",
       "",
   ]
-  header = "| budget | matched | arm | steps | images | FLOPs (x baseline) | wall-clock s | FD | agreement |"
-  rule = "|---|---|---|---|---|---|---|---|---|"
+  epochs = budget_unit(results) == "epochs"
+  header = (f"| budget ({budget_unit(results)}) | matched | arm | steps | " + ("epochs | " if epochs else "") +
+            "images | FLOPs (x baseline) | wall-clock s | FD | agreement |")
+  rule = "|---|---|---|---|---|---|---|---|---|" + ("---|" if epochs else "")
   if sweep:
     header += " best FD (cfg) | best agreement (cfg) |"
     rule += "---|---|"
@@ -141,7 +161,8 @@ def markdown(results: dict) -> str:
     base_flops = grouped[(budget, match, baseline)][0]["flops"]
     flops = runs[0]["flops"]
     seconds = mean_sd(r["seconds"] for r in runs)
-    row = (f"| {budget} | {match} | `{arm}` | {runs[0]['steps']} | {runs[0]['images']:,} | "
+    row = (f"| {budget} | {match} | `{arm}` | {runs[0]['steps']} | " +
+           (f"{runs[0]['epochs']:.1f} | " if epochs else "") + f"{runs[0]['images']:,} | "
            f"{flops:.3g} ({flops / base_flops:.3f}) | {seconds[0]:.0f} ± {seconds[1]:.0f} | "
            f"{_fmt(*mean_sd(scores(runs, fixed, 'fd')), 'fd')} | "
            f"{_fmt(*mean_sd(scores(runs, fixed, 'agreement')), 'agreement')} |")
@@ -150,26 +171,10 @@ def markdown(results: dict) -> str:
         scale, values = best_scores(runs, metric)
         row += f" {_fmt(*mean_sd(values), metric)} ({scale}) |"
     lines.append(row)
-  lines += ["", "## Each arm against the baseline", "",
-            f"Difference arm minus `{baseline}` at guidance {fixed}, ± its standard error (the spread over seeds plus "
-            f"the sampling noise of {ev['num_samples']:,} samples, from {ev['bootstrap']} bootstrap resamplings); the "
-            "verdict is at two standard errors. Cost is the arm's training FLOPs and wall-clock over the baseline's.",
-            "",
-            "| budget | matched | arm | FLOPs ratio | wall-clock ratio | FD difference | agreement difference |",
-            "|---|---|---|---|---|---|---|"]
-  for (budget, match, arm), runs in grouped.items():
-    if arm == baseline:
-      continue
-    base = grouped[(budget, match, baseline)]
-    cells = []
-    for metric in ("fd", "agreement"):
-      diff, se, verdict = difference(runs, base, fixed, metric)
-      digits = 1 if metric == "fd" else 3
-      cells.append(f"{diff:+.{digits}f} ± {se:.{digits}f} ({verdict})")
-    flops_ratio = runs[0]["flops"] / base[0]["flops"]
-    seconds_ratio = mean_sd(r["seconds"] for r in runs)[0] / mean_sd(r["seconds"] for r in base)[0]
-    lines.append(f"| {budget} | {match} | `{arm}` | {flops_ratio:.3f} | {seconds_ratio:.3f} | {cells[0]} | "
-                 f"{cells[1]} |")
+  for reference in references(results):
+    lines += comparison_lines(results, grouped, reference)
+  if any(run.get("heldout_loss") for run in results["runs"]):
+    lines += convergence_lines(results)
   lines += ["", "## Every run", "", "Each figure ± its sampling error (bootstrap over the samples).", "",
             "| run | steps | wall-clock s | " +
             " | ".join(f"FD / agreement at cfg {s}" for s in ev["cfg_scales"]) + " |",
@@ -181,6 +186,81 @@ def markdown(results: dict) -> str:
       cells.append(f"{x['fd']:.1f} ± {x['fd_se']:.1f} / {x['agreement']:.3f} ± {x['agreement_se']:.3f}")
     lines.append(f"| `{run['name']}` | {run['steps']} | {run['seconds']:.0f} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
+
+
+def _budget_sentence(results: dict) -> str:
+  if budget_unit(results) == "epochs":
+    return (f"Budgets are epochs of the baseline arm `{results['baseline']}`: passes over the "
+            f"{results['train_images']:,} training images (an arm matched at equal FLOPs trains more epochs).")
+  return f"Budgets are counted in steps of the baseline arm `{results['baseline']}`."
+
+
+def comparison_lines(results: dict, grouped: dict, reference: str) -> list[str]:
+  """The section comparing every other arm with `reference`, budget by budget."""
+  fixed, ev = str(results["fixed_cfg_scale"]), results["eval"]
+  title = "the baseline" if reference == results["baseline"] else f"`{reference}`"
+  lines = ["", f"## Each arm against {title}", "",
+           f"Difference arm minus `{reference}` at guidance {fixed}, ± its standard error (the spread over seeds plus "
+           f"the sampling noise of {ev['num_samples']:,} samples, from {ev['bootstrap']} bootstrap resamplings); the "
+           f"verdict is at two standard errors. Cost is the arm's training FLOPs and wall-clock over `{reference}`'s.",
+           "",
+           "| budget | matched | arm | FLOPs ratio | wall-clock ratio | FD difference | agreement difference |",
+           "|---|---|---|---|---|---|---|"]
+  for (budget, match, arm), runs in grouped.items():
+    base = grouped.get((budget, match, reference))
+    if arm == reference or base is None:
+      continue
+    cells = []
+    for metric in ("fd", "agreement"):
+      diff, se, verdict = difference(runs, base, fixed, metric)
+      digits = 1 if metric == "fd" else 3
+      cells.append(f"{diff:+.{digits}f} ± {se:.{digits}f} ({verdict})")
+    flops_ratio = runs[0]["flops"] / base[0]["flops"]
+    seconds_ratio = mean_sd(r["seconds"] for r in runs)[0] / mean_sd(r["seconds"] for r in base)[0]
+    lines.append(f"| {budget} | {match} | `{arm}` | {flops_ratio:.3f} | {seconds_ratio:.3f} | {cells[0]} | "
+                 f"{cells[1]} |")
+  return lines
+
+
+def convergence(run: dict) -> dict:
+  """What a run's held-out curve says: its final value, its relative change since the last evaluation at or before
+  three quarters of the run, its minimum and where, and a verdict ("still falling", "rising" past its minimum, or "flat") at CONVERGENCE_TOLERANCE."""
+  steps, losses = zip(*run["heldout_loss"])
+  final = losses[-1]
+  quarter = ([loss for step, loss in zip(steps, losses) if step <= 0.75 * run["steps"]] or losses[:1])[-1]
+  low = min(range(len(losses)), key=losses.__getitem__)
+  change = (final - quarter) / quarter
+  if change < -CONVERGENCE_TOLERANCE:
+    verdict = "still falling"
+  elif (final - losses[low]) / losses[low] > CONVERGENCE_TOLERANCE:
+    verdict = "rising"
+  else:
+    verdict = "flat"
+  return {"final": final, "last_quarter_change": change, "minimum": losses[low], "minimum_step": steps[low],
+          "verdict": verdict}
+
+
+def convergence_lines(results: dict) -> list[str]:
+  lines = ["", "## Has each run converged?", "",
+           "Each run's next-token loss on held-out images (the same images for every run; whatever the stage, the "
+           "1x1 loss). `still falling`: it fell more than "
+           f"{CONVERGENCE_TOLERANCE:.0%} over the run's last quarter, so the run is not converged; `rising`: it ends "
+           f"more than {CONVERGENCE_TOLERANCE:.0%} above its minimum, so the run overfits its training set; `flat`: "
+           "neither. Mean over seeds; the verdicts are per seed.", "",
+           "| budget | matched | arm | epochs | final held-out loss | change over the last quarter | minimum (at epoch) "
+           "| verdicts |", "|---|---|---|---|---|---|---|---|"]
+  for (budget, match, arm), runs in groups(results).items():
+    if not all(r.get("heldout_loss") for r in runs):
+      continue
+    found = [convergence(r) for r in runs]
+    per_epoch = runs[0]["epochs"] / runs[0]["steps"] if "epochs" in runs[0] else 1 / runs[0]["batch_size"]
+    final, change = (mean_sd(c[k] for c in found) for k in ("final", "last_quarter_change"))
+    minimum = mean_sd(c["minimum"] for c in found)[0]
+    at = mean_sd(c["minimum_step"] * per_epoch for c in found)[0]
+    lines.append(f"| {budget} | {match} | `{arm}` | {runs[0].get('epochs', float('nan')):.1f} | "
+                 f"{final[0]:.4f} ± {final[1]:.4f} | {change[0]:+.2%} | {minimum:.4f} ({at:.1f}) | "
+                 f"{', '.join(c['verdict'] for c in found)} |")
+  return lines
 
 
 def _arm_colors(results: dict) -> dict[str, str]:
@@ -214,36 +294,71 @@ def plot_quality(results: dict, x_key: str, x_label: str, path: str) -> None:
   plt.close(fig)
 
 
+def plot_budget(results: dict, path: str) -> None:
+  """FD and agreement (mean ± sd over seeds, fixed guidance) against the budget, one row per matching."""
+  grouped = groups(results)
+  fixed = str(results["fixed_cfg_scale"])
+  colors = _arm_colors(results)
+  matches = list(results["study"]["match"])
+  fig, axes = plt.subplots(len(matches), 2, figsize=(11, 3.8 * len(matches)), squeeze=False)
+  for row, match in zip(axes, matches):
+    for ax, (metric, label) in zip(row, METRICS):
+      for arm in arm_order(results):
+        points = sorted((budget, *mean_sd(scores(runs, fixed, metric)))
+                        for (budget, m, a), runs in grouped.items() if a == arm and m == match)
+        if points:
+          xs, ys, sds = zip(*points)
+          ax.errorbar(xs, ys, yerr=sds, marker="o", capsize=3, color=colors[arm], label=arm)
+      ax.set_xscale("log")
+      ax.set_xlabel(f"budget ({budget_unit(results)} of the baseline), matched at equal {match}")
+      ax.set_ylabel(label)
+      ax.grid(alpha=0.3, which="both")
+  axes[0][0].legend()
+  fig.suptitle(f"guidance {fixed}, mean ± sd over seeds")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def plot_losses(results: dict, path: str) -> None:
-  """Training loss against images seen for the runs of the largest budget, one panel per arm, stage switches
-  dashed. A k x k stage's loss averages k^2 targets per distribution, so it sits above the token loss."""
+  """Training loss (solid) and held-out next-token loss (dashed, where logged) for the runs of the largest budget,
+  one panel per arm, stage switches in gray. A k x k stage's training loss averages k^2 targets per distribution,
+  so it sits above the token loss."""
   colors = _arm_colors(results)
   largest = max(results["study"]["budgets"])
   arms = arm_order(results)
+  epochs = budget_unit(results) == "epochs"
+  x_of = (lambda step, run: step * run["batch_size"] / results["train_images"]) if epochs else \
+      (lambda step, run: step * run["batch_size"] / 1000)
   fig, axes = plt.subplots(1, len(arms), figsize=(4.2 * len(arms), 3.6), sharey=True, squeeze=False)
   for ax, arm in zip(axes[0], arms):
     runs = [r for r in results["runs"] if r["arm"] == arm and any(b == largest for b, _ in r["points"])]
-    styles = {steps: style for steps, style in zip(sorted({r["steps"] for r in runs}), ("-", ":", "-.", "--"))}
+    widths = {steps: width for steps, width in zip(sorted({r["steps"] for r in runs}), (1.2, 2.2, 3.0))}
     for run in sorted(runs, key=lambda r: (r["steps"], r["seed"])):
+      alpha = 0.4 + 0.4 * (run["seed"] == runs[0]["seed"])
+      label = f"{run['steps']} steps ({', '.join(m for _, m in run['points'])}), seed {run['seed']}"
       steps, losses = zip(*run["loss"])
-      ax.plot([s * run["batch_size"] / 1000 for s in steps], losses, color=colors[arm],
-              ls=styles.get(run["steps"], "-"), alpha=0.4 + 0.4 * (run["seed"] == runs[0]["seed"]), lw=1.2,
-              label=f"{run['steps']} steps ({', '.join(m for _, m in run['points'])}), seed {run['seed']}")
+      ax.plot([x_of(s, run) for s in steps], losses, color=colors[arm], lw=widths.get(run["steps"], 1.2),
+              alpha=alpha, label=label)
+      if run.get("heldout_loss"):
+        steps, losses = zip(*run["heldout_loss"])
+        ax.plot([x_of(s, run) for s in steps], losses, color=colors[arm], ls="--", marker="o", ms=3,
+                lw=widths.get(run["steps"], 1.2), alpha=alpha)
       for stage in run["stages"][1:]:
-        ax.axvline(stage["start"] * run["batch_size"] / 1000, color="gray", ls=styles.get(run["steps"], "-"), lw=0.8,
-                   alpha=0.6)
+        ax.axvline(x_of(stage["start"], run), color="gray", lw=0.8, alpha=0.6)
     ax.set_title(f"{arm} (budget {largest})")
-    ax.set_xlabel("images seen (thousands)")
+    ax.set_xlabel("epochs" if epochs else "images seen (thousands)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-  axes[0][0].set_ylabel("training loss")
+  axes[0][0].set_ylabel("training loss; held-out next-token loss dashed")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
 
 def write(results: dict, directory: str) -> str:
-  """Writes report.md and the three plots into `directory`; returns the report's path."""
+  """Writes report.md and the plots into `directory`; returns the report's path."""
+  plot_budget(results, os.path.join(directory, PLOTS["budget"]))
   plot_quality(results, "flops", "training FLOPs", os.path.join(directory, PLOTS["flops"]))
   plot_quality(results, "seconds", "training wall-clock (s)", os.path.join(directory, PLOTS["seconds"]))
   plot_losses(results, os.path.join(directory, PLOTS["loss"]))
