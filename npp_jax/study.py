@@ -4,11 +4,11 @@
 
 The config is a trainer config (what every arm starts from) plus a `study` section: the arms (each a partial config
 merged over the base, e.g. its own npp.stages or learning rate), the seeds, the budgets (counted in steps of the
-baseline arm, or with `study.budget_unit='epochs'` in passes over the training set, which `data.subset_per_class`
-can make a small class-balanced subset) and how each budget is matched: `images` (every arm sees as many images as the baseline; NPP then
-costs less) or `flops` (every arm gets the baseline's training FLOPs; NPP then sees more images). Each (arm, steps,
-seed) is an ordinary trainer workdir, WORKDIR/runs/ARM-STEPSsteps-seedSEED, so the study resumes after an
-interruption, never retrains a finished run, and any run can be sampled or evaluated on its own.
+baseline arm, or with `study.budget_unit='epochs'` in passes over the training set, which `data.subset_per_class` can
+make a small class-balanced subset) and how each budget is matched: `images` (every arm sees as many images as the
+baseline; NPP then costs less) or `flops` (every arm gets the baseline's training FLOPs; NPP then sees more images).
+Each (arm, steps, seed) is an ordinary trainer workdir, WORKDIR/runs/ARM-STEPSsteps-seedSEED, so the study resumes after
+an interruption, never retrains a finished run, and any run can be sampled or evaluated on its own.
 
 Every finished run is judged the same way: `study.num_samples` samples (labels cycling over the classes, the same
 sampling key for every run) at `sample.cfg_scale` and at each scale of `study.cfg_sweep`, scored by the shipped
@@ -16,7 +16,8 @@ Fashion-MNIST classifier (Frechet distance in its feature space and label agreem
 from `study.bootstrap` resamplings of the images). A run's scores are cached in its workdir (study_eval.json).
 With `eval.heldout_every` and `data.heldout_split` (e.g. the test images), every run also logs its next-token loss
 on held-out codes (WORKDIR/codes_<split>, prepared once) about `study.heldout_points` times, so the report shows
-whether each run has converged. WORKDIR/results.json holds every figure; WORKDIR/report.md and its plots are made from it alone (`study_report`).
+whether each run has converged. WORKDIR/results.json holds every figure; WORKDIR/report.md and its plots are made
+from it alone (`study_report`).
 """
 
 from __future__ import annotations

@@ -224,7 +224,8 @@ def comparison_lines(results: dict, grouped: dict, reference: str) -> list[str]:
 
 def convergence(run: dict) -> dict:
   """What a run's held-out curve says: its final value, its relative change since the last evaluation at or before
-  three quarters of the run, its minimum and where, and a verdict ("still falling", "rising" past its minimum, or "flat") at CONVERGENCE_TOLERANCE."""
+  three quarters of the run, its minimum and where, and a verdict at CONVERGENCE_TOLERANCE: "still falling",
+  "rising" (past its minimum) or "flat"."""
   steps, losses = zip(*run["heldout_loss"])
   final = losses[-1]
   quarter = ([loss for step, loss in zip(steps, losses) if step <= 0.75 * run["steps"]] or losses[:1])[-1]
@@ -247,8 +248,8 @@ def convergence_lines(results: dict) -> list[str]:
            f"{CONVERGENCE_TOLERANCE:.0%} over the run's last quarter, so the run is not converged; `rising`: it ends "
            f"more than {CONVERGENCE_TOLERANCE:.0%} above its minimum, so the run overfits its training set; `flat`: "
            "neither. Mean over seeds; the verdicts are per seed.", "",
-           "| budget | matched | arm | epochs | final held-out loss | change over the last quarter | minimum (at epoch) "
-           "| verdicts |", "|---|---|---|---|---|---|---|---|"]
+           "| budget | matched | arm | epochs | final held-out loss | change over the last quarter "
+           "| minimum (at epoch) | verdicts |", "|---|---|---|---|---|---|---|---|"]
   for (budget, match, arm), runs in groups(results).items():
     if not all(r.get("heldout_loss") for r in runs):
       continue
