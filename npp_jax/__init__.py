@@ -16,7 +16,8 @@ pad_shard_unpad), distributed, cli (the entry points' flags and one-sentence err
 fileio, images.
 
 Library, by role (no library module imports an entry point or cli):
-  trainers/ (gpt_trainer, tokenizer_trainer, classifier_trainer, workdir, optim, dry_run, monitor, metrics, chips)
+  trainers/ (gpt_trainer, tokenizer_trainer, classifier_trainer, workdir, optim, dry_run, monitor, heldout, metrics,
+    chips)
   checkpoints/ (checkpoint, integrity, workdir_lock)                    a trainer's workdir on disk
   model_files/ (store, param_mapping, torch_io)                         model directories and PyTorch weight rules
   sampling/ (decoding, generation)                                      KV-cache sampling; model in, images out
