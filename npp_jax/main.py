@@ -13,6 +13,7 @@ import sys
 from absl import flags
 
 from npp_jax import cli
+from npp_jax import config_schema
 from npp_jax import distributed
 from npp_jax import errors
 from npp_jax.trainers import dry_run
@@ -20,7 +21,7 @@ from npp_jax.trainers import gpt_trainer
 
 
 def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
-  cli.define_config(fv, argv, "Config file (configs/*.py).")
+  cli.define_config(fv, argv, "Config file (configs/*.py).", config_schema.TRAINER)
   flags.DEFINE_string("workdir", None, "Where checkpoints, logs and samples go (local path or gs://).", flag_values=fv)
   flags.DEFINE_bool("dry_run", False, "Compile the train step from the abstract state and exit.", flag_values=fv)
   flags.DEFINE_string("coordinator", None, "host:port of process 0, for multi-process runs outside Cloud TPU / "

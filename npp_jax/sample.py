@@ -26,6 +26,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from npp_jax import cli
+from npp_jax import config_schema
 from npp_jax import errors
 from npp_jax import images as image_io
 from npp_jax.sampling import decoding
@@ -111,7 +112,7 @@ def run(model: nnx.Module, vq_decode_fn: Callable[[jax.Array], jax.Array], label
 
 def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
   cli.define_config(fv, argv, "Config file with get_config() (default: the one stored with the checkpoint); "
-                    "--config.key=value overrides its fields.")
+                    "--config.key=value overrides its fields.", config_schema.MODEL_ONLY)
   flags.DEFINE_string("checkpoint", None, "Trainer workdir or converted checkpoint directory.", flag_values=fv)
   flags.DEFINE_string("vq", None, "VQ tokenizer: a .pt/.safetensors file (architecture from the config) or a saved "
                       "tokenizer directory (which has its own config).", flag_values=fv)

@@ -184,8 +184,20 @@ def log(message: str) -> None:
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding.Mesh | None = None) -> dict:
   """Trains (or resumes) in `workdir`; returns the final state."""
+  mesh = mesh or sharding.make_mesh(config.mesh.shape)
+  _check_before_writing(config, mesh)
   with workdir_lib.Run(workdir, log) as run_dir:
     return _run(config, run_dir, mesh)
+
+
+def _check_before_writing(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  """What can refuse the run once the devices are known, checked before the workdir is touched: the batch over the
+  mesh, and init_from's parameter shapes (from its metadata)."""
+  _check_batch(config, mesh)
+  if config.init_from:
+    abstract_model = nnx.eval_shape(lambda: gpt.GPT(config.model, rngs=nnx.Rngs(0)))
+    checkpoint.check_params_fit(config.init_from, nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param)),
+                                config.model)
 
 
 def _run(config: ml_collections.ConfigDict, run_dir: workdir_lib.Run, mesh: jax.sharding.Mesh | None) -> dict:
@@ -241,7 +253,7 @@ def _initial_state(setup: Setup) -> dict:
   config = setup.config
   state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)()
   if config.init_from:
-    params = checkpoint.restore_params(config.init_from, setup.abstract_state["params"])
+    params = checkpoint.restore_params(config.init_from, setup.abstract_state["params"], model_config=config.model)
     state["params"] = params
     if "ema" in state:
       state["ema"] = jax.tree.map(jnp.copy, params)
