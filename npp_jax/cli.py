@@ -80,8 +80,20 @@ def _config_value_error(fv: flags.FlagValues, error: flags.IllegalFlagValueError
   return config_schema.refusal(found.group(1), found.group(2), rule)
 
 
+def _check_override_names(fv: flags.FlagValues, argv: list[str]) -> None:
+  """A `--config.key=value` whose key the config's schema does not know, named with the nearest field."""
+  if fv not in _SCHEMAS or not any(a == "--config" or a.startswith("--config=") for a in argv):
+    return  # no config file: the flag parser says so
+  for arg in argv[1:]:
+    found = re.match(r"--config\.([\w.]+)(=|$)", arg)
+    unknown = found and config_schema.unknown_field(found.group(1), _SCHEMAS[fv])
+    if unknown:
+      raise errors.InvalidInput(f"--config.{found.group(1)}: {unknown}")
+
+
 def _parse(fv: flags.FlagValues, argv: list[str], required: Sequence[str]) -> None:
   config_lib.check_config_argument(argv)  # a broken config file: one ValueError, not config_flags' traceback
+  _check_override_names(fv, argv)
   try:
     rest = fv(argv)
   except flags.IllegalFlagValueError as e:

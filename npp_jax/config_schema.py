@@ -284,6 +284,8 @@ def _library_check(fields: str, check: Callable[[ml_collections.ConfigDict], Any
     try:
       check(c)
     except errors.InvalidInput as e:
+      if all(f"{n}=" in str(e) for n in names):  # the library's sentence already names them
+        return str(e)
       values = ", ".join(f"{n}={_get(c, n)!r}" for n in names)
       return f"{values}: {e}"
     return None
@@ -471,6 +473,18 @@ def leaves(config: Any, schema: Schema, prefix: str = "") -> list[tuple[str, Any
   return found
 
 
+def unknown_field(path: str, schema: Schema) -> str | None:
+  """The sentence for a path that names no field of the schema (nor lies in a MAPPING section), else None."""
+  parts = path.split(".")
+  if any(schema.rule(".".join(parts[:i])) for i in range(1, len(parts) + 1)):
+    return None
+  if schema.sections is not None and parts[0] not in schema.sections:
+    return None  # a section this command does not read
+  close = difflib.get_close_matches(path, schema.fields, n=1)
+  hint = f" (did you mean {close[0]}?)" if close else ""
+  return f"{path} is not a field of the {schema.name} config{hint}"
+
+
 def refusal(path: str, value: Any, rule: Rule) -> str:
   """The sentence for a value a rule refuses."""
   why = f" ({rule.why})" if rule.why else ""
@@ -486,9 +500,7 @@ def check(config: ml_collections.ConfigDict, schema: Schema) -> None:
       continue
     rule = schema.rule(path)
     if rule is None:
-      close = difflib.get_close_matches(path, schema.fields, n=1)
-      hint = f" (did you mean {close[0]}?)" if close else ""
-      raise errors.InvalidInput(f"{path} is not a field of the {schema.name} config{hint}")
+      raise errors.InvalidInput(unknown_field(path, schema))
     if not rule.accepts(value):
       raise errors.InvalidInput(refusal(path, value, rule))
   for joint in schema.joints:

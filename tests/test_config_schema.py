@@ -154,6 +154,21 @@ def test_a_misspelt_field_in_a_config_file_is_refused(tmp_path, capsys):
   assert not (tmp_path / "w").exists()
 
 
+def test_a_misspelt_override_names_the_nearest_field(tmp_path, capsys):
+  assert main.main(["prog", "--config", str(CONFIGS / "tiny.py"), "--workdir", str(tmp_path / "w"),
+                    "--config.train.log_evry=5"]) == 1
+  assert one_sentence(capsys.readouterr().err) == ("error: --config.train.log_evry: train.log_evry is not a field of "
+                                                   "the trainer config (did you mean train.log_every?)")
+  assert not (tmp_path / "w").exists()
+
+
+def test_a_missing_input_path_is_refused_before_the_workdir_is_touched(tmp_path, capsys):
+  assert main.main(["prog", "--config", str(CONFIGS / "tiny.py"), "--workdir", str(tmp_path / "w"),
+                    f"--config.eval.reference={tmp_path / 'ref.npz'}"]) == 1
+  assert one_sentence(capsys.readouterr().err) == f"error: eval.reference='{tmp_path / 'ref.npz'}' does not exist"
+  assert list(tmp_path.iterdir()) == []
+
+
 def test_keep_checkpoints_0_is_refused_before_training_as_a_process(tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
   result = subprocess.run([sys.executable, "-m", "npp_jax.main", "--config", str(CONFIGS / "tiny.py"), "--workdir",

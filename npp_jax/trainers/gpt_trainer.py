@@ -190,9 +190,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding.M
     return _run(config, run_dir, mesh)
 
 
+# Config fields that name a file or directory the run reads (when set).
+INPUT_PATHS = ("init_from", "vq.checkpoint", "data.codes_dir", "eval.inception", "eval.reference")
+
+
 def _check_before_writing(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
-  """What can refuse the run once the devices are known, checked before the workdir is touched: the batch over the
-  mesh, and init_from's parameter shapes (from its metadata)."""
+  """What can refuse the run beyond the config's schema, checked before the workdir is touched: the paths it reads,
+  the batch over the mesh's devices, and init_from's parameter shapes (from its metadata)."""
+  for field in INPUT_PATHS:
+    section, _, name = field.rpartition(".")
+    path = (config[section] if section else config).get(name, "")
+    if path and not epath.Path(path).exists():
+      raise FileNotFoundError(f"{field}={path!r} does not exist")
   _check_batch(config, mesh)
   if config.init_from:
     abstract_model = nnx.eval_shape(lambda: gpt.GPT(config.model, rngs=nnx.Rngs(0)))
