@@ -286,7 +286,7 @@ def _library_check(fields: str, check: Callable[[ml_collections.ConfigDict], Any
     except errors.InvalidInput as e:
       if all(f"{n}=" in str(e) for n in names):  # the library's sentence already names them
         return str(e)
-      values = ", ".join(f"{n}={_get(c, n)!r}" for n in names)
+      values = ", ".join(f"{n}={value_at(c, n)!r}" for n in names)
       return f"{values}: {e}"
     return None
   return Joint(names, run)
@@ -455,7 +455,8 @@ MODEL_ONLY = Schema("model", {**within("model", MODEL), **within("sample", SAMPL
 # Checking.
 
 
-def _get(config: Any, path: str) -> Any:
+def value_at(config: Any, path: str) -> Any:
+  """The value of a dotted path ('train.log_every'); KeyError or AttributeError where there is none."""
   for name in path.split("."):
     config = config[name]
   return config
@@ -506,15 +507,15 @@ def check(config: ml_collections.ConfigDict, schema: Schema) -> None:
   for joint in schema.joints:
     if sections is not None and any(f.split(".")[0] not in sections for f in joint.fields):
       continue
-    if all(_has(config, f) for f in joint.fields):
+    if all(has_field(config, f) for f in joint.fields):
       message = joint.check(config)
       if message:
         raise errors.InvalidInput(message)
 
 
-def _has(config: Any, path: str) -> bool:
+def has_field(config: Any, path: str) -> bool:
   try:
-    _get(config, path)
+    value_at(config, path)
   except (KeyError, AttributeError):
     return False
   return True

@@ -51,14 +51,6 @@ def one_sentence(stderr: str) -> str:
   return found[0]
 
 
-def has_field(config, path: str) -> bool:
-  try:
-    schema_lib._get(config, path)  # pylint: disable=protected-access
-  except (KeyError, AttributeError):
-    return False
-  return True
-
-
 def command_line_cases(command: str) -> list[tuple[str, str, object]]:
   """(command, path, refused value) for every field of the command's config and every value its rule refuses that a
   `--config.path=value` can carry (a string field reads any text as a string)."""
@@ -66,9 +58,9 @@ def command_line_cases(command: str) -> list[tuple[str, str, object]]:
   config = config_lib.load_file(str(CONFIGS / f"{name}.py"))
   cases = []
   for path, rule in schema.fields.items():
-    if not has_field(config, path):
+    if not schema_lib.has_field(config, path):
       continue
-    default = schema_lib._get(config, path)  # pylint: disable=protected-access
+    default = schema_lib.value_at(config, path)
     cases += [(command, path, v) for v in rule.refused if not (isinstance(default, str) and not isinstance(v, str))]
   return cases
 
@@ -82,8 +74,8 @@ def test_every_shipped_config_passes_and_every_field_has_a_rule(name, schema):
   config = config_lib.load_file(str(CONFIGS / f"{name}.py"))
   schema_lib.check(config, schema)  # also refuses a field the schema does not know
   for path, rule in schema.fields.items():
-    if has_field(config, path):
-      assert rule.accepts(schema_lib._get(config, path)), path  # pylint: disable=protected-access
+    if schema_lib.has_field(config, path):
+      assert rule.accepts(schema_lib.value_at(config, path)), path
 
 
 def test_the_trainer_schema_refuses_a_value_of_every_kind_for_every_field():
@@ -138,7 +130,7 @@ def test_joint_rules(overrides, fragment):
   config = config_lib.load_file(str(CONFIGS / "tiny.py"))
   for path, value in overrides.items():
     section, field = path.rsplit(".", 1)
-    schema_lib._get(config, section)[field] = value  # pylint: disable=protected-access
+    schema_lib.value_at(config, section)[field] = value
   with pytest.raises(errors.InvalidInput) as refused:
     schema_lib.check(config, schema_lib.TRAINER)
   assert fragment in str(refused.value)

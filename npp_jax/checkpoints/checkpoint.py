@@ -234,10 +234,13 @@ def check_params_fit(directory: str, abstract_params: Any, model_config: ml_coll
   """Refuses, naming the parameter, both shapes and the config fields to change, a model directory whose newest
   parameters do not have the shapes of `abstract_params` (`model_config`: the config's model section)."""
   mngr = manager(directory, read_only=True)
-  step = mngr.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {directory}/{CHECKPOINT_DIR}")
-  _check_fit(mngr, step, directory, abstract_params, model_config)
+  try:
+    step = mngr.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {directory}/{CHECKPOINT_DIR}")
+    _check_fit(mngr, step, directory, abstract_params, model_config)
+  finally:
+    mngr.close()
 
 
 def _check_fit(mngr: ocp.CheckpointManager, step: int, directory: str, abstract_params: Any,
