@@ -36,6 +36,7 @@ from PIL import Image
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from npp_jax import cli  # noqa: E402
+from npp_jax import config_schema  # noqa: E402
 from npp_jax import errors  # noqa: E402
 from npp_jax.data import augment  # noqa: E402
 from npp_jax.data import pipeline  # noqa: E402
@@ -208,7 +209,7 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
   flags.DEFINE_integer("batch_size", 64, "prepare: encode batch.", flag_values=fv)
   flags.DEFINE_integer("num_threads", 0, "prepare: host threads (0: one per core).", flag_values=fv)
   # input: records/s of the training input pipeline
-  cli.define_config(fv, argv, "input: the run's config file (e.g. configs/fashion.py).")
+  cli.define_config(fv, argv, "input: the run's config file (e.g. configs/fashion.py).", config_schema.TRAINER)
   flags.DEFINE_string("codes_dir", None, "input: codes made by prepare (e.g. runs/fashion/codes).", flag_values=fv)
   flags.DEFINE_integer("batches", 200, "input: batches timed.", flag_values=fv)
   flags.DEFINE_float("consumed_per_s", 0.0, "input: images/s the train step consumes (from the trainer's progress "

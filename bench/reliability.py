@@ -14,7 +14,8 @@ Every run is `python -m npp_jax.main --config configs/tiny.py` in a subprocess o
   two trainers   a second trainer on a running workdir must exit 1 with "in use by pid N on HOST since T"
   full disk      (root only: a 3 MiB tmpfs) the save that does not fit must end with exit 1, one sentence, and no
                  partial directory; then, with room again, the run must resume and finish
-Prints one table row per case: what was expected, what happened, and the seconds it took.
+Prints one table row per case: what was expected, what happened, and the seconds it took. The bad inputs (values a
+command must refuse with one sentence, changing nothing on disk) are replayed by its sibling, bench/bad_inputs.py.
 """
 
 from __future__ import annotations

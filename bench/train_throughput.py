@@ -34,6 +34,7 @@ import numpy as np
 from absl import flags
 
 from npp_jax import cli
+from npp_jax import config_schema
 from npp_jax import npp
 from npp_jax import sharding
 from npp_jax.models import gpt
@@ -145,7 +146,8 @@ def step_profile(config, mesh, patch_side: int = 1, steps: int = 5) -> None:
 
 
 def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
-  cli.define_config(fv, argv, "Config file; --config.key=value overrides its fields.", default="configs/tiny.py")
+  cli.define_config(fv, argv, "Config file; --config.key=value overrides its fields.", config_schema.TRAINER,
+                    default="configs/tiny.py")
   flags.DEFINE_integer("steps", 20, "Timed steps per patch side.", flag_values=fv)
   flags.DEFINE_integer("total_steps", 200, "Steps of each full schedule.", flag_values=fv)
   flags.DEFINE_multi_string("schedules", ["((2, 0.5), (1, 0.5))", "((4, 0.25), (2, 0.25), (1, 0.5))"],

@@ -11,9 +11,9 @@ Entry points (`python -m npp_jax.X --help`; one convention, see cli.py):
   demo              a local sampling page (Gradio, the [demo] extra) over a model directory
   study             NPP schedules against next-token prediction at matched images and FLOPs, with a report
 
-Core: npp (the method), config (the default config, config files, config differences), sharding (meshes,
-pad_shard_unpad), distributed, cli (the entry points' flags and one-sentence errors), errors (the user errors),
-fileio, images.
+Core: npp (the method), config (the default config, config files, config differences), config_schema (what each
+config field allows, checked when a command loads it), sharding (meshes, pad_shard_unpad), distributed, cli (the
+entry points' flags and one-sentence errors), errors (the user errors), fileio, images.
 
 Library, by role (no library module imports an entry point or cli):
   trainers/ (gpt_trainer, tokenizer_trainer, classifier_trainer, workdir, optim, dry_run, monitor, heldout, metrics,

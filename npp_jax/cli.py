@@ -6,7 +6,7 @@ An entry point defines its flags on the FlagValues it is handed (a fresh one per
 repeatedly in one process), and a body that takes the parsed flags and returns its one-line result:
 
   def define_flags(fv, argv):
-    cli.define_config(fv, argv, "Config file (configs/tiny.py).")
+    cli.define_config(fv, argv, "Config file (configs/tiny.py).", config_schema.TRAINER)
     flags.DEFINE_string("out", None, "Output directory.", flag_values=fv, required=True)
 
   def run(fv) -> str:
@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
+import re
 import sys
+import weakref
 from typing import Callable, Mapping, Sequence
 
 from absl import flags
@@ -29,12 +31,14 @@ from absl import logging
 from ml_collections import config_flags
 
 from npp_jax import config as config_lib
+from npp_jax import config_schema
 from npp_jax import errors
 
 # Mistakes in the command, its files or its environment; OSError names the path, and it is the user's to fix.
 USER_ERRORS = (errors.UserError, OSError)
 HELP_FLAGS = ("--help", "-h", "--helpfull", "-?")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_SCHEMAS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # FlagValues -> the schema of its --config
 
 
 def _own_info_or_any_warning(record: std_logging.LogRecord) -> bool:
@@ -57,19 +61,43 @@ def one_line(error: BaseException | str) -> str:
   return " ".join(str(error).split())
 
 
-def define_config(fv: flags.FlagValues, argv: Sequence[str], help_text: str, default: str | None = None) -> None:
-  """`--config FILE` (a Python file with get_config()) plus its `--config.key=value` overrides."""
+def define_config(fv: flags.FlagValues, argv: Sequence[str], help_text: str, schema: config_schema.Schema,
+                  default: str | None = None) -> None:
+  """`--config FILE` (a Python file with get_config()) plus its `--config.key=value` overrides; the result is checked
+  against `schema` when the command line is parsed, before the command runs."""
   # sys_argv: config_flags finds the overrides there (it would read sys.argv otherwise, wrong when called in-process).
   config_flags.DEFINE_config_file("config", default, help_text, flag_values=fv, sys_argv=list(argv),
                                   lock_config=True)
+  _SCHEMAS[fv] = schema
+
+
+def _config_value_error(fv: flags.FlagValues, error: flags.IllegalFlagValueError) -> str:
+  """The sentence for a `--config.key=value` the flag parser could not read as the field's type: the field's rule."""
+  found = re.match(r"flag --config\.([\w.]+)=(.*?): ", str(error))
+  rule = _SCHEMAS[fv].rule(found.group(1)) if found and fv in _SCHEMAS else None
+  if rule is None:
+    return f"bad command line: {one_line(error)}"
+  return config_schema.refusal(found.group(1), found.group(2), rule)
+
+
+def _check_override_names(fv: flags.FlagValues, argv: list[str]) -> None:
+  """A `--config.key=value` whose key the config's schema does not know, named with the nearest field."""
+  if fv not in _SCHEMAS or not any(a == "--config" or a.startswith("--config=") for a in argv):
+    return  # no config file: the flag parser says so
+  for arg in argv[1:]:
+    found = re.match(r"--config\.([\w.]+)(=|$)", arg)
+    unknown = found and config_schema.unknown_field(found.group(1), _SCHEMAS[fv])
+    if unknown:
+      raise errors.InvalidInput(f"--config.{found.group(1)}: {unknown}")
 
 
 def _parse(fv: flags.FlagValues, argv: list[str], required: Sequence[str]) -> None:
   config_lib.check_config_argument(argv)  # a broken config file: one ValueError, not config_flags' traceback
+  _check_override_names(fv, argv)
   try:
     rest = fv(argv)
   except flags.IllegalFlagValueError as e:
-    raise errors.InvalidInput(f"bad command line: {one_line(e)}") from None
+    raise errors.InvalidInput(_config_value_error(fv, e)) from None
   except flags.UnrecognizedFlagError as e:
     if e.flagname.startswith("config.") and "config" in fv and fv["config"].value is None:
       raise errors.InvalidInput(f"--{e.flagname} overrides a field of --config FILE, which is not given") from None
@@ -86,6 +114,8 @@ def _parse(fv: flags.FlagValues, argv: list[str], required: Sequence[str]) -> No
   for name in required:
     if fv[name].value is None:
       raise errors.InvalidInput(f"--{name} is required (see --help)")
+  if fv in _SCHEMAS and fv["config"].value is not None:
+    config_schema.check(fv.config, _SCHEMAS[fv])
 
 
 def main(body: Callable[[flags.FlagValues], str | None],

@@ -19,6 +19,7 @@ from absl import flags
 from flax import nnx
 
 from npp_jax import cli
+from npp_jax import config_schema
 from npp_jax import errors
 from npp_jax.model_files import param_mapping
 from npp_jax.model_files import store
@@ -55,7 +56,8 @@ COMMANDS = ("gpt", "vq", "export")
 
 
 def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
-  cli.define_config(fv, argv, "Config file (gpt, vq): its `model` or `vq` section builds the model.")
+  cli.define_config(fv, argv, "Config file (gpt, vq): its `model` or `vq` section builds the model.",
+                    config_schema.MODEL_ONLY)
   flags.DEFINE_string("src", None, "LlamaGen/NPP checkpoint (.pt/.pth/.bin or .safetensors).", flag_values=fv)
   flags.DEFINE_string("out", None, "Directory (gpt, vq) or file (export) to write.", flag_values=fv)
   flags.DEFINE_string("key", None, "Checkpoint container entry to read (e.g. ema); default model.", flag_values=fv)

@@ -175,12 +175,13 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
   flags.DEFINE_string("vq", None, "VQ tokenizer: a save_vq directory, .pt or .safetensors file.", flag_values=fv)
   flags.DEFINE_string("host", "127.0.0.1", "Address to serve on (0.0.0.0 serves every network interface).",
                       flag_values=fv)
-  flags.DEFINE_integer("port", 7860, "Port to serve on.", flag_values=fv)
-  flags.DEFINE_integer("max_images", 16, "Most images per request (the compiled batch size).", flag_values=fv)
+  flags.DEFINE_integer("port", 7860, "Port to serve on.", lower_bound=1, upper_bound=65535, flag_values=fv)
+  flags.DEFINE_integer("max_images", 16, "Most images per request (the compiled batch size).", lower_bound=1,
+                       flag_values=fv)
   flags.DEFINE_enum("dtype", None, decoding.COMPUTE_DTYPES, "Compute dtype (default: the model config's).",
                     flag_values=fv)
   flags.DEFINE_integer("speculative_window", 0, "Speculative Jacobi decoding with this many draft tokens per forward "
-                       "pass (0 = off).", flag_values=fv)
+                       "pass (0 = off).", lower_bound=0, flag_values=fv)
 
 
 def serve(fv: flags.FlagValues) -> None:

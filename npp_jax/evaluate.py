@@ -28,7 +28,7 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
   flags.DEFINE_string("ref", None, "Reference batch .npz (e.g. ADM's VIRTUAL_imagenet256_labeled).", flag_values=fv)
   flags.DEFINE_string("inception", None, "pytorch-fid's pt_inception-2015-12-05-6726825d.pth.", flag_values=fv)
   flags.DEFINE_string("out", None, "JSON report path (default: <samples>.eval.json).", flag_values=fv)
-  flags.DEFINE_integer("batch_size", 200, "Images per Inception batch (all devices).", flag_values=fv)
+  flags.DEFINE_integer("batch_size", 200, "Images per Inception batch (all devices).", lower_bound=1, flag_values=fv)
   flags.DEFINE_enum("preprocessing", "pytorch_fid", inception.PREPROCESSINGS,
                     "pytorch_fid (checked against pytorch-fid) or tf1 (ADM's TF graph, unverified).", flag_values=fv)
   flags.DEFINE_enum("ref_stats", "images", adm.REF_STATS, "FID reference statistics: from the reference "

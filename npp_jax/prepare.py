@@ -13,11 +13,12 @@ import sys
 from absl import flags
 
 from npp_jax import cli
+from npp_jax import config_schema
 from npp_jax.data import prepare as prepare_lib
 
 
 def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
-  cli.define_config(fv, argv, "Config file with `data` and `vq` sections.")
+  cli.define_config(fv, argv, "Config file with `data` and `vq` sections.", config_schema.PREPARE)
   flags.DEFINE_string("out", None, "Output directory for the code shards and manifest.json.", flag_values=fv)
   flags.DEFINE_integer("process_index", -1, "This process's share of the shards (i % process_count == "
                        "process_index); -1: jax's.", flag_values=fv)

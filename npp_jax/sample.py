@@ -8,13 +8,15 @@ a flag overrides one. --vq takes a .pt/.safetensors file or a saved tokenizer di
 Writes OUT/images/{i:06d}.png, OUT/grid.png (the first 64 images) and OUT/samples.npz (`arr_0` uint8 images,
 `labels`, and every setting that decides the output). Sample i uses key fold_in(fold_in(key(seed), 0), i), so the
 images do not depend on the batch size or the number of devices. Labels: `balanced` (N / num_classes per class, in
-class order; the default) or `uniform` (drawn at random from the seed, LlamaGen's evaluation scheme).
+class order; the default) or `uniform` (drawn at random from the seed, LlamaGen's evaluation scheme). The outputs are
+written beside OUT first and replace an earlier run's whole, so OUT never mixes images of two runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import pathlib
+import shutil
 import sys
 from typing import Any, Callable, Iterator
 
@@ -26,6 +28,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from npp_jax import cli
+from npp_jax import config_schema
 from npp_jax import errors
 from npp_jax import images as image_io
 from npp_jax.sampling import decoding
@@ -75,6 +78,22 @@ def _read_back(paths: list[pathlib.Path], chunk: int = 256) -> Iterator[np.ndarr
     yield np.stack([image_io.load_png(p) for p in paths[start:start + chunk]])
 
 
+OUTPUTS = ("images", "grid.png", "samples.npz")
+
+
+def _replace_outputs(partial: pathlib.Path, out: pathlib.Path) -> None:
+  """Moves the finished outputs into `out` in place of an earlier run's (other files in `out` stay)."""
+  out.mkdir(parents=True, exist_ok=True)
+  for name in OUTPUTS:
+    old = out / name
+    if old.is_dir():
+      shutil.rmtree(old)
+    elif old.exists():
+      old.unlink()
+    (partial / name).rename(old)
+  partial.rmdir()
+
+
 def run(model: nnx.Module, vq_decode_fn: Callable[[jax.Array], jax.Array], labels: Any, settings: RunSettings,
         out_dir: str | pathlib.Path, *, progress: bool = True) -> pathlib.Path:
   """Samples one image per label, writes the PNGs, the grid and samples.npz; returns the npz path.
@@ -87,8 +106,10 @@ def run(model: nnx.Module, vq_decode_fn: Callable[[jax.Array], jax.Array], label
   sampler = decoding.Sampler(model, dtype=settings.dtype)
   settings = dataclasses.replace(settings, dtype=sampler.dtype)  # recorded as used
   out = pathlib.Path(out_dir)
-  (out / "images").mkdir(parents=True, exist_ok=True)
-  paths = [out / "images" / f"{i:06d}.png" for i in range(len(labels))]
+  partial = out.with_name(f".{out.name}.partial")  # beside `out`: the same filesystem, so the moves are renames
+  shutil.rmtree(partial, ignore_errors=True)  # an interrupted earlier run's
+  (partial / "images").mkdir(parents=True)
+  paths = [partial / "images" / f"{i:06d}.png" for i in range(len(labels))]
   grid: list[np.ndarray] = []
   batches = generation.sample_images(sampler, vq_decode_fn, labels, generation.sample_key(settings.seed),
                                      settings.sampling, batch_size=settings.batch_size)
@@ -99,10 +120,11 @@ def run(model: nnx.Module, vq_decode_fn: Callable[[jax.Array], jax.Array], label
       grid.extend(batch_images[:max(0, GRID_IMAGES - len(grid))])
       bar.update(len(batch_images))
 
-  image_io.save_png(out / "grid.png", image_io.square_grid(np.stack(grid), pad=2))
-  npz = out / "samples.npz"
-  image_io.save_samples_npz(npz, _read_back(paths), labels, num_images=len(labels), **settings.record())
-  return npz
+  image_io.save_png(partial / "grid.png", image_io.square_grid(np.stack(grid), pad=2))
+  image_io.save_samples_npz(partial / "samples.npz", _read_back(paths), labels, num_images=len(labels),
+                            **settings.record())
+  _replace_outputs(partial, out)
+  return out / "samples.npz"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -111,13 +133,13 @@ def run(model: nnx.Module, vq_decode_fn: Callable[[jax.Array], jax.Array], label
 
 def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
   cli.define_config(fv, argv, "Config file with get_config() (default: the one stored with the checkpoint); "
-                    "--config.key=value overrides its fields.")
+                    "--config.key=value overrides its fields.", config_schema.MODEL_ONLY)
   flags.DEFINE_string("checkpoint", None, "Trainer workdir or converted checkpoint directory.", flag_values=fv)
   flags.DEFINE_string("vq", None, "VQ tokenizer: a .pt/.safetensors file (architecture from the config) or a saved "
                       "tokenizer directory (which has its own config).", flag_values=fv)
   flags.DEFINE_list("labels", None, "Comma-separated class ids, one image each (or --num_images).", flag_values=fv)
   flags.DEFINE_integer("num_images", None, "Number of images, labels from --label_mode (or --labels).",
-                       flag_values=fv)
+                       lower_bound=1, flag_values=fv)
   flags.DEFINE_enum("label_mode", "balanced", LABEL_MODES, "How --num_images draws its labels.", flag_values=fv)
   # Unset, these four come from the checkpoint's config.sample (the run's own recipe, e.g. gpt_xl's 1.70).
   flags.DEFINE_float("cfg_scale", None, "1 = no guidance, > 1 guides (default: config.sample.cfg_scale).",
@@ -132,8 +154,8 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
                        "pass (0 = off): the same output distribution in fewer passes.", flag_values=fv)
   flags.DEFINE_enum("draft_init", decoding.SamplingSettings.draft_init, decoding.DRAFT_INITS,
                     "How speculative drafts entering the window are first drawn.", flag_values=fv)
-  flags.DEFINE_integer("seed", 0, "Seed of the sample and label keys.", flag_values=fv)
-  flags.DEFINE_integer("batch_size", 32, "Images per sampling batch (all devices).", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Seed of the sample and label keys.", lower_bound=0, flag_values=fv)
+  flags.DEFINE_integer("batch_size", 32, "Images per sampling batch (all devices).", lower_bound=1, flag_values=fv)
   flags.DEFINE_enum("dtype", None, decoding.COMPUTE_DTYPES, "Compute dtype (default: the model config's).",
                     flag_values=fv)
   flags.DEFINE_string("out", None, "Output directory.", flag_values=fv)
@@ -151,8 +173,6 @@ def run_from_flags(fv: flags.FlagValues) -> str:
   if (fv.labels is None) == (fv.num_images is None):
     raise errors.InvalidInput("give exactly one of --labels and --num_images")
   sampling_settings(fv, ml_collections.ConfigDict())  # bad flags fail before anything is read
-  if fv.batch_size < 1:
-    raise errors.InvalidInput(f"--batch_size must be at least 1, got {fv.batch_size}")
   if pathlib.Path(fv.out).exists() and not pathlib.Path(fv.out).is_dir():
     raise errors.InvalidInput(f"--out {fv.out} is a file; name a directory for the images")
   labels = _labels(fv.labels) if fv.labels is not None else None

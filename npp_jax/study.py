@@ -40,6 +40,7 @@ from absl import flags
 from absl import logging
 
 from npp_jax import cli
+from npp_jax import config_schema
 from npp_jax import config as config_lib
 from npp_jax import errors
 from npp_jax import fileio
@@ -121,6 +122,10 @@ def arm_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.C
                                 "directories)")
     arm = copy.deepcopy(base)
     _merge(arm, overrides, f"study.arms.{name}")
+    try:
+      config_schema.check(arm, config_schema.TRAINER)
+    except errors.InvalidInput as e:
+      raise errors.InvalidInput(f"study.arms.{name}: {e}") from None
     npp.make_stages(arm.npp.stages, 1000, gpt.grid_side(arm.model))  # a bad schedule fails here, not mid-study
     arms[name] = arm
   if config.study.baseline not in arms:
@@ -415,7 +420,7 @@ def _record(run: Run, config: ml_collections.ConfigDict, run_dir: str, scores: d
 
 
 def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
-  cli.define_config(fv, argv, "Study config file (configs/study_fashion.py).")
+  cli.define_config(fv, argv, "Study config file (configs/study_fashion.py).", config_schema.STUDY)
   flags.DEFINE_string("workdir", None, "The study's directory: runs/, results.json, report.md and plots.",
                       flag_values=fv)
 

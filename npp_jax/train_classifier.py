@@ -13,11 +13,12 @@ import sys
 from absl import flags
 
 from npp_jax import cli
+from npp_jax import config_schema
 from npp_jax.trainers import classifier_trainer
 
 
 def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
-  cli.define_config(fv, argv, "Config file (configs/fashion_classifier.py).")
+  cli.define_config(fv, argv, "Config file (configs/fashion_classifier.py).", config_schema.CLASSIFIER)
   flags.DEFINE_string("out", None, "Directory to write the classifier to.", flag_values=fv)
 
 

@@ -15,12 +15,13 @@ from typing import Sequence
 from absl import flags
 
 from npp_jax import cli
+from npp_jax import config_schema
 from npp_jax.trainers import tokenizer_trainer
 
 
 
 def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
-  cli.define_config(fv, argv, "Config file (configs/vq_fashion.py).")
+  cli.define_config(fv, argv, "Config file (configs/vq_fashion.py).", config_schema.TOKENIZER)
   flags.DEFINE_string("workdir", None, "Where checkpoints, logs and the final tokenizer go.", flag_values=fv)
 
 

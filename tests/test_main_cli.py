@@ -73,7 +73,8 @@ def test_missing_codes_directory(tmp_path):
   missing = tmp_path / "no_codes_here"
   result = run_cli("--config", TINY, "--workdir", str(tmp_path / "run"), "--config.data.kind=codes",
                    f"--config.data.codes_dir={missing}")
-  assert_one_line_error(result, f"no manifest.json in {missing}")
+  assert_one_line_error(result, f"data.codes_dir='{missing}' does not exist")
+  assert not (tmp_path / "run").exists()  # refused before the workdir is made
 
 
 def test_codes_of_another_grid_and_vocabulary(tmp_path):

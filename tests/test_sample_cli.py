@@ -74,6 +74,23 @@ def test_run_writes_pngs_grid_and_samples_npz(tiny_gpt, tmp_path):
   assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]
 
 
+def test_a_second_run_replaces_the_first_whole(tiny_gpt, tmp_path):
+  """Fewer images into the same --out: the first run's images 2..4 are gone, not mixed with the new ones; a file of
+  the user's beside them stays."""
+  out = tmp_path / "out"
+  settings = sample_cli.RunSettings(sampling=decoding.SamplingSettings(cfg_scale=1.0), batch_size=4, dtype="float32")
+  sample_cli.run(tiny_gpt, jax.jit(fake_decode), [0, 1, 2, 0, 1], settings, out, progress=False)
+  (out / "notes.txt").write_text("mine")
+  npz = sample_cli.run(tiny_gpt, jax.jit(fake_decode), [2, 2], settings, out, progress=False)
+  assert sorted(p.name for p in (out / "images").iterdir()) == ["000000.png", "000001.png"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no partial directory left beside it
+  assert (out / "notes.txt").read_text() == "mine"
+  with np.load(npz) as data:
+    np.testing.assert_array_equal(data["labels"], [2, 2])
+    for i in range(2):
+      np.testing.assert_array_equal(image_io.load_png(out / "images" / f"{i:06d}.png"), data["arr_0"][i])
+
+
 @pytest.mark.parametrize("labels, sampling_kwargs, message", [
     ([0, 3], {}, r"not a class id in \[0, 3\)"),
     ([0], dict(top_k=VOCAB + 1), "vocabulary size 32"),
@@ -117,7 +134,7 @@ def paths(tmp_path):
     (["--cfg_scale", "-1"], "cfg_scale must be"),
     (["--cfg_scale", "2", "--top_p", "0"], "top_p must be in"),
     (["--cfg_scale", "2", "--top_k", "-5"], "top_k must be"),
-    (["--cfg_scale", "2", "--batch_size", "0"], "--batch_size must be"),
+    (["--cfg_scale", "2", "--batch_size", "0"], "--batch_size=0: 0 is not a positive integer"),
     (["--cfg_scale", "2", "--speculative_window", "-2"], "speculative_window must be"),
 ])
 def test_cli_refuses_invalid_settings(paths, capsys, flags, message):

@@ -209,10 +209,65 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tupl
   return restored.state, restored.meta
 
 
-def restore_params(directory: str, abstract_params: Any, *, ema: bool = False, step: int | None = None) -> Any:
+def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """{'a.b.0': shape} of a tree of arrays or array metadata; keys as strings (Orbax stores them so)."""
+  def name(path):
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+  return {name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _sizes_to_change(directory: str, model_config: ml_collections.ConfigDict | None) -> str:
+  """The model fields whose sizes differ between the checkpoint's config.json and `model_config`, as a hint."""
+  path = epath.Path(directory) / CONFIG_FILE
+  if model_config is None or not path.exists():
+    return "change the config's model sizes to the checkpoint's"
+  stored = json.loads(path.read_text()).get("model", {})
+  sizes = [f"model.{k}={v}" for k, v in stored.items()  # integer fields are the sizes (floats, words and flags are not)
+           if isinstance(v, int) and not isinstance(v, bool) and k in model_config and model_config[k] != v]
+  if not sizes:
+    return "change the config's model sizes to the checkpoint's"
+  return f"set {', '.join(sizes)} as in its {CONFIG_FILE}, or give a checkpoint of the config's sizes"
+
+
+def check_params_fit(directory: str, abstract_params: Any, model_config: ml_collections.ConfigDict | None = None
+                     ) -> None:
+  """Refuses, naming the parameter, both shapes and the config fields to change, a model directory whose newest
+  parameters do not have the shapes of `abstract_params` (`model_config`: the config's model section)."""
+  mngr = manager(directory, read_only=True)
+  try:
+    step = mngr.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {directory}/{CHECKPOINT_DIR}")
+    _check_fit(mngr, step, directory, abstract_params, model_config)
+  finally:
+    mngr.close()
+
+
+def _check_fit(mngr: ocp.CheckpointManager, step: int, directory: str, abstract_params: Any,
+               model_config: ml_collections.ConfigDict | None) -> None:
+  """Compares the step's parameter metadata with the target's shapes; reading only metadata, Orbax never tries the
+  restore, whose error is about its own arguments and whose threads can die noisily at exit."""
+  try:
+    tree = ocp.PyTreeCheckpointer().metadata(step_path(mngr, step) / "state").item_metadata.tree
+  except Exception as e:  # pylint: disable=broad-except  # Orbax and tensorstore raise many kinds
+    cause = " ".join(str(e).split())[:300] or type(e).__name__
+    raise CheckpointError(f"cannot read the parameter shapes of step {step} in {directory}: {cause}") from None
+  saved = _flat_shapes(tree.get("params", {}))
+  for name, wanted in _flat_shapes(abstract_params).items():
+    if saved.get(name) != wanted:
+      there = f"has shape {saved[name]}" if name in saved else "is missing"
+      hint = _sizes_to_change(directory, model_config)
+      raise errors.InvalidInput(f"the checkpoint in {directory} does not fit the config: its parameter {name} "
+                                f"{there}, the config's model needs {wanted}; {hint}")
+
+
+def restore_params(directory: str, abstract_params: Any, *, ema: bool = False, step: int | None = None,
+                   model_config: ml_collections.ConfigDict | None = None) -> Any:
   """Restores only the parameters (or their EMA) of the newest checkpoint in a model directory.
 
   With ema=True and no EMA in the checkpoint, the raw parameters are returned (the caller is told by a log line).
+  Parameters of other shapes are refused as `check_params_fit` says (`model_config`: the config's model section, for
+  naming the fields to change).
   """
   mngr = manager(directory, read_only=True)
   step = mngr.latest_step() if step is None else step
@@ -225,6 +280,7 @@ def restore_params(directory: str, abstract_params: Any, *, ema: bool = False, s
                           "directory moves it aside and uses the previous step") from None
   if note:
     logging.info("%s; reading it unchecked", note)
+  _check_fit(mngr, step, directory, abstract_params, model_config)
   try:
     meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     key = "ema" if ema and meta.get("has_ema") else "params"

@@ -53,7 +53,7 @@ def load_model(directory: str, config: ml_collections.ConfigDict | None = None, 
   replicated = jax.sharding.NamedSharding(sharding.one_axis_mesh(devices), jax.sharding.PartitionSpec())
   params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
                         nnx.to_pure_dict(abstract_state))
-  params = checkpoint.restore_params(directory, params, ema=ema)
+  params = checkpoint.restore_params(directory, params, ema=ema, model_config=config.model)
   return nnx.merge(graphdef, params), config
 
 

@@ -185,8 +185,29 @@ def log(message: str) -> None:
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding.Mesh | None = None) -> dict:
   """Trains (or resumes) in `workdir`; returns the final state."""
+  mesh = mesh or sharding.make_mesh(config.mesh.shape)
+  _check_before_writing(config, mesh)
   with workdir_lib.Run(workdir, log) as run_dir:
     return _run(config, run_dir, mesh)
+
+
+# Config fields that name a file or directory the run reads (when set).
+INPUT_PATHS = ("init_from", "vq.checkpoint", "data.codes_dir", "eval.inception", "eval.reference")
+
+
+def _check_before_writing(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  """What can refuse the run beyond the config's schema, checked before the workdir is touched: the paths it reads,
+  the batch over the mesh's devices, and init_from's parameter shapes (from its metadata)."""
+  for field in INPUT_PATHS:
+    section, _, name = field.rpartition(".")
+    path = (config[section] if section else config).get(name, "")
+    if path and not epath.Path(path).exists():
+      raise FileNotFoundError(f"{field}={path!r} does not exist")
+  _check_batch(config, mesh)
+  if config.init_from:
+    abstract_model = nnx.eval_shape(lambda: gpt.GPT(config.model, rngs=nnx.Rngs(0)))
+    checkpoint.check_params_fit(config.init_from, nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param)),
+                                config.model)
 
 
 def _run(config: ml_collections.ConfigDict, run_dir: workdir_lib.Run, mesh: jax.sharding.Mesh | None) -> dict:
@@ -265,7 +286,7 @@ def _initial_state(setup: Setup) -> dict:
   config = setup.config
   state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)()
   if config.init_from:
-    params = checkpoint.restore_params(config.init_from, setup.abstract_state["params"])
+    params = checkpoint.restore_params(config.init_from, setup.abstract_state["params"], model_config=config.model)
     state["params"] = params
     if "ema" in state:
       state["ema"] = jax.tree.map(jnp.copy, params)
