@@ -27,6 +27,7 @@ from npp_jax.data import augment
 from npp_jax.data import sources
 from npp_jax.models import gpt
 from npp_jax.models import vq
+from npp_jax.trainers import optim
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Rules of one field.
@@ -111,9 +112,10 @@ def integers(low: int, *, length: int | None = None, min_length: int = 0) -> Rul
   return Rule(f"a tuple of {size}integers >= {low}", accepts, refused)
 
 
-def numbers(*, above: float) -> Rule:
-  return Rule(f"a tuple of numbers > {above}", lambda v: isinstance(v, (tuple, list)) and all(
-      _is_number(x) and x > above for x in v), ((above,), ("x",)))
+def numbers(*, above: float, min_length: int = 0) -> Rule:
+  size = "one or more " if min_length else ""
+  return Rule(f"a tuple of {size}numbers > {above}", lambda v: isinstance(v, (tuple, list)) and len(v) >= min_length
+              and all(_is_number(x) and x > above for x in v), ((above,), ("x",)) + (((),) if min_length else ()))
 
 
 def strings(*options: str, min_length: int = 1) -> Rule:
@@ -195,7 +197,7 @@ OPTIM = {
     "weight_decay": number(0.0),
     "decay": choice("ndim>=2", "no_norm", "all", "none"),
     "grad_clip": number(0.0).explain("0 turns clipping off"),
-    "schedule": choice("constant", "stagewise"),
+    "schedule": choice(*optim.SCHEDULES),
     "warmup_epochs": number(0.0),
     "warmup_steps": integer(-1).explain("-1 takes optim.warmup_epochs"),
     "decay_fraction": FRACTION,
@@ -231,6 +233,11 @@ TRAINER_DATA = {
     "read_threads": COUNT,
     "worker_count": integer(0),
     "prefetch": integer(0),
+    "subset_per_class": integer(0).explain("0 trains on every image"),
+    "subset_seed": integer(0),
+    "heldout_codes_dir": PATH,
+    "heldout_split": choice("", "train", "val", "test", why="'' prepares no held-out codes"),
+    "heldout_images": integer(0).explain("0 scores every held-out image"),
 }
 
 TRAIN = {
@@ -246,6 +253,7 @@ TRAIN = {
 
 EVAL = {
     "every": integer(0).explain("0 evaluates at the end only"),
+    "heldout_every": integer(0).explain("0 never scores held-out codes"),
     "grid_columns": COUNT,
     "num_samples": COUNT,
     "batch_size": COUNT,
@@ -434,7 +442,11 @@ STUDY = Schema("study", {
     "study.arms": MAPPING,
     "study.baseline": text("the name of one of study.arms"),
     "study.seeds": integers(0, min_length=1),
-    "study.budgets": integers(1, min_length=1),
+    "study.also_against": Rule("a tuple of names of study.arms", lambda v: isinstance(v, (tuple, list)) and all(
+        isinstance(x, str) for x in v), (("x", 1),)),
+    "study.budget_unit": choice("steps", "epochs"),
+    "study.budgets": numbers(above=0.0, min_length=1),
+    "study.heldout_points": integer(0).explain("0 never scores held-out codes"),
     "study.match": strings("images", "flops"),
     "study.num_samples": COUNT,
     "study.eval_seed": integer(0),

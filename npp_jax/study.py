@@ -176,7 +176,12 @@ def check(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigD
     raise errors.InvalidInput("study.seeds is empty")
   if not study.match:
     raise errors.InvalidInput(f"study.match is empty: give some of {MATCHES}")
-  return arm_configs(config)
+  arms = arm_configs(config)
+  unknown = [name for name in study.get("also_against", ()) if name not in arms]
+  if unknown:
+    raise errors.InvalidInput(f"study.also_against names {', '.join(map(repr, unknown))}, not one of the arms "
+                              f"({', '.join(arms)})")
+  return arms
 
 
 def plan(config: ml_collections.ConfigDict, train_images: int | None = None

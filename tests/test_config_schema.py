@@ -29,9 +29,10 @@ CONFIGS = REPO / "configs"
 
 # Each shipped config with the schema of the command that reads it.
 SHIPPED = [("tiny", schema_lib.TRAINER), ("fashion", schema_lib.TRAINER), ("gpt_b", schema_lib.TRAINER),
-           ("gpt_xxl", schema_lib.TRAINER), ("vq_fashion", schema_lib.TOKENIZER), ("vq_16", schema_lib.MODEL_ONLY),
+           ("gpt_l", schema_lib.TRAINER), ("gpt_xl", schema_lib.TRAINER), ("gpt_xxl", schema_lib.TRAINER),
+           ("vq_fashion", schema_lib.TOKENIZER), ("vq_16", schema_lib.MODEL_ONLY),
            ("fashion_classifier", schema_lib.CLASSIFIER), ("prepare_imagenet", schema_lib.PREPARE),
-           ("study_fashion", schema_lib.STUDY)]
+           ("study_fashion", schema_lib.STUDY), ("study_fashion_epochs", schema_lib.STUDY)]
 
 # Entry point, the name of its body (replaced so that a value the check lets through fails the test at once instead
 # of training), its config file, schema and output flag.
@@ -76,6 +77,10 @@ def test_every_shipped_config_passes_and_every_field_has_a_rule(name, schema):
   for path, rule in schema.fields.items():
     if schema_lib.has_field(config, path):
       assert rule.accepts(schema_lib.value_at(config, path)), path
+
+
+def test_every_config_file_is_checked_above():
+  assert {name for name, _ in SHIPPED} == {path.stem for path in CONFIGS.glob("*.py")}
 
 
 def test_the_trainer_schema_refuses_a_value_of_every_kind_for_every_field():
