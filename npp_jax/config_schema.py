@@ -318,6 +318,14 @@ def _batch_fits(c) -> str | None:
   return None
 
 
+def heldout_data_missing(c) -> str | None:
+  """Why the held-out loss cannot run (eval.heldout_every without held-out codes), or None."""
+  if c.eval.heldout_every and not (c.data.heldout_codes_dir or (c.data.heldout_split and c.data.source)):
+    return (f"eval.heldout_every={c.eval.heldout_every} needs held-out codes: set data.heldout_codes_dir, or "
+            "data.source and data.heldout_split")
+  return None
+
+
 def _heads_fit(c) -> str | None:
   if c.model.dim % c.model.n_head:
     return f"model.dim={c.model.dim} is not divisible by model.n_head={c.model.n_head}"
@@ -394,6 +402,7 @@ TRAINER = Schema("trainer", {
     Joint(("optim.stage_lr_scales", "npp.stages"), _stage_scales_fit),
     _library_check("vq.image_size vq.encoder_ch_mult", _vq_grid),
     Joint(("vq.checkpoint", "model.vocab_size", "model.block_size"), _tokenizer_fits),
+    Joint(("eval.heldout_every", "data.heldout_codes_dir", "data.heldout_split", "data.source"), heldout_data_missing),
 ))
 
 TOKENIZER = Schema("tokenizer trainer", {

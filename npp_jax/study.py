@@ -385,9 +385,9 @@ def _prepare_heldout_codes(config: ml_collections.ConfigDict, workdir: str, log:
     return ""
   if config.data.heldout_codes_dir:
     return config.data.heldout_codes_dir
-  if not (config.data.heldout_split and config.data.source):
-    raise errors.InvalidInput("eval.heldout_every needs held-out codes: set data.heldout_codes_dir, or data.source "
-                              "and data.heldout_split")
+  missing = config_schema.heldout_data_missing(config)
+  if missing:
+    raise errors.InvalidInput(missing)
   split_config = ml_collections.ConfigDict(config.to_dict())
   split_config.data.split = config.data.heldout_split
   return prepare.prepare_once(split_config, os.path.join(workdir, f"codes_{config.data.heldout_split}"), log)

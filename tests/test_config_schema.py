@@ -130,6 +130,8 @@ def test_a_wrong_type_in_a_config_file_names_the_field():
     ({"mesh.shape": (3, 1, 1)}, "does not split over the 3 devices of mesh.shape=(3, 1, 1)"),
     ({"optim.stage_lr_scales": (1.0,)}, "optim.stage_lr_scales=(1.0,) needs one entry per stage"),
     ({"vq.checkpoint": "x", "vq.codebook_size": 32}, "model.vocab_size=64 differs from vq.codebook_size=32"),
+    ({"eval.heldout_every": 5}, "eval.heldout_every=5 needs held-out codes: set data.heldout_codes_dir, or"),
+    ({"eval.heldout_every": 5, "data.heldout_split": "test"}, "eval.heldout_every=5 needs held-out codes"),
 ])
 def test_joint_rules(overrides, fragment):
   config = config_lib.load_file(str(CONFIGS / "tiny.py"))

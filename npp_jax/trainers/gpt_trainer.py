@@ -20,6 +20,7 @@ from clu import metrics as clu_metrics
 from etils import epath
 from flax import nnx
 
+from npp_jax import config_schema
 from npp_jax import errors
 from npp_jax import npp
 from npp_jax import sharding
@@ -272,8 +273,7 @@ def _heldout_loss(setup: Setup, workdir: str, spec: pipeline.InputSpec) -> heldo
     directory = prepare.prepare_once(split_config, str(epath.Path(workdir) / f"codes_{config.data.heldout_split}"),
                                      log)
   if not directory:
-    raise errors.InvalidInput(f"eval.heldout_every={config.eval.heldout_every} needs held-out codes: set "
-                              "data.heldout_codes_dir, or data.source and data.heldout_split")
+    raise errors.InvalidInput(config_schema.heldout_data_missing(config))
   codes = pipeline.heldout_codes(directory, spec, int(config.data.heldout_images))
   loss = heldout_lib.HeldoutLoss(codes, setup.graphdef, setup.mesh, int(config.train.global_batch_size),
                                  setup.state_shardings["params"])
