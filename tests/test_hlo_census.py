@@ -56,8 +56,30 @@ HLO = """HloModule m
   %a2a = (s32[2,2]{1,0}, s32[2,2]{1,0}) all-to-all(%u, %v), channel_id=3, replica_groups=mesh['axis_0'=4,'axis_1'=2], device_ids=([2,4]T(1,0)) {'axis_1'}, dimensions={0}
 }
 
+%counted_cond (p: (s32[], f32[16,4])) -> pred[] {
+  %p = (s32[], f32[16,4]) parameter(0)
+  %n = s32[] constant(7)
+  %i = s32[] get-tuple-element(%p), index=0
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%counted_body (p: (s32[], f32[16,4])) -> (s32[], f32[16,4]) {
+  %p = (s32[], f32[16,4]) parameter(0)
+  %one = s32[] constant(1)
+  %i = s32[] get-tuple-element(%p), index=0
+  %i.copy = s32[] copy(%i)
+  %x = f32[16,4]{1,0} get-tuple-element(%p), index=1
+  %rs = f32[4,4]{1,0} reduce-scatter(%x), channel_id=7, replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}, to_apply=%add
+  %next = s32[] add(%i.copy, %one)
+  ROOT %t = (s32[], f32[16,4]) tuple(%next, %x)
+}
+
 ENTRY %main (x: f32[16,4]) -> f32[16,4] {
   %x = f32[16,4]{1,0} parameter(0)
+  %two = s32[] constant(2)
+  %start = s32[] copy(%two)
+  %init = (s32[], f32[16,4]) tuple(%start, /*index=1*/%x)
+  %w3 = (s32[], f32[16,4]) while(%init), condition=%counted_cond, body=%counted_body
   %w = (s32[], f32[16,4]) while(%t), condition=%cond, body=%outer_body, backend_config={"known_trip_count":{"n":"2"}}
   %w2 = (s32[], f32[16,4]) while(%t), condition=%cond, body=%unknown_body
   %cp = f32[4,4]{1,0} collective-permute(%x), channel_id=4, source_target_pairs={{0,4},{4,0},{1,5},{5,1}}
@@ -72,7 +94,7 @@ ENTRY %main (x: f32[16,4]) -> f32[16,4] {
 def test_census_reads_every_spelling_of_device_groups_and_multiplies_loop_trips():
   found = hlo_census.census(HLO, sharding.make_mesh((2, 4, 1)))
   by_kind = {c.kind: c for c in found}
-  assert len(found) == 5  # the self-permute moves nothing; the -done half of an async pair is not counted
+  assert len(found) == 6  # the self-permute moves nothing; the -done half of an async pair is not counted
   # [2,4]<=[4,2]T(1,0): groups {0,2,4,6}, {1,3,5,7}, which no mesh axis makes; 2 x 3 trips of the nested loops.
   ar = by_kind["all-reduce"]
   assert (ar.axes, ar.group_size, ar.bytes, ar.calls, ar.in_loop) == (None, 4, 16 * 4 * 4, 6, True)
@@ -90,6 +112,10 @@ def test_census_reads_every_spelling_of_device_groups_and_multiplies_loop_trips(
   assert (start.axes, start.bytes, start.calls) == (("fsdp",), 8 * 4 * 4, 1)
   assert start.wire_bytes_per_step == pytest.approx(3 / 4 * 128)
   assert ar.wire_bytes_per_step == pytest.approx(2 * 3 / 4 * 256 * 6)
+  # A loop without XLA's annotation (as TPU prints them): i runs from 2 while i < 7, one step at a time.
+  rs = by_kind["reduce-scatter"]
+  assert (rs.axes, rs.bytes, rs.calls, rs.in_loop) == (("fsdp",), 64, 5, True)
+  assert rs.wire_bytes_per_step == pytest.approx(3 * 64 * 5)
 
 
 def test_unknown_device_group_spellings_are_refused():

@@ -72,7 +72,7 @@ def census(hlo_text: str, mesh: jax.sharding.Mesh) -> list[Collective]:
   found: list[Collective] = []
 
   def visit(name: str, calls: int | None, in_loop: bool) -> None:
-    for instruction in computations[name]:
+    for instruction in computations[name].values():
       name_, shape, opcode, rest = instruction
       kind = opcode.removesuffix("-start")
       if kind in KINDS and not opcode.endswith("-done"):
@@ -80,10 +80,9 @@ def census(hlo_text: str, mesh: jax.sharding.Mesh) -> list[Collective]:
         collective = _collective(kind, opcode != kind, shape, rest, mesh, calls, in_loop, line)
         if collective is not None:
           found.append(collective)
-      trips = _TRIP_COUNT.search(rest)
       for role, callee in _callees(rest):
         if role == "body":
-          trip = int(trips.group(1)) if trips else None
+          trip = _trip_count(rest, computations[name], computations)
           visit(callee, None if calls is None or trip is None else calls * trip, True)
         elif role != "to_apply":  # reductions' combiners hold no collectives
           visit(callee, calls, in_loop)
@@ -122,14 +121,16 @@ def format_census(collectives: list[Collective]) -> list[str]:
 # -- parsing ---------------------------------------------------------------------------------------------------
 
 
-def _parse(hlo_text: str) -> tuple[dict[str, list[tuple[str, str, str, str]]], str]:
-  computations: dict[str, list] = {}
+def _parse(hlo_text: str) -> tuple[dict[str, dict[str, tuple[str, str, str, str]]], str]:
+  """Computation name -> {instruction name: (name, shape, opcode, text after the opening parenthesis)}, in order,
+  and the entry computation's name. The last instruction of a computation is its ROOT."""
+  computations: dict[str, dict] = {}
   entry, current = None, None
   for line in hlo_text.splitlines():
     if current is None:
       match = _COMPUTATION.match(line)
       if match:
-        current = computations.setdefault(match.group(1), [])
+        current = computations.setdefault(match.group(1), {})
         entry = match.group(1) if line.startswith("ENTRY") else entry
       continue
     if line.startswith("}"):
@@ -137,10 +138,82 @@ def _parse(hlo_text: str) -> tuple[dict[str, list[tuple[str, str, str, str]]], s
       continue
     match = _INSTRUCTION.match(line)
     if match:
-      current.append(match.groups())
+      current[match.group(1)] = match.groups()
   if entry is None:
     raise ValueError("the HLO text has no ENTRY computation")
   return computations, entry
+
+
+def _operands(rest: str) -> list[str]:
+  """The operand names of an instruction, from the text after its opening parenthesis."""
+  depth, end = 0, len(rest)
+  for i, ch in enumerate(rest):
+    depth += ch == "("
+    if ch == ")":
+      if depth == 0:
+        end = i
+        break
+      depth -= 1
+  return re.findall(r"%([\w.-]+)", re.sub(r"/\*.*?\*/", "", rest[:end]))
+
+
+def _constant(computation: dict, name: str) -> int | None:
+  """The integer a scalar resolves to through copies and bitcasts, or None."""
+  while name in computation:
+    _, _, opcode, rest = computation[name]
+    if opcode == "constant":
+      match = re.match(r"(-?\d+)\)", rest)
+      return int(match.group(1)) if match else None
+    if opcode not in ("copy", "bitcast"):
+      return None
+    name = _operands(rest)[0]
+  return None
+
+
+def _trip_count(rest: str, caller: dict, computations: dict) -> int | None:
+  """A while loop's trip count: XLA's known_trip_count annotation where there is one (CPU, GPU); else the
+  counted-loop pattern (TPU prints none): the condition's root is `i < N` with N a constant, the body's root
+  tuple holds `i + 1` at i's index, and the loop starts i at a constant. None when any of that does not hold."""
+  known = _TRIP_COUNT.search(rest)
+  if known:
+    return int(known.group(1))
+  cond_name = re.search(r"condition=%([\w.-]+)", rest)
+  body_name = re.search(r"body=%([\w.-]+)", rest)
+  if not (cond_name and body_name):
+    return None
+  cond, body = computations.get(cond_name.group(1)), computations.get(body_name.group(1))
+  if not (cond and body):
+    return None
+  _, _, opcode, cond_rest = list(cond.values())[-1]
+  if opcode != "compare" or "direction=LT" not in cond_rest:
+    return None
+  counter, limit = _operands(cond_rest)[:2]
+  index = _tuple_index(cond, counter)
+  bound = _constant(cond, limit)
+  _, _, root_op, root_rest = list(body.values())[-1]
+  if index is None or bound is None or root_op != "tuple":
+    return None
+  step = body.get(_operands(root_rest)[index])
+  if step is None or step[2] != "add":
+    return None
+  step_operands = _operands(step[3])
+  if not (_tuple_index(body, step_operands[0]) == index and _constant(body, step_operands[1]) == 1):
+    return None
+  init = caller.get(_operands(rest)[0])
+  start = _constant(caller, _operands(init[3])[index]) if init and init[2] == "tuple" else None
+  return None if start is None else max(bound - start, 0)
+
+
+def _tuple_index(computation: dict, name: str) -> int | None:
+  """k where `name` is get-tuple-element(parameter), index=k (through copies), else None."""
+  instruction = computation.get(name)
+  while instruction is not None and instruction[2] in ("copy", "bitcast"):
+    instruction = computation.get(_operands(instruction[3])[0])
+  if instruction is None or instruction[2] != "get-tuple-element":
+    return None
+  source = computation.get(_operands(instruction[3])[0])
+  match = re.search(r"index=(\d+)", instruction[3])
+  return int(match.group(1)) if match and source and source[2] == "parameter" else None
 
 
 def _callees(rest: str) -> list[tuple[str, str]]:
