@@ -1,6 +1,7 @@
 """The dry run's TPU slice naming, a real compile for a small TPU topology when libtpu is installed, the chip table,
 the roofline model, and what the dry run prints on the 8 CPU devices."""
 
+import dataclasses
 import importlib.util
 import os
 import pathlib
@@ -78,6 +79,9 @@ def test_roofline_takes_the_slowest_of_compute_memory_and_interconnect():
   assert p.mfu == pytest.approx(1.5e12 / (6e-3 * 1e15))
   unknown_links = roofline.predict(cost, 1e15, 1e12, None)
   assert (unknown_links.bound, unknown_links.network_s) == ("compute", None)
+  # A compiled count below the model's FLOPs missed loop iterations: the model's count is the floor.
+  undercounted = roofline.predict(dataclasses.replace(cost, flops=1e12), 1e15, 1e12, None)
+  assert undercounted.compute_s == pytest.approx(1.5e-3)
 
 
 def test_step_cost_counts_every_layer_of_the_scan():

@@ -140,6 +140,9 @@ def _traffic(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, patch_s
     print("    (a loop without a known trip count holds collectives: counted once above)", flush=True)
   print(f"  per device per step: {cost.flops / 1e12:.3f} TFLOPs as compiled, {cost.hbm_bytes / 2**30:.2f} GiB of "
         f"memory traffic, {cost.wire_bytes / 2**20:.1f} MiB sent in collectives", flush=True)
+  if cost.flops < cost.model_flops:
+    print(f"    (below the model's {cost.model_flops / 1e12:.3f} TFLOPs: XLA's count misses loop iterations; the "
+          f"prediction uses the model's)", flush=True)
   result = {"census": hlo_census.summary(census), "cost": dataclasses.asdict(cost)}
   prediction = roofline.predict_on_chip(cost, chip) if chip else None
   if prediction is None:

@@ -45,8 +45,12 @@ class Prediction:
 
 def predict(cost: StepCost, peak_flops: float, hbm_bandwidth: float,
             interconnect_bandwidth: float | None) -> Prediction:
-  """The roofline of `cost` on a chip with these peak rates (FLOP/s, bytes/s, bidirectional bytes/s)."""
-  times = {"compute": cost.flops / peak_flops, "memory": cost.hbm_bytes / hbm_bandwidth}
+  """The roofline of `cost` on a chip with these peak rates (FLOP/s, bytes/s, bidirectional bytes/s).
+
+  The chip executes at least the model's FLOPs: where XLA's count is lower it has missed loop iterations (a TPU
+  splits large gathered products into loops of permutes and partial products, whose bodies it counts once).
+  """
+  times = {"compute": max(cost.flops, cost.model_flops) / peak_flops, "memory": cost.hbm_bytes / hbm_bandwidth}
   network = None
   if interconnect_bandwidth:
     network = times["interconnect"] = cost.wire_bytes / (interconnect_bandwidth / 2)
