@@ -173,7 +173,8 @@ def _constant(computation: dict, name: str) -> int | None:
 def _trip_count(rest: str, caller: dict, computations: dict) -> int | None:
   """A while loop's trip count: XLA's known_trip_count annotation where there is one (CPU, GPU); else the
   counted-loop pattern (TPU prints none): the condition's root is `i < N` with N a constant, the body's root
-  tuple holds `i + 1` at i's index, and the loop starts i at a constant. None when any of that does not hold."""
+  tuple holds `i + k` at i's index with k a positive constant (k > 1 where the compiler unrolled the body), and
+  the loop starts i at a constant. None when any of that does not hold."""
   known = _TRIP_COUNT.search(rest)
   if known:
     return int(known.group(1))
@@ -197,11 +198,12 @@ def _trip_count(rest: str, caller: dict, computations: dict) -> int | None:
   if step is None or step[2] != "add":
     return None
   step_operands = _operands(step[3])
-  if not (_tuple_index(body, step_operands[0]) == index and _constant(body, step_operands[1]) == 1):
+  stride = _constant(body, step_operands[1])
+  if _tuple_index(body, step_operands[0]) != index or not stride or stride < 1:
     return None
   init = caller.get(_operands(rest)[0])
   start = _constant(caller, _operands(init[3])[index]) if init and init[2] == "tuple" else None
-  return None if start is None else max(bound - start, 0)
+  return None if start is None else max(-(-(bound - start) // stride), 0)
 
 
 def _tuple_index(computation: dict, name: str) -> int | None:
