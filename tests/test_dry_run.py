@@ -51,6 +51,11 @@ def test_compiles_the_tiny_config_for_a_v5e_slice():
   assert "compiling for v5e-8, mesh {'data': 8, 'fsdp': 1, 'tensor': 1}" in result.stdout
   assert "parameters: 140,288" in result.stdout
   assert result.stdout.count("of 16 GiB: fits") == 2  # one line per stage (patch sides 1 and 2)
+  # The TPU's own census and a prediction from the v5e's figures, every loop's trips counted.
+  assert result.stdout.count("collectives per step per device (as compiled for v5e-8):") == 2
+  assert "all-reduce over data:" in result.stdout
+  assert "loop without a known trip count" not in result.stdout
+  assert result.stdout.count("predicted step (roofline model, not a measurement) on TPU v5") == 2
 
 
 def test_chip_table_matches_full_device_kinds():
