@@ -1,5 +1,6 @@
-"""One-GPU check: train MFU per size and remat choice at the largest batch that fits, sampling images/s with
-guidance, and the NPP/NTP wall-clock ratio at GPT-B. Run through bench/gpu_check.sh (one command, <= 8 minutes).
+"""One-GPU check: train MFU per size and remat choice at the largest batch that fits (beside the dry run's roofline
+prediction of the same step on this chip, so the first run tests the model), sampling images/s with guidance, and
+the NPP/NTP wall-clock ratio at GPT-B. Run through bench/gpu_check.sh (one command, <= 8 minutes).
 
   python bench/gpu_check.py [--sizes B,L,XL] [--remat none,full] [--budget_s 450] [--dry_run]
 
@@ -27,8 +28,10 @@ from npp_jax import npp
 from npp_jax import sharding
 from npp_jax.models import gpt
 from npp_jax.sampling import decoding
+from npp_jax.trainers import chips
 from npp_jax.trainers import gpt_trainer
 from npp_jax.trainers import metrics as metrics_lib
+from npp_jax.trainers import roofline
 
 TRAIN_BATCHES = (256, 128, 64, 32, 16)  # tried largest first; the first that compiles and runs is reported
 SAMPLE_BATCHES = (64, 256)
@@ -85,8 +88,20 @@ def train_mfu(size: str, remat: str, dry_run: bool, steps: int) -> dict:
     flops = metrics_lib.train_flops_per_sequence(config.model, config.model.block_size) * batch / seconds
     peak = metrics_lib.peak_flops(jax.devices()[0])
     return {"size": size, "remat": remat, "batch": batch, "step_s": seconds, "tflops": flops / 1e12,
-            "mfu": flops / peak if peak else None}
+            "mfu": flops / peak if peak else None, **predicted(config, fns[1], seconds)}
   return {"size": size, "remat": remat, "batch": None, "note": "no batch fits"}
+
+
+def predicted(config, compiled, measured_s: float) -> dict:
+  """The dry run's roofline prediction of this step on this chip, beside the measurement (None off the chip
+  table, e.g. on a CPU)."""
+  chip = chips.chip(jax.devices()[0].device_kind)
+  if chip is None:
+    return {"predicted_step_s": None}
+  _, cost = roofline.estimate(config, sharding.make_mesh((1, 1, 1), jax.devices()[:1]), 1, compiled)
+  prediction = roofline.predict_on_chip(cost, chip)
+  return {"predicted_step_s": prediction.step_s, "predicted_bound": prediction.bound,
+          "predicted_mfu": prediction.mfu, "measured_over_predicted": measured_s / prediction.step_s}
 
 
 def sampling_speed(size: str, batch: int, dry_run: bool) -> dict:

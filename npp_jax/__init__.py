@@ -1,7 +1,8 @@
 """npp-jax: Next Patch Prediction (Pang et al. 2024) over LlamaGen's class-conditional GPTs, in JAX/Flax.
 
 Entry points (`python -m npp_jax.X --help`; one convention, see cli.py):
-  main              train or resume a GPT (`--dry_run`: compile for a device or TPU slice and report memory)
+  main              train or resume a GPT (`--dry_run`: compile for a device or TPU slice and report memory,
+                    collectives and a predicted step time)
   prepare           encode a dataset into VQ code shards for training
   sample            sample images from a model directory into PNGs, a grid and samples.npz
   evaluate          FID, sFID, IS and precision/recall of samples.npz against a reference batch
@@ -16,8 +17,8 @@ config field allows, checked when a command loads it), sharding (meshes, pad_sha
 entry points' flags and one-sentence errors), errors (the user errors), fileio, images.
 
 Library, by role (no library module imports an entry point or cli):
-  trainers/ (gpt_trainer, tokenizer_trainer, classifier_trainer, workdir, optim, dry_run, monitor, heldout, metrics,
-    chips)
+  trainers/ (gpt_trainer, tokenizer_trainer, classifier_trainer, workdir, optim, dry_run, hlo_census, roofline,
+    monitor, heldout, metrics, chips)
   checkpoints/ (checkpoint, integrity, workdir_lock)                    a trainer's workdir on disk
   model_files/ (store, param_mapping, torch_io)                         model directories and PyTorch weight rules
   sampling/ (decoding, generation)                                      KV-cache sampling; model in, images out

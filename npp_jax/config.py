@@ -116,6 +116,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one entry may be -1 for "the remaining devices"
   c.mesh.topology = ""  # e.g. v5p-64 with --dry_run: compile for a TPU slice (needs libtpu)
+  # A parameter dimension the mesh cannot split is kept whole on every device and listed at start; True: an error.
+  c.mesh.require_sharded = False
 
   # The training input, plus (source, dir, augmentation, ...) what `python -m npp_jax.prepare` reads. With
   # kind=codes and no codes_dir, the trainer prepares WORKDIR/codes from the source itself (small datasets).

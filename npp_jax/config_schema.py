@@ -390,6 +390,7 @@ TRAINER = Schema("trainer", {
     **within("train", TRAIN),
     "mesh.shape": MESH_SHAPE,
     "mesh.topology": text("a TPU topology such as 'v5p-64', or ''"),
+    "mesh.require_sharded": boolean(),
     **within("data", TRAINER_DATA),
     **within("vq", VQ),
     **within("eval", EVAL),

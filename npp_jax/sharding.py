@@ -2,13 +2,17 @@
 
 Parameters carry logical axis names (`embed`, `mlp`, ...; see models/gpt.py). One table maps them to the mesh axes
 `data`, `fsdp` and `tensor`. A dimension the mesh axes do not divide stays replicated, so every mesh works for every
-model (at some cost in memory), instead of failing deep inside XLA.
+model (at some cost in memory), instead of failing deep inside XLA; `unsharded_dimensions` lists those dimensions,
+which the trainer and the dry run print, and `mesh.require_sharded` turns into an error.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -95,19 +99,83 @@ def pad_shard_unpad(fn: Callable[..., Any], mesh: Mesh | None = None, *, size: i
   return wrapped
 
 
-def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
-  """The PartitionSpec of an array with logical `axes`; mesh axes that do not divide a dimension are dropped."""
-  spec, used = [], set()
+def _dimension_axes(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
+                    ) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+  """Per dimension: (the mesh axes that split it, the mesh axes its rule names that do not divide it)."""
+  out, used = [], set()
   for name, size in zip(axes, shape):
     mesh_axes = LOGICAL_RULES.get(name) if name else None
     if isinstance(mesh_axes, str):
       mesh_axes = (mesh_axes,)
-    kept = tuple(a for a in (mesh_axes or ()) if a not in used and mesh.shape[a] > 1)
-    if kept and size % math.prod(mesh.shape[a] for a in kept):
-      kept = ()
+    wanted = tuple(a for a in (mesh_axes or ()) if a not in used and mesh.shape[a] > 1)
+    kept = wanted if wanted and size % math.prod(mesh.shape[a] for a in wanted) == 0 else ()
     used.update(kept)
-    spec.append(kept[0] if len(kept) == 1 else (kept or None))
-  return P(*spec)
+    out.append((kept, () if kept else wanted))
+  return out
+
+
+def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
+  """The PartitionSpec of an array with logical `axes`; mesh axes that do not divide a dimension are dropped
+  (`unsharded_dimensions` lists where)."""
+  return P(*[kept[0] if len(kept) == 1 else (kept or None) for kept, _ in _dimension_axes(axes, shape, mesh)])
+
+
+@dataclasses.dataclass(frozen=True)
+class Unsharded:
+  """A parameter dimension its rule assigns to mesh axes that do not divide it, so it is kept whole on each device."""
+
+  path: str
+  dim: int
+  logical: str
+  size: int
+  mesh_axes: tuple[str, ...]
+  mesh_size: int  # the devices along mesh_axes
+
+  def sentence(self) -> str:
+    return (f"parameter {self.path} dimension {self.dim} ({self.logical}, size {self.size}) is not split over mesh "
+            f"axis {'x'.join(self.mesh_axes)} ({self.mesh_size} devices, which do not divide it)")
+
+
+def unsharded_dimensions(axes: dict, params: dict, mesh: Mesh) -> list[Unsharded]:
+  """Every parameter dimension that `spec_for` leaves whole although its rule names a mesh axis of size > 1.
+
+  axes: `logical_axes(model)`; params: the matching tree of arrays or ShapeDtypeStructs.
+  """
+  found = []
+  flat_axes = dict(jax.tree_util.tree_flatten_with_path(axes, is_leaf=lambda x: isinstance(x, tuple))[0])
+  for path, param in jax.tree_util.tree_flatten_with_path(params)[0]:
+    names = flat_axes[path]
+    for dim, (_, dropped) in enumerate(_dimension_axes(names, param.shape, mesh)):
+      if dropped:
+        found.append(Unsharded(jax.tree_util.keystr(path, simple=True, separator="/"), dim, names[dim],
+                               param.shape[dim], dropped, math.prod(mesh.shape[a] for a in dropped)))
+  return found
+
+
+_ACTIVATION_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh) -> Iterator[None]:
+  """While tracing a step under this, `constrain` pins activations to their logical axes on `mesh`."""
+  token = _ACTIVATION_MESH.set(mesh)
+  try:
+    yield
+  finally:
+    _ACTIVATION_MESH.reset(token)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+  """`x` constrained to the sharding of its logical `axes` inside `activation_sharding`, else `x` itself.
+
+  Without the pin the partitioner is free to keep an FSDP-sharded weight in place and all-reduce the activations
+  instead (what XLA picks for narrow layers); with it every layer's input stays split over the batch, so FSDP
+  gathers weights, as its cost model assumes. Outside a training step (sampling, one device) nothing is pinned.
+  """
+  mesh = _ACTIVATION_MESH.get()
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_for(axes, x.shape, mesh)))
 
 
 def logical_axes(model: nnx.Module) -> dict:

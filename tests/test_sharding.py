@@ -152,6 +152,26 @@ def test_spec_for_drops_mesh_axes_that_do_not_divide():
   assert sharding.spec_for(("vocab", "embed"), (64, 64), sharding.make_mesh((8, 1, 1))) == P(None, None)
 
 
+def test_dimensions_the_mesh_cannot_split_are_listed_and_refused_on_request():
+  mesh = sharding.make_mesh((1, 4, 2))
+  assert gpt_trainer.build(tiny_config(), mesh, 2048).unsharded == []
+  config = tiny_config()
+  config.model.vocab_size = 63  # the tensor axis (2) cannot split the vocabulary
+  setup = gpt_trainer.build(config, mesh, 2048)
+  assert [(u.path, u.dim, u.logical, u.mesh_axes) for u in setup.unsharded] == [
+      ("output", 1, "vocab", ("tensor",)), ("tok_embeddings", 0, "vocab", ("tensor",))]
+  # Whole along the vocabulary, still split 4 ways along embed; Adam keeps two float32 moments beside it.
+  per_device = gpt_trainer.state_bytes_per_device(setup)
+  assert per_device["tok_embeddings"] == per_device["output"] == 3 * 63 * (64 // 4) * 4
+  assert per_device["layers/w1"] == 3 * 2 * 64 * 256 * 4 // 8  # a fully split parameter, for contrast
+  lines = gpt_trainer.replication_lines(setup)
+  assert len(lines) == 3 and lines[-1].startswith("2 parameters not fully sharded, 0.023 MiB per device")
+  config.mesh.require_sharded = True
+  with pytest.raises(ValueError, match=r"^parameter output dimension 1 \(vocab, size 63\) is not split over mesh "
+                                       r"axis tensor \(2 devices, which do not divide it\), and mesh.require_sharded"):
+    gpt_trainer.build(config, mesh, 2048)
+
+
 def test_resolve_mesh_shape():
   assert sharding.resolve_mesh_shape((-1, 1, 1), 8) == (8, 1, 1)
   assert sharding.resolve_mesh_shape((2, -1, 2), 8) == (2, 2, 2)

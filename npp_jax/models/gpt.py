@@ -21,11 +21,14 @@ import ml_collections
 
 from npp_jax import errors
 from npp_jax import npp
+from npp_jax import sharding
 from npp_jax.models import rope
 
 # Logical axis names of every parameter; sharding.py maps them to mesh axes.
 EMBED, VOCAB, CLASSES, LAYERS, HEADS, HEAD_DIM, MLP, QKV = (
     "embed", "vocab", "classes", "layers", "heads", "head_dim", "mlp", "qkv")
+# The residual stream between layers: split over the batch, whole along the sequence and the model dimension.
+RESIDUAL_AXES = ("batch", None, None)
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -242,6 +245,7 @@ class GPT(nnx.Module):
 
     def layer(x, inputs):
       p, key = inputs
+      x = sharding.constrain(x, RESIDUAL_AXES)
       p = _fold_norms(p)  # in float32; each product casts its kernel to the activations' dtype
       keys = jax.random.split(key, 2) if key is not None else (None, None)
       q, k, v = _qkv(_rms_normalise(x, cfg.norm_eps), p["wqkv"], rotary)

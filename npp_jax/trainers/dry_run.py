@@ -2,11 +2,13 @@
 
 For the current devices, or for a TPU slice (config.mesh.topology, e.g. v5p-64) through
 jax.experimental.topologies when libtpu is installed: a laptop can check that GPT-XXL fits a slice before anyone
-pays for it.
+pays for it, what its collectives move per step, which parameters the mesh leaves whole, and what the step should
+cost there by a roofline model (trainers/roofline.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 import ml_collections
@@ -20,7 +22,9 @@ from npp_jax import sharding
 from npp_jax.models import gpt
 from npp_jax.trainers import chips
 from npp_jax.trainers import gpt_trainer
+from npp_jax.trainers import hlo_census
 from npp_jax.trainers import metrics as metrics_lib
+from npp_jax.trainers import roofline
 
 # Generations whose slice names count TensorCores (two per chip, driven as one "megacore" device) and whose chips
 # form a 3D torus; the others count chips on a 2D torus.
@@ -75,18 +79,22 @@ def topology_devices(accelerator: str) -> tuple[list, float | None]:
 
 def run(config: ml_collections.ConfigDict) -> dict:
   if config.mesh.topology:
-    devices, hbm_gib = topology_devices(config.mesh.topology)
+    devices, _ = topology_devices(config.mesh.topology)
+    chip = chips.TPU_GENERATIONS[topology_name(config.mesh.topology)[0].split(":")[0]]
   else:
     devices = jax.devices()
-    entry = chips.chip(devices[0].device_kind)
-    hbm_gib = entry.hbm_gib if entry else None
+    chip = chips.chip(devices[0].device_kind)
+  hbm_gib = chip.hbm_gib if chip else None
   mesh = sharding.make_mesh(config.mesh.shape, devices)
   setup = gpt_trainer.build(config, mesh, config.train.num_images)
   where = config.mesh.topology or f"{len(devices)} x {devices[0].device_kind}"
   print(f"compiling for {where}, mesh {dict(mesh.shape)}", flush=True)
   print(f"parameters: {gpt.num_parameters(config.model):,}", flush=True)
+  for line in gpt_trainer.replication_lines(setup):
+    print(line, flush=True)
 
-  report = {"parameters": gpt.num_parameters(config.model), "stages": {}}
+  report = {"parameters": gpt.num_parameters(config.model), "stages": {},
+            "unsharded": [u.sentence() for u in setup.unsharded]}
   grid = gpt.grid_side(config.model)
   for patch_side in sorted({s.patch_side for s in setup.stages}):
     step = gpt_trainer.make_train_step(setup, patch_side)
@@ -114,7 +122,33 @@ def run(config: ml_collections.ConfigDict) -> dict:
     if hbm_gib:
       line += f" of {hbm_gib} GiB: " + ("fits" if gib(total) <= hbm_gib else "DOES NOT FIT")
     print(line, flush=True)
-    report["stages"][patch_side] = {"tflops_per_step": flops / 1e12, "total_gib": gib(total),
-                                    "argument_gib": gib(args), "temp_gib": gib(temp),
-                                    "fits": None if not hbm_gib else gib(total) <= hbm_gib}
+    stage = {"tflops_per_step": flops / 1e12, "total_gib": gib(total), "argument_gib": gib(args),
+             "temp_gib": gib(temp), "fits": None if not hbm_gib else gib(total) <= hbm_gib}
+    stage.update(_traffic(config, mesh, patch_side, compiled, chip, where))
+    report["stages"][patch_side] = stage
   return report
+
+
+def _traffic(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, patch_side: int, compiled,
+             chip: chips.Chip | None, where: str) -> dict:
+  """Prints the compiled step's collective census and cost, and the roofline prediction where the chip is known."""
+  census, cost = roofline.estimate(config, mesh, patch_side, compiled)
+  print(f"  collectives per step per device (as compiled for {where}):", flush=True)
+  for line in hlo_census.format_census(census) or ["none"]:
+    print(f"    {line}", flush=True)
+  if any(c.calls is None for c in census):
+    print("    (a loop without a known trip count holds collectives: counted once above)", flush=True)
+  print(f"  per device per step: {cost.flops / 1e12:.3f} TFLOPs as compiled, {cost.hbm_bytes / 2**30:.2f} GiB of "
+        f"memory traffic, {cost.wire_bytes / 2**20:.1f} MiB sent in collectives", flush=True)
+  if cost.flops < cost.model_flops:
+    print(f"    (below the model's {cost.model_flops / 1e12:.3f} TFLOPs: XLA's count misses loop iterations; the "
+          f"prediction uses the model's)", flush=True)
+  result = {"census": hlo_census.summary(census), "cost": dataclasses.asdict(cost)}
+  prediction = roofline.predict_on_chip(cost, chip) if chip else None
+  if prediction is None:
+    print(f"  no roofline: the chip table has no figures for {where} (bench/roofline_check.py measures a CPU's)",
+          flush=True)
+  else:
+    print(f"  {roofline.describe(prediction, chip)}", flush=True)
+    result["prediction"] = dataclasses.asdict(prediction)
+  return result

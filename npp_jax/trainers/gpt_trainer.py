@@ -7,7 +7,9 @@ donated state; the model is split once (graphdef + pure parameter dict) and merg
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import math
 import time
 from typing import Any, Callable
 
@@ -56,6 +58,7 @@ class Setup:
   abstract_state: dict  # ShapeDtypeStructs with shardings
   state_shardings: dict
   init_fn: Callable[[], dict]
+  unsharded: list[sharding.Unsharded] = dataclasses.field(default_factory=list)  # dimensions the mesh cannot split
 
 
 def total_steps(config: ml_collections.ConfigDict, num_images: int) -> int:
@@ -83,6 +86,10 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, num_images
   graphdef = nnx.graphdef(abstract_model)
   param_shardings = sharding.param_shardings(abstract_model, mesh)
   abstract_params = nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param))
+  unsharded = sharding.unsharded_dimensions(sharding.logical_axes(abstract_model), abstract_params, mesh)
+  if unsharded and config.mesh.require_sharded:
+    raise errors.InvalidInput(f"{unsharded[0].sentence()}, and mesh.require_sharded is set; change the mesh "
+                              f"shape or the model size")
   schedule = optim.learning_rate_schedule(config.optim, [(s.start, s.end) for s in stages],
                                           warmup_steps(config, num_images))
   tx = optim.make_optimizer(config.optim, schedule, abstract_params)
@@ -107,7 +114,38 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, num_images
     state_shardings["ema"] = param_shardings
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 shapes, state_shardings)
-  return Setup(config, mesh, graphdef, stages, steps, tx, schedule, abstract_state, state_shardings, init_fn)
+  return Setup(config, mesh, graphdef, stages, steps, tx, schedule, abstract_state, state_shardings, init_fn,
+               unsharded)
+
+
+def state_bytes_per_device(setup: Setup) -> dict[str, int]:
+  """Parameter path -> bytes per device of the parameter and all the state shaped after it (the optimizer's
+  moments, the EMA)."""
+  state, params = setup.abstract_state, setup.abstract_state["params"]
+  paths = jax.tree_util.tree_map_with_path(lambda p, _: jax.tree_util.keystr(p, simple=True, separator="/"), params)
+  shard_bytes = lambda a: math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
+  # The optimizer's leaves shaped like parameters, each beside its parameter's path (its counters map to None).
+  opt = lambda fn: jax.tree.leaves(optax.tree_map_params(setup.tx, fn, state["opt_state"], paths,
+                                                         transform_non_params=lambda _: None))
+  pairs = list(zip(opt(lambda _, path: path), opt(lambda leaf, _: shard_bytes(leaf))))
+  for tree in [params] + ([state["ema"]] if "ema" in state else []):
+    pairs += zip(jax.tree.leaves(paths), map(shard_bytes, jax.tree.leaves(tree)))
+  totals: dict[str, int] = collections.defaultdict(int)
+  for path, nbytes in pairs:
+    totals[path] += nbytes
+  return dict(totals)
+
+
+def replication_lines(setup: Setup) -> list[str]:
+  """One line per parameter dimension the mesh cannot split, with what keeping it whole costs each device."""
+  if not setup.unsharded:
+    return []
+  per_device = state_bytes_per_device(setup)
+  lines = [f"{u.sentence()}: {per_device[u.path] / 2**20:.3f} MiB per device with its optimizer state"
+           for u in setup.unsharded]
+  total = sum(per_device[p] for p in {u.path for u in setup.unsharded})
+  return lines + [f"{len({u.path for u in setup.unsharded})} parameters not fully sharded, {total / 2**20:.3f} MiB "
+                  f"per device with their optimizer state (mesh.require_sharded=True makes this an error)"]
 
 
 def _check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
@@ -133,7 +171,8 @@ def make_train_step(setup: Setup, patch_side: int) -> Callable[[dict, dict], tup
 
   def loss_fn(params, tokens, labels, key):
     model = nnx.merge(graphdef, params)
-    logits = model(tokens, labels, patch_side=patch_side, deterministic=not dropout, dropout_rng=key)
+    with sharding.activation_sharding(setup.mesh):
+      logits = model(tokens, labels, patch_side=patch_side, deterministic=not dropout, dropout_rng=key)
     return npp.patch_loss(logits, tokens, patch_side)
 
   grad_fn = jax.value_and_grad(loss_fn)
@@ -145,9 +184,9 @@ def make_train_step(setup: Setup, patch_side: int) -> Callable[[dict, dict], tup
       loss, grads = grad_fn(params, batch["tokens"], batch["labels"], step_key)
     else:
       # Real accumulation: the global batch is split into `accum` micro-batches whose mean gradient is applied once.
-      micro = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
       micro = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
-          x, jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES))), micro)
+          micro_batches(x, accum), jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec(
+              None, sharding.BATCH_AXES))), batch)
 
       def body(carry, inputs):
         i, tokens, labels = inputs
@@ -168,6 +207,16 @@ def make_train_step(setup: Setup, patch_side: int) -> Callable[[dict, dict], tup
 
   return jax.jit(step, in_shardings=(setup.state_shardings, {"tokens": batch_sharding, "labels": batch_sharding}),
                  out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)), donate_argnums=(0,))
+
+
+def micro_batches(x: jax.Array, accum: int) -> jax.Array:
+  """(B, ...) -> (accum, B / accum, ...), micro-batch m holding rows m, m + accum, m + 2 accum, ...
+
+  The batch is split over devices in contiguous rows, so every device's share of every micro-batch is rows it
+  already holds (as MaxText forms them). Cutting the batch into contiguous blocks instead would put micro-batch 0
+  on the first devices and move the whole batch between devices on every step.
+  """
+  return jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1)
 
 
 def abstract_batch(setup: Setup) -> dict:
@@ -225,6 +274,8 @@ def _run(config: ml_collections.ConfigDict, run_dir: workdir_lib.Run, mesh: jax.
   log(f"mesh: {dict(mesh.shape)} over {mesh.devices.size} devices ({jax.process_count()} processes), "
       f"{jax.devices()[0].device_kind}")
   log(f"parameters: {gpt.num_parameters(config.model):,}")
+  for line in replication_lines(setup):
+    log(line)
   log(f"data: {data.num_images:,} images, {setup.total_steps:,} steps of {config.train.global_batch_size}")
   log("stages: " + ", ".join(f"{s.patch_side}x{s.patch_side} patches for steps [{s.start}, {s.end})"
                              for s in setup.stages))
