@@ -6,8 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from npp_jax import images as image_io
 from npp_jax.sampling import decoding
 from npp_jax.sampling import generation
+from npp_jax.serving import engine as engine_lib
 from npp_jax.serving import row_decoding
 from test_sample_cli import CLASSES, VOCAB, fake_decode, tiny_gpt  # noqa: F401 (a fixture)
 
@@ -72,3 +74,119 @@ def test_speculative_settings_are_refused_by_the_shared_batch():
   settings = row_decoding.empty_row_settings(1)
   with pytest.raises(ValueError, match="speculative decoding is for `sample`"):
     row_decoding.set_row(settings, 0, 0, np.zeros(2, np.uint32), decoding.SamplingSettings(speculative_window=2))
+
+
+# -- the engine -----------------------------------------------------------------------------------------------
+
+
+def alone(model, request: engine_lib.ImageRequest) -> np.ndarray:
+  """What `sample --labels c,c,... --seed s` writes for the request: the plain sampler, the request's images only."""
+  tokens = decoding.Sampler(model, dtype="float32")([request.label] * request.num_images,
+                                                     generation.sample_key(request.seed), request.settings)
+  return image_io.to_uint8(np.asarray(fake_decode(tokens)))
+
+
+def make_engine(model, **kwargs) -> engine_lib.Engine:
+  options = dict(rows=8, max_images=12, max_pending=16, chunk=4) | kwargs
+  return engine_lib.Engine(decoding.Sampler(model, dtype="float32"), jax.jit(fake_decode), **options)
+
+
+def spy_on_chunks(engine: engine_lib.Engine, after=None) -> list[tuple[np.ndarray, np.ndarray]]:
+  """Records (labels, positions) of every chunk the engine runs; after(call number) runs before each chunk."""
+  calls, advance = [], engine.decoder.advance
+
+  def recorded(state, settings, positions, steps):
+    calls.append((settings.labels.copy(), positions.copy()))
+    if after is not None:
+      after(len(calls))
+    return advance(state, settings, positions, steps)
+
+  engine.decoder.advance = recorded
+  return calls
+
+
+# Four requests with different settings (B is larger than the batch of 8 rows): A, C, D and B's first image fill
+# the first batch together.
+REQUESTS = [engine_lib.ImageRequest(0, 3, 1, MIXED["A"]), engine_lib.ImageRequest(2, 2, 3, MIXED["C"]),
+            engine_lib.ImageRequest(1, 2, 4, MIXED["D"]), engine_lib.ImageRequest(1, 10, 2, MIXED["B"])]
+
+
+@pytest.fixture(scope="module")
+def alone_images(tiny_gpt):  # noqa: F811
+  return [alone(tiny_gpt, request) for request in REQUESTS]
+
+
+@pytest.mark.parametrize("schedule", engine_lib.SCHEDULES)
+def test_requests_sharing_the_batch_get_their_images_alone(tiny_gpt, alone_images, schedule):  # noqa: F811
+  engine = make_engine(tiny_gpt, schedule=schedule)
+  chunks = spy_on_chunks(engine)
+  tickets = [engine.submit(request) for request in REQUESTS]  # all waiting before the engine starts
+  with engine:
+    for ticket, expected in zip(tickets, alone_images):
+      np.testing.assert_array_equal(ticket.wait(timeout=120), expected)
+  first_labels = chunks[0][0][chunks[0][1] == 0]
+  if schedule == "single":  # one request per batch; B's 10 images over two batches
+    np.testing.assert_array_equal(first_labels, [0, 0, 0])
+    assert sum((positions == 0).sum() for _, positions in chunks) == 17
+  else:
+    np.testing.assert_array_equal(first_labels, [0, 0, 0, 2, 2, 1, 1, 1])
+
+
+@pytest.mark.parametrize("schedule", ["join", "batch"])
+def test_a_request_arriving_mid_batch_joins_it_only_when_joining(tiny_gpt, schedule):  # noqa: F811
+  engine = make_engine(tiny_gpt, schedule=schedule, chunk=2)
+  late = []
+  chunks = spy_on_chunks(engine, after=lambda n: n == 2 and late.append(engine.submit(REQUESTS[2])))
+  with engine:
+    first = engine.submit(REQUESTS[0])  # 3 of the 8 rows, 8 chunks of 2 tokens
+    first.wait(timeout=120)
+    late[0].wait(timeout=120)
+  seq_len = engine.decoder.block_size
+  together = [(labels[positions < seq_len] == 1).any() and (labels[positions < seq_len] == 0).any()
+              for labels, positions in chunks]
+  if schedule == "join":  # it starts at the next chunk boundary, while the first request is mid-sample
+    assert together[2] and sum(together) == seq_len // 2 - 2
+    assert len(chunks) == seq_len // 2 + 2
+  else:  # it waits for the whole batch
+    assert not any(together) and len(chunks) == seq_len
+  np.testing.assert_array_equal(late[0].wait(), alone(tiny_gpt, REQUESTS[2]))
+
+
+def test_past_the_queue_limit_a_request_is_told_busy_at_once(tiny_gpt):  # noqa: F811
+  engine = make_engine(tiny_gpt, max_pending=2)
+  tickets = [engine.submit(REQUESTS[0]), engine.submit(REQUESTS[1])]
+  with pytest.raises(engine_lib.Busy, match=r"the server is busy \(2 requests in progress\); try again"):
+    engine.submit(REQUESTS[2])
+  with engine:
+    for ticket in tickets:
+      ticket.wait(timeout=120)
+    np.testing.assert_array_equal(engine.images(REQUESTS[2]), alone(tiny_gpt, REQUESTS[2]))  # room again
+
+
+def test_a_cancelled_request_frees_its_rows_at_the_next_chunk(tiny_gpt):  # noqa: F811
+  engine = make_engine(tiny_gpt, schedule="batch", chunk=2)
+  big = engine_lib.ImageRequest(0, 8, 5, MIXED["A"])  # every row
+  tickets = []
+  chunks = spy_on_chunks(engine, after=lambda n: n == 1 and tickets[0].cancel())
+  tickets += [engine.submit(big), engine.submit(REQUESTS[2])]
+  with engine:
+    with pytest.raises(engine_lib.Cancelled, match="the request was cancelled"):
+      tickets[0].wait(timeout=120)
+    np.testing.assert_array_equal(tickets[1].wait(timeout=120), alone(tiny_gpt, REQUESTS[2]))
+  seq_len = engine.decoder.block_size
+  # One chunk of the big request, then the waiting one at once: a batch-wide wait would take seq_len / 2 chunks.
+  assert (chunks[0][1] == 0).all() and len(chunks) == 1 + seq_len // 2
+  assert (chunks[1][1] < seq_len).sum() == 2
+
+
+@pytest.mark.parametrize("request_, message", [
+    (engine_lib.ImageRequest(0, 0, 0, MIXED["B"]), "number of images must be between 1 and 12, got 0"),
+    (engine_lib.ImageRequest(0, 13, 0, MIXED["B"]), "number of images must be between 1 and 12, got 13"),
+    (engine_lib.ImageRequest(0, 1, -1, MIXED["B"]), "seed must be a whole number between 0 and 4294967295, got -1"),
+    (engine_lib.ImageRequest(CLASSES, 1, 0, MIXED["B"]), r"label 3 is not a class id in \[0, 3\)"),
+    (engine_lib.ImageRequest(0, 1, 0, decoding.SamplingSettings(top_k=VOCAB + 1)), "vocabulary size 32"),
+    (engine_lib.ImageRequest(0, 1, 0, decoding.SamplingSettings(speculative_window=2)), "speculative decoding"),
+])
+def test_bad_requests_are_one_sentence(tiny_gpt, request_, message):  # noqa: F811
+  with pytest.raises(ValueError, match=message):
+    make_engine(tiny_gpt).submit(request_)
