@@ -1,18 +1,34 @@
 """The shared batch behind the page and the HTTP API: per-row filters, rows decoding at their own positions, the
 engine's schedules, queue bound and cancellation, the JSON API over loopback, and a small load test."""
 
+import base64
+import concurrent.futures
+import contextlib
+import importlib.util
+import io
+import json
+import pathlib
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from npp_jax import images as image_io
 from npp_jax.sampling import decoding
 from npp_jax.sampling import generation
 from npp_jax.serving import engine as engine_lib
+from npp_jax.serving import http_api
 from npp_jax.serving import row_decoding
 from test_sample_cli import CLASSES, VOCAB, fake_decode, tiny_gpt  # noqa: F401 (a fixture)
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 # Settings that differ in every per-row field; A and C share the plain sampler's compiled program (static: guided,
 # top-k 5, top-p on), B and D have their own.
 MIXED = {
@@ -47,7 +63,7 @@ def test_rows_at_different_positions_draw_the_plain_samplers_tokens(tiny_gpt):  
   sampler = decoding.Sampler(tiny_gpt, dtype="float32")
   decoder = row_decoding.RowDecoder(sampler, rows=8)
   seq_len = decoder.block_size
-  # (label, seed, sample index, settings) per row; rows 4-7 join after 5 steps, with rows 0-3 mid-sample.
+  # (label, seed, sample index, settings) per row; rows 4-7 join after 4 steps, with rows 0-3 mid-sample.
   plan = [(0, 1, 0, "A"), (1, 1, 1, "B"), (2, 7, 3, "C"), (1, 2**32 - 1, 0, "D"),
           (2, 1, 0, "B"), (0, 5, 2, "A"), (0, 9, 0, "D"), (2, 7, 3, "C")]
   settings = row_decoding.empty_row_settings(8)
@@ -57,8 +73,8 @@ def test_rows_at_different_positions_draw_the_plain_samplers_tokens(tiny_gpt):  
                          MIXED[name])
   state = decoder.empty_state()
   positions[:4] = 0
-  state = decoder.advance(state, settings, positions, steps=5)
-  positions = np.minimum(positions + 5, seq_len)
+  state = decoder.advance(state, settings, positions, steps=4)
+  positions = np.minimum(positions + 4, seq_len)
   positions[4:] = 0
   while (positions < seq_len).any():
     state = decoder.advance(state, settings, positions, steps=4)
@@ -66,7 +82,7 @@ def test_rows_at_different_positions_draw_the_plain_samplers_tokens(tiny_gpt):  
   tokens = np.asarray(state.tokens)
   for row, (label, seed, index, name) in enumerate(plan):
     np.testing.assert_array_equal(tokens[row], expected_tokens(tiny_gpt, label, seed, index, MIXED[name]), str(row))
-  np.testing.assert_array_equal(tokens[2], tokens[7])  # the same sample in two rows, started 5 steps apart
+  np.testing.assert_array_equal(tokens[2], tokens[7])  # the same sample in two rows, started 4 steps apart
   assert len(np.unique(tokens, axis=0)) == 7
 
 
@@ -190,3 +206,136 @@ def test_a_cancelled_request_frees_its_rows_at_the_next_chunk(tiny_gpt):  # noqa
 def test_bad_requests_are_one_sentence(tiny_gpt, request_, message):  # noqa: F811
   with pytest.raises(ValueError, match=message):
     make_engine(tiny_gpt).submit(request_)
+
+
+# -- the JSON API ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def api_server(engine: engine_lib.Engine):
+  """The API over `engine` on a free loopback port; yields its URL."""
+  server = http_api.Server(("127.0.0.1", 0), engine, DEFAULTS, ["shirt", "boot", "bag"])
+  server.serve_in_thread()
+  try:
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+  finally:
+    server.shutdown()
+    server.server_close()
+
+
+DEFAULTS = decoding.SamplingSettings(cfg_scale=2.0, temperature=0.9, top_k=5, top_p=0.8)  # MIXED["A"]
+
+
+def post(url: str, body, path: str = "/sample") -> tuple[int, str, bytes]:
+  data = body if isinstance(body, bytes) else json.dumps(body).encode()
+  try:
+    with urllib.request.urlopen(urllib.request.Request(url + path, data=data), timeout=60) as answer:
+      return answer.status, answer.headers["Content-Type"], answer.read()
+  except urllib.error.HTTPError as e:
+    return e.code, e.headers["Content-Type"], e.read()
+
+
+def test_the_api_serves_the_requests_images(tiny_gpt, alone_images):  # noqa: F811
+  with make_engine(tiny_gpt) as engine, api_server(engine) as url:
+    status, kind, grid = post(url, {"class": 0, "images": 3, "seed": 1})  # A's settings are the defaults
+    assert (status, kind) == (200, "image/png")
+    expected = image_io.square_grid(alone_images[0], pad=http_api.GRID_PAD)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(grid)).convert("RGB")), expected)
+
+    body = {"class": 1, "images": 10, "seed": 2, "cfg_scale": 1, "temperature": 1.3, "top_k": 0, "top_p": 1,
+            "format": "images"}  # B, over two batches
+    status, kind, answer = post(url, body)
+    assert (status, kind) == (200, "application/json")
+    images = [np.asarray(Image.open(io.BytesIO(base64.b64decode(png)))) for png in json.loads(answer)["images"]]
+    np.testing.assert_array_equal(np.stack(images), alone_images[3])
+
+    with urllib.request.urlopen(url + "/info", timeout=60) as answer:
+      info = json.load(answer)
+    assert info["classes"] == CLASSES and info["class_names"][2] == "bag" and info["max_images"] == 12
+    assert info["defaults"]["top_p"] == 0.8 and info["vocab_size"] == VOCAB
+
+
+@pytest.mark.parametrize("body, status, sentence", [
+    (b"{not json", 400, "the body is not valid JSON"),
+    ([3], 400, "the body must be a JSON object"),
+    ({"images": 2}, 400, "the field \"class\" (a class id) is required"),
+    ({"class": 0, "colour": 1}, 400, "unknown field 'colour'"),
+    ({"class": 0, "seed": 1.5}, 400, "seed must be a whole number, got 1.5"),
+    ({"class": 0, "images": "2"}, 400, "images must be a number, got '2'"),
+    ({"class": 0, "top_p": 1.5}, 400, "top_p must be in (0, 1]"),
+    ({"class": 0, "images": 13}, 400, "the number of images must be between 1 and 12, got 13"),
+    ({"class": 0, "format": "gif"}, 400, "format must be one of grid, images"),
+])
+def test_api_errors_are_one_sentence_with_a_4xx_status(tiny_gpt, body, status, sentence):  # noqa: F811
+  with api_server(make_engine(tiny_gpt)) as url:  # never started: a valid request would wait
+    answer = post(url, body)
+  assert answer[:2] == (status, "application/json")
+  error = json.loads(answer[2])["error"]
+  assert error.startswith(sentence) and "\n" not in error
+
+
+def test_api_wrong_paths_and_methods(tiny_gpt):  # noqa: F811
+  with api_server(make_engine(tiny_gpt)) as url:
+    assert post(url, {"class": 0}, "/generate")[0] == 404
+    with pytest.raises(urllib.error.HTTPError) as answer:
+      urllib.request.urlopen(url + "/sample", timeout=60)
+    assert answer.value.code == 405 and "takes a POST" in json.load(answer.value)["error"]
+
+
+def test_the_api_answers_busy_at_once_past_the_queue_limit(tiny_gpt):  # noqa: F811
+  engine = make_engine(tiny_gpt, max_pending=1)
+  with api_server(engine) as url:
+    waiting = concurrent.futures.ThreadPoolExecutor(1).submit(post, url, {"class": 0, "images": 3, "seed": 1})
+    while engine._unfinished < 1:  # pylint: disable=protected-access
+      time.sleep(0.01)
+    try:
+      with urllib.request.urlopen(urllib.request.Request(url + "/sample", data=b'{"class": 1}'), timeout=60):
+        pytest.fail("a request past the queue limit was taken")
+    except urllib.error.HTTPError as busy:
+      assert busy.code == 429 and busy.headers["Retry-After"] == "1"
+      assert json.load(busy)["error"].startswith("the server is busy (1 requests in progress); try again")
+    with engine:
+      assert waiting.result(timeout=120)[0] == 200
+
+
+def test_a_client_that_disconnects_gives_its_request_up(tiny_gpt):  # noqa: F811
+  engine = make_engine(tiny_gpt)
+  chunks = spy_on_chunks(engine)
+  tickets, submit = [], engine.submit
+  engine.submit = lambda request: tickets.append(submit(request)) or tickets[-1]
+  with api_server(engine) as url:
+    body = json.dumps({"class": 2, "images": 8, "seed": 1}).encode()
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as client:
+      client.sendall(b"POST /sample HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+      while not tickets:
+        time.sleep(0.01)
+    deadline = time.time() + 30
+    while not tickets[0].cancelled and time.time() < deadline:
+      time.sleep(0.01)
+    assert tickets[0].cancelled
+    with engine:  # its images never start, and the next request has the rows
+      status, _, _ = post(url, {"class": 0, "images": 3, "seed": 1})
+      assert status == 200
+  assert not any((labels[positions == 0] == 2).any() for labels, positions in chunks)
+  with pytest.raises(engine_lib.Cancelled):
+    tickets[0].wait(timeout=0)
+
+
+def test_a_small_load_test_sees_no_errors(tiny_gpt):  # noqa: F811
+  serve_load = load_bench("serve_load")
+  with make_engine(tiny_gpt, max_images=4) as engine, api_server(engine) as url:
+    result = serve_load.run_clients(url, 3, 2.0, seed=0)
+  assert result.errors == [] and result.busy == 0
+  assert len(result.latencies) >= 3 and result.images >= len(result.latencies)
+  assert result.images_per_second > 0 and result.percentile(50) <= result.percentile(99)
+  with pytest.raises(ValueError, match="only sends traffic to the loopback address"):
+    serve_load.run_clients("http://192.0.2.1:7861", 1, 0.1)
+
+
+def load_bench(name: str):
+  spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module  # its dataclasses look their module up while it loads
+  spec.loader.exec_module(module)
+  return module
