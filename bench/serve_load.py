@@ -129,7 +129,8 @@ def run_clients(url: str, clients: int, seconds: float, *, seed: int = 0, info: 
 
 
 def burst(url: str, count: int, info: dict[str, Any]) -> tuple[int, int, float]:
-  """`count` requests sent at once: (answered 200, answered busy, slowest busy answer in s)."""
+  """`count` requests sent at once: (answered 200, answered busy, slowest busy answer in s); anything else is an
+  error of the server, raised."""
   rng, results, lock = np.random.default_rng(1), [], threading.Lock()
   bodies = [random_request(rng, info) for _ in range(count)]
   gate = threading.Barrier(count)
@@ -137,7 +138,10 @@ def burst(url: str, count: int, info: dict[str, Any]) -> tuple[int, int, float]:
   def send(body):
     gate.wait()
     sent = time.perf_counter()
-    status, _ = post(url, body)
+    try:
+      status, _ = post(url, body)
+    except OSError:
+      status = 0  # no answer at all
     with lock:
       results.append((status, time.perf_counter() - sent))
 
@@ -147,6 +151,9 @@ def burst(url: str, count: int, info: dict[str, Any]) -> tuple[int, int, float]:
   for thread in threads:
     thread.join()
   busy = [seconds for status, seconds in results if status == 429]
+  others = sorted({status for status, _ in results} - {200, 429})
+  if others:
+    raise RuntimeError(f"a burst of {count} requests got answers other than 200 and 429: {others}")
   return sum(status == 200 for status, _ in results), len(busy), max(busy, default=0.0)
 
 

@@ -69,6 +69,7 @@ class Server(http.server.ThreadingHTTPServer):
   """The HTTP server; `engine`, `defaults` and `info` are what its handlers serve."""
 
   daemon_threads = True  # a handler waiting on a request does not hold up shutdown
+  request_queue_size = 256  # the listen backlog: a burst of connections waits to be told "busy", not reset
 
   def __init__(self, address: tuple[str, int], engine: engine_lib.Engine, defaults: decoding.SamplingSettings,
                class_names: list[str]):
