@@ -226,6 +226,11 @@ def _constrain(x: jax.Array, mesh: Mesh, spec: P) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def cache_chunks(seq_len: int) -> int:
+  """How many chunks the sampler's KV cache of seq_len slots has (what `gpt.decode_token_rows` must match)."""
+  return min(_CACHE_CHUNKS, seq_len)
+
+
 def _decode_loop(params, cfg, labels, choose, *, guided, cfg_scale, cfg_interval, mesh, keep_logits=False):
   """Runs prefill + block_size - 1 cached decode steps; `choose(logits (B, V), t) -> tokens (B,)` picks token t.
 
@@ -236,7 +241,7 @@ def _decode_loop(params, cfg, labels, choose, *, guided, cfg_scale, cfg_interval
   rows = jnp.stack([labels, jnp.full_like(labels, cfg.num_classes)], axis=1).reshape(-1) if guided else labels
   # Slots 0..S-1 (the last token is never fed back), in chunks: the positions of chunk c are decoded by one scan
   # whose attention reads chunks 0..c only.
-  chunks = gpt.chunk_bounds(seq_len, min(_CACHE_CHUNKS, seq_len))
+  chunks = gpt.chunk_bounds(seq_len, cache_chunks(seq_len))
   cache = gpt.init_cache(cfg, rows.shape[0], seq_len, params["output"].dtype, len(chunks))
   cache = jax.tree.map(lambda c: _constrain(c, mesh, P(sharding.ONE_AXIS)), cache)
 

@@ -9,7 +9,8 @@ and sampling settings, so requests from different people, with any mix of settin
 A row holds one sample: its position is the index of the token it draws next (0: the class token's prefill;
 block_size: finished or free). Rows advance together but start whenever the caller resets one to position 0, so a
 free row can take a new sample between two calls while the others carry on (the KV cache is written per row at its
-own position and attention is masked to each row's filled slots, `gpt.decode_rows`).
+own position and attention is masked to each row's filled slots; `gpt.decode_token_rows` computes each row exactly
+as the sampler's chunked loop does at that position, bit for bit in bfloat16 too).
 
 The draws are the plain sampler's (`decoding`): token t of a row uses key fold_in(row key, t), guidance mixes the
 raw logits of the row's (cond, null) pair while t <= cfg_interval + 1, then `filter_logits_by_row` and `draw`. With
@@ -95,7 +96,7 @@ def _step(params, cfg: ml_collections.FrozenConfigDict, state: RowState, setting
   pair_labels = jnp.stack([settings.labels, jnp.full_like(settings.labels, cfg.num_classes)], axis=1).reshape(-1)
   previous = jnp.take_along_axis(state.tokens, jnp.maximum(t - 1, 0)[:, None], axis=1)[:, 0]
   x = jnp.where((pair(t) == 0)[:, None], params["cls_embedding"][pair_labels], pair(params["tok_embeddings"][previous]))
-  logits, cache = gpt.decode_rows(params, cfg, x[:, None], state.cache, pair(t))
+  logits, cache = gpt.decode_token_rows(params, cfg, x[:, None], state.cache, pair(t))
   guided = (settings.cfg_scale > 1) & ((settings.cfg_interval < 0) | (t <= settings.cfg_interval + 1))
   logits = decoding.guide(logits[:, -1], settings.cfg_scale[:, None], guided[:, None])
   step_keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(settings.keys), t)
@@ -135,7 +136,9 @@ class RowDecoder:
     return self.cfg.block_size
 
   def empty_state(self) -> RowState:
-    cache = gpt.init_cache(self.cfg, 2 * self.rows, self.cfg.block_size, self.sampler.params["output"].dtype, 1)
+    seq_len = self.cfg.block_size
+    cache = gpt.init_cache(self.cfg, 2 * self.rows, seq_len, self.sampler.params["output"].dtype,
+                           decoding.cache_chunks(seq_len))
     tokens = jnp.zeros((self.rows, self.cfg.block_size), jnp.int32)
     return jax.device_put(RowState(cache, tokens), self._rows_sharding)
 
