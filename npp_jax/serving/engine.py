@@ -242,7 +242,7 @@ class Engine:
       except Exception as e:  # pylint: disable=broad-except
         # A failure of the program fails the requests it was serving; the engine starts over with empty rows.
         with self._cond:
-          for owner in self._owners:
+          for owner in self._owners + (delivery[0] if delivery is not None else []):
             if owner is not None:
               self._finish(owner[0], e)
           self._owners = [None] * self.rows
