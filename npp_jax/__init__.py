@@ -9,7 +9,7 @@ Entry points (`python -m npp_jax.X --help`; one convention, see cli.py):
   convert           PyTorch checkpoints <-> native directories
   train_tokenizer   train the VQ tokenizer (the shipped Fashion-MNIST one)
   train_classifier  train the classifier of the Fashion-MNIST online metric
-  demo              a local sampling page (Gradio, the [demo] extra) over a model directory
+  demo              a local sampling page (Gradio, the [demo] extra) and a JSON API over a model directory
   study             NPP schedules against next-token prediction at matched images and FLOPs, with a report
 
 Core: npp (the method), config (the default config, config files, config differences), config_schema (what each
@@ -22,6 +22,7 @@ Library, by role (no library module imports an entry point or cli):
   checkpoints/ (checkpoint, integrity, workdir_lock)                    a trainer's workdir on disk
   model_files/ (store, param_mapping, torch_io)                         model directories and PyTorch weight rules
   sampling/ (decoding, generation)                                      KV-cache sampling; model in, images out
+  serving/ (row_decoding, engine, http_api)                             many requests sharing one compiled batch
   models/ (gpt, rope, vq, inception, classifier)                        the networks
   data/ (sources, augment, prepare, records, pipeline, synthetic)       codes from images, batches from codes
   eval/ (adm, fashion, study_report)                                    sample-quality metrics, the study's report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import zipfile
@@ -22,12 +23,19 @@ def to_uint8(images: Any) -> np.ndarray:
   return np.clip(np.float32(127.5) * x + np.float32(128.0), 0, 255).astype(np.uint8)
 
 
-def save_png(path: PathLike, image: np.ndarray) -> None:
-  """Writes one uint8 (H, W, 3) image."""
+def save_png(path: PathLike | io.BytesIO, image: np.ndarray) -> None:
+  """Writes one uint8 (H, W, 3) image (to a path, or as PNG to a buffer)."""
   image = np.asarray(image)
   if image.dtype != np.uint8 or image.ndim != 3:
     raise errors.InvalidInput(f"save_png needs a uint8 (H, W, C) image, got {image.dtype} {image.shape}")
-  Image.fromarray(image).save(path)
+  Image.fromarray(image).save(path, format="PNG")
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+  """One uint8 (H, W, 3) image as the bytes of a PNG file."""
+  buffer = io.BytesIO()
+  save_png(buffer, image)
+  return buffer.getvalue()
 
 
 def load_png(path: PathLike) -> np.ndarray:

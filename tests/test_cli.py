@@ -19,7 +19,8 @@ ENTRY_POINTS = {
     "convert": ("--config", "--src", "--out", "--key", "--checkpoint", "--raw"),
     "train_tokenizer": ("--config", "--workdir"),
     "train_classifier": ("--config", "--out"),
-    "demo": ("--checkpoint", "--vq", "--host", "--port", "--max_images", "--dtype", "--speculative_window"),
+    "demo": ("--checkpoint", "--vq", "--host", "--port", "--max_images", "--dtype", "--api_port", "--rows",
+             "--schedule", "--chunk", "--max_pending", "--[no]page"),
 }
 
 

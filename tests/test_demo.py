@@ -5,8 +5,10 @@ Needs Gradio and selenium (`pip install -e '.[test]'`) and Debian's chromium and
 browser test fails with a sentence saying what to install.
 """
 
+import base64
 import contextlib
 import io
+import json
 import os
 import pathlib
 import queue
@@ -31,7 +33,7 @@ from npp_jax.config import load_file as load_config_file
 from npp_jax.model_files import store
 from npp_jax.models import vq as vq_lib
 from npp_jax.sampling import decoding
-from npp_jax.sampling import generation
+from npp_jax.serving import engine as engine_lib
 from npp_jax.trainers import gpt_trainer
 from test_main_cli import cli_env
 from test_pipeline import write_codes
@@ -46,20 +48,6 @@ GUIDANCE = 2.5  # the test checkpoint's config.sample.cfg_scale, which the page 
 # -- the sampler behind the page ------------------------------------------------------------------------------
 
 
-def test_images_are_the_samplers_whatever_the_batch(tiny_gpt):  # noqa: F811
-  settings = decoding.SamplingSettings(cfg_scale=2.0, temperature=0.9, top_k=20)
-  backend = demo.GridSampler(tiny_gpt, jax.jit(fake_decode), max_images=5, dtype="float32")
-  shown = backend.images(2, 3, 7, settings)  # sampled as a batch of 5, the first 3 shown
-
-  # Independently: exactly 3 samples of class 2 under the sample CLI's key for seed 7.
-  tokens = decoding.Sampler(tiny_gpt, dtype="float32")([2, 2, 2], generation.sample_key(7), settings)
-  expected = np.clip(127.5 * np.asarray(fake_decode(tokens)) + 128, 0, 255).astype(np.uint8)
-  assert shown.dtype == np.uint8 and shown.shape == (3, 8, 8, 3)
-  np.testing.assert_array_equal(shown, expected)
-  assert len(np.unique(shown.reshape(3, -1), axis=0)) == 3
-  assert not np.array_equal(backend.images(2, 3, 8, settings), shown)
-
-
 def test_the_page_and_sample_give_the_same_images_by_default(tiny_gpt, tmp_path):  # noqa: F811
   """Image i of a request is image i of `sample --labels c,c,... --seed s`: one sampling path, one default dtype."""
   for module in (demo, sample_cli):
@@ -67,47 +55,14 @@ def test_the_page_and_sample_give_the_same_images_by_default(tiny_gpt, tmp_path)
     module.define_flags(fv, [module.__name__])
     assert fv["dtype"].default is None  # the model config's dtype in both
   settings = decoding.SamplingSettings(cfg_scale=2.0, temperature=0.9, top_k=20)
-  shown = demo.GridSampler(tiny_gpt, jax.jit(fake_decode), max_images=4).images(1, 3, 5, settings)
+  with engine_lib.Engine(decoding.Sampler(tiny_gpt), jax.jit(fake_decode), rows=8, max_images=4,
+                         max_pending=4) as engine:
+    shown = engine.images(engine_lib.ImageRequest(1, 3, 5, settings))
   npz = sample_cli.run(tiny_gpt, jax.jit(fake_decode), [1, 1, 1], sample_cli.RunSettings(sampling=settings, seed=5),
                        tmp_path, progress=False)
   with np.load(npz) as written:
     np.testing.assert_array_equal(written["arr_0"], shown)
     assert str(written["dtype"]) == tiny_gpt.cfg.dtype
-
-
-@pytest.mark.parametrize("label, num_images, seed, settings, message", [
-    (0, 0, 0, {}, "number of images must be between 1 and 5, got 0"),
-    (0, 6, 0, {}, "number of images must be between 1 and 5, got 6"),
-    (0, 1, -1, {}, "seed must be a whole number between 0 and 4294967295, got -1"),
-    (3, 1, 0, {}, r"label 3 is not a class id in \[0, 3\)"),
-    (0, 1, 0, dict(top_k=33), "vocabulary size 32"),
-    (0, 1, 0, dict(cfg_scale=0.5), "treats any value <= 1 as no guidance"),
-])
-def test_bad_requests_are_one_sentence(tiny_gpt, label, num_images, seed, settings, message):  # noqa: F811
-  backend = demo.GridSampler(tiny_gpt, fake_decode, max_images=5, dtype="float32")
-  with pytest.raises(ValueError, match=message):
-    backend.images(label, num_images, seed, decoding.SamplingSettings(**settings))
-
-
-def test_requests_run_one_at_a_time(tiny_gpt):  # noqa: F811
-  backend = demo.GridSampler(tiny_gpt, lambda tokens: np.zeros((len(tokens), 2, 2, 3)), max_images=2)
-  running, most = [0], [0]
-
-  def slow_sampler(labels, key, settings, sample_offset=0):
-    running[0] += 1
-    most[0] = max(most[0], running[0])
-    time.sleep(0.05)
-    running[0] -= 1
-    return np.zeros((len(labels), 16), np.int32)
-
-  backend.sampler = slow_sampler
-  threads = [threading.Thread(target=backend.images, args=(0, 1, i, decoding.SamplingSettings()))
-             for i in range(4)]
-  for t in threads:
-    t.start()
-  for t in threads:
-    t.join()
-  assert most[0] == 1
 
 
 def test_class_names_come_from_the_manifest(tmp_path):
@@ -184,7 +139,7 @@ def serve(checkpoint_dir, vq_dir, *flags: str, fast_compile: bool = True, timeou
   port = free_port()
   env = cli_env() if fast_compile else {**os.environ, "JAX_PLATFORMS": "cpu"}
   proc = subprocess.Popen([sys.executable, "-m", "npp_jax.demo", "--checkpoint", str(checkpoint_dir), "--vq",
-                           str(vq_dir), "--port", str(port), *flags], cwd=REPO, env=env,
+                           str(vq_dir), "--port", str(port), "--api_port", str(free_port()), *flags], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   lines: queue.Queue = queue.Queue()
   threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
@@ -331,6 +286,14 @@ def test_the_page_in_a_browser(trained_checkpoint):
       first = page.grid()
       cells = check_grid(first, 3)
       assert not np.array_equal(cells[0], cells[1])
+      # The JSON API beside the page serves the same images at their own size.
+      api = next(line.split()[-1] for line in log if line.startswith("JSON API on "))
+      request = urllib.request.Request(api, data=json.dumps({"class": 2, "images": 3, "seed": 3,
+                                                             "format": "images"}).encode())
+      with urllib.request.urlopen(request, timeout=60) as response:
+        shown = [np.asarray(Image.open(io.BytesIO(base64.b64decode(png)))) for png in json.load(response)["images"]]
+      for cell, image in zip(cells, shown, strict=True):
+        np.testing.assert_array_equal(cell[::4, ::4], image)
 
       page.enter("seed", 4)
       page.generate("3 images of class 2 (bag), seed 4, in ")

@@ -391,6 +391,42 @@ def decode_rows(params: dict[str, Any], cfg: ml_collections.ConfigDict, x: jnp.n
   return _decode_layers(params, cfg, x, rotary, cache, write, attend)
 
 
+def decode_token_rows(params: dict[str, Any], cfg: ml_collections.ConfigDict, x: jnp.ndarray, cache: KVCache,
+                      pos: jnp.ndarray) -> tuple[jnp.ndarray, KVCache]:
+  """One token per row at its own position over the sampler's chunked cache: x (B, 1, D) at pos[b] -> (logits, cache).
+
+  For loops whose rows start at different times and must reproduce the sampler's numbers (the serving engine): row b
+  is computed as `decode(..., pos[b], chunk=c)` computes it, c the chunk holding pos[b]. It writes into chunk c and
+  attends over chunks 0..c, so its softmax spans the same slots and its values are summed chunk by chunk in the
+  same order (which matters in bfloat16); rows of other chunks take their own result. The attention runs once per
+  chunk count and each row keeps its own: attention is a small part of a decode step.
+  """
+  if x.shape[1] != 1:
+    raise ValueError(f"decode_token_rows takes one token per row, got {x.shape[1]}")
+  cos, sin = rope.rope_table(grid_side(cfg), cfg.dim // cfg.n_head, float(cfg.rope_base), cfg.cls_token_num)
+  rows = jnp.minimum(pos, cos.shape[0] - 1)[:, None]
+  rotary = (jnp.asarray(cos)[rows], jnp.asarray(sin)[rows])
+  lengths = cache.chunk_lengths
+  starts = [sum(lengths[:j]) for j in range(len(lengths))]
+  chunk = sum((pos >= start).astype(jnp.int32) for start in starts[1:])
+  batch = jnp.arange(x.shape[0])
+
+  def write(chunks, new):
+    new = new[:, 0].astype(chunks[0].dtype)  # (B, N, H)
+    # Each row writes its slot in its own chunk; the other chunks get an out-of-range index, which is dropped.
+    return tuple(buf.at[batch, :, jnp.where(chunk == j, pos - start, length)].set(new, mode="drop")
+                 for j, (buf, start, length) in enumerate(zip(chunks, starts, lengths)))
+
+  def attend(q, k_chunks, v_chunks):
+    out = None
+    for c in range(len(lengths)):
+      upto = _cached_attention(q, k_chunks[:c + 1], v_chunks[:c + 1], starts[:c + 1], pos)
+      out = upto if out is None else jnp.where((chunk == c)[:, None, None, None], upto, out)
+    return out
+
+  return _decode_layers(params, cfg, x, rotary, cache, write, attend)
+
+
 def _decode_layers(params, cfg, x, rotary, cache, write, attend):
   """The blocks and head of the decode path; `write(chunks, new (B, T, N, H))` stores new keys or values in a
   layer's cache chunks and `attend(q, k_chunks, v_chunks)` reads them."""

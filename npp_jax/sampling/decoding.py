@@ -169,6 +169,31 @@ def filter_logits(logits: jax.Array, temperature: jax.Array | float, top_k: int 
   return logits
 
 
+def filter_logits_by_row(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array
+                         ) -> jax.Array:
+  """`filter_logits` with a setting per row of (B, V) logits: temperature (B,), top_k (B,) (0 = off), top_p (B,)
+  (1 = off), so rows with different settings share one compiled program.
+
+  Each row gets exactly the values `filter_logits` gives it with its settings as static ones: a filter that is off
+  for a row leaves its logits untouched (not merely equivalent), and the cuts are the same logit values. When no
+  row filters, the sort is skipped.
+  """
+  logits = logits / jnp.maximum(temperature, _MIN_TEMPERATURE)[:, None]
+
+  def cut(logits):
+    ordered = -jnp.sort(-logits, axis=-1)
+    use_top_k = (top_k > 0)[:, None]
+    kth = jnp.take_along_axis(ordered, jnp.maximum(top_k - 1, 0)[:, None], axis=-1)
+    logits = jnp.where(use_top_k & (logits < kth), -jnp.inf, logits)
+    ordered = jnp.where(use_top_k & (ordered < kth), -jnp.inf, ordered)  # still the sorted row, as top-p sees it
+    cumulative = jnp.cumsum(jax.nn.softmax(ordered, axis=-1), axis=-1)
+    kept = 1 + jnp.sum(cumulative[:, :-1] <= top_p[:, None], axis=-1, keepdims=True)
+    cutoff = jnp.take_along_axis(ordered, kept - 1, axis=-1)
+    return jnp.where((top_p < 1)[:, None] & (logits < cutoff), -jnp.inf, logits)
+
+  return jax.lax.cond(jnp.any((top_k > 0) | (top_p < 1)), cut, lambda logits: logits, logits)
+
+
 def draw(keys: jax.Array, logits: jax.Array) -> jax.Array:
   """One token per row of (B, V) logits from softmax(logits), by inverting the CDF at one uniform per row.
 
@@ -201,6 +226,11 @@ def _constrain(x: jax.Array, mesh: Mesh, spec: P) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def cache_chunks(seq_len: int) -> int:
+  """How many chunks the sampler's KV cache of seq_len slots has (what `gpt.decode_token_rows` must match)."""
+  return min(_CACHE_CHUNKS, seq_len)
+
+
 def _decode_loop(params, cfg, labels, choose, *, guided, cfg_scale, cfg_interval, mesh, keep_logits=False):
   """Runs prefill + block_size - 1 cached decode steps; `choose(logits (B, V), t) -> tokens (B,)` picks token t.
 
@@ -211,7 +241,7 @@ def _decode_loop(params, cfg, labels, choose, *, guided, cfg_scale, cfg_interval
   rows = jnp.stack([labels, jnp.full_like(labels, cfg.num_classes)], axis=1).reshape(-1) if guided else labels
   # Slots 0..S-1 (the last token is never fed back), in chunks: the positions of chunk c are decoded by one scan
   # whose attention reads chunks 0..c only.
-  chunks = gpt.chunk_bounds(seq_len, min(_CACHE_CHUNKS, seq_len))
+  chunks = gpt.chunk_bounds(seq_len, cache_chunks(seq_len))
   cache = gpt.init_cache(cfg, rows.shape[0], seq_len, params["output"].dtype, len(chunks))
   cache = jax.tree.map(lambda c: _constrain(c, mesh, P(sharding.ONE_AXIS)), cache)
 
@@ -424,6 +454,11 @@ class Sampler:
     devices = list(devices) if devices is not None else jax.local_devices()
     self.mesh = sharding.one_axis_mesh(devices)
     self._params = jax.device_put(_decode_params(*nnx.split(model), dtype), NamedSharding(self.mesh, P()))
+
+  @property
+  def params(self) -> dict:
+    """The decode parameters (`GPT.decode_params()`), in the compute dtype, replicated over the mesh."""
+    return self._params
 
   @property
   def num_devices(self) -> int:
