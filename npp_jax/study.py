@@ -379,18 +379,8 @@ def _prepare_codes(config: ml_collections.ConfigDict, workdir: str, log: Callabl
 
 
 def _prepare_heldout_codes(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None]) -> str:
-  """The held-out codes every run is scored on ("" when the study has none): data.heldout_codes_dir, or the
-  data.heldout_split of the source prepared once into WORKDIR/codes_<split>."""
-  if not config.eval.heldout_every:
-    return ""
-  if config.data.heldout_codes_dir:
-    return config.data.heldout_codes_dir
-  missing = config_schema.heldout_data_missing(config)
-  if missing:
-    raise errors.InvalidInput(missing)
-  split_config = ml_collections.ConfigDict(config.to_dict())
-  split_config.data.split = config.data.heldout_split
-  return prepare.prepare_once(split_config, os.path.join(workdir, f"codes_{config.data.heldout_split}"), log)
+  """The held-out codes every run is scored on, prepared once for the whole study; "" when the study has none."""
+  return prepare.heldout_codes_once(config, workdir, log) if config.eval.heldout_every else ""
 
 
 def training_set_size(config: ml_collections.ConfigDict, codes_dir: str) -> int:

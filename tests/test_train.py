@@ -259,3 +259,28 @@ def test_heldout_loss_without_heldout_codes_is_refused_before_anything_is_writte
   with pytest.raises(ValueError, match="eval.heldout_every=10 needs held-out codes"):
     gpt_trainer.run(config, str(tmp_path / "run"), mesh=single_device_mesh())
   assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_heldout_codes_of_a_split_are_prepared_once_into_the_workdir(tmp_path):
+  """data.heldout_split: the source's test split through the config's tokenizer, into WORKDIR/codes_test, reused."""
+  from npp_jax.config import load_file
+  from npp_jax.data import prepare
+  from test_sources import write_idx
+
+  rng = np.random.default_rng(0)
+  for prefix, n in (("train", 30), ("t10k", 20)):
+    write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", rng.integers(0, 255, (n, 28, 28), dtype=np.uint8), 0x803,
+              False)
+    write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", (np.arange(n) % 10).astype(np.uint8), 0x801, False)
+  config = load_file(str(TINY.with_name("fashion.py")))
+  config.data.update(dir=str(tmp_path), heldout_split="test", encode_batch_size=20)
+  config.eval.heldout_every = 5
+  logs = []
+  directory = prepare.heldout_codes_once(config, str(tmp_path / "run"), logs.append)
+  assert directory == str(tmp_path / "run" / "codes_test")
+  manifest = json.loads((tmp_path / "run" / "codes_test" / "manifest.json").read_text())
+  assert manifest["num_images"] == 20 and manifest["source"]["split"] == "test"
+  assert prepare.heldout_codes_once(config, str(tmp_path / "run"), logs.append) == directory
+  assert len(logs) == 1  # prepared once, then reused
+  config.data.update(heldout_codes_dir="elsewhere")
+  assert prepare.heldout_codes_once(config, str(tmp_path / "run"), logs.append) == "elsewhere"

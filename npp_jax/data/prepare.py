@@ -29,12 +29,14 @@ from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
 from array_record.python import array_record_module
 from etils import epath
 from tqdm import tqdm
 
+from npp_jax import config_schema
 from npp_jax import errors
 from npp_jax import fileio
 from npp_jax import sharding
@@ -397,6 +399,20 @@ def prepare_once(config, out_dir: str, log: Callable[[str], None]) -> str:
     log(f"preparing {config.data.source} codes into {out_dir} (once; later runs reuse them)")
     prepare_from_config(config, out_dir)
   return out_dir
+
+
+def heldout_codes_once(config, workdir: str, log: Callable[[str], None]) -> str:
+  """The held-out codes of `eval.heldout_every`: data.heldout_codes_dir, or the source's data.heldout_split prepared
+  once into WORKDIR/codes_<split> (how a trainer and the study get them for a small dataset)."""
+  if config.data.heldout_codes_dir:
+    return config.data.heldout_codes_dir
+  missing = config_schema.heldout_data_missing(config)
+  if missing:
+    raise errors.InvalidInput(missing)
+  split = config.data.heldout_split
+  split_config = ml_collections.ConfigDict(config.to_dict())
+  split_config.data.split = split
+  return prepare_once(split_config, str(epath.Path(workdir) / f"codes_{split}"), log)
 
 
 def prepare_from_config(config, out_dir: str, process_index: int = -1, process_count: int = -1):

@@ -22,7 +22,6 @@ from clu import metrics as clu_metrics
 from etils import epath
 from flax import nnx
 
-from npp_jax import config_schema
 from npp_jax import errors
 from npp_jax import npp
 from npp_jax import sharding
@@ -317,14 +316,7 @@ def _heldout_loss(setup: Setup, workdir: str, spec: pipeline.InputSpec) -> heldo
   config = setup.config
   if not config.eval.heldout_every:
     return None
-  directory = config.data.heldout_codes_dir
-  if not directory and config.data.heldout_split and config.data.source:
-    split_config = ml_collections.ConfigDict(config.to_dict())
-    split_config.data.split = config.data.heldout_split
-    directory = prepare.prepare_once(split_config, str(epath.Path(workdir) / f"codes_{config.data.heldout_split}"),
-                                     log)
-  if not directory:
-    raise errors.InvalidInput(config_schema.heldout_data_missing(config))
+  directory = prepare.heldout_codes_once(config, workdir, log)
   codes = pipeline.heldout_codes(directory, spec, int(config.data.heldout_images))
   loss = heldout_lib.HeldoutLoss(codes, setup.graphdef, setup.mesh, int(config.train.global_batch_size),
                                  setup.state_shardings["params"])
