@@ -254,11 +254,11 @@ def convergence_lines(results: dict) -> list[str]:
     if not all(r.get("heldout_loss") for r in runs):
       continue
     found = [convergence(r) for r in runs]
-    per_epoch = runs[0]["epochs"] / runs[0]["steps"] if "epochs" in runs[0] else 1 / runs[0]["batch_size"]
+    per_epoch = runs[0]["epochs"] / runs[0]["steps"]
     final, change = (mean_sd(c[k] for c in found) for k in ("final", "last_quarter_change"))
     minimum = mean_sd(c["minimum"] for c in found)[0]
     at = mean_sd(c["minimum_step"] * per_epoch for c in found)[0]
-    lines.append(f"| {budget} | {match} | `{arm}` | {runs[0].get('epochs', float('nan')):.1f} | "
+    lines.append(f"| {budget} | {match} | `{arm}` | {runs[0]['epochs']:.1f} | "
                  f"{final[0]:.4f} ± {final[1]:.4f} | {change[0]:+.2%} | {minimum:.4f} ({at:.1f}) | "
                  f"{', '.join(c['verdict'] for c in found)} |")
   return lines
