@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -177,6 +178,17 @@ def test_gradient_clipping_bounds_the_global_norm(tiny_params, adamw):
   mu = jax.tree.leaves(state[1][0].mu)  # chain(clip, adamw): adamw's ScaleByAdamState
   norm = float(jnp.sqrt(sum(jnp.sum(m * m) for m in mu)))
   assert norm == pytest.approx(1.0 - 0.9, rel=1e-5)
+
+
+def test_clipping_scales_by_torch_rule():
+  """torch's clip_grad_norm_ (the reference's): every gradient times min(1, max_norm / (norm + 1e-6))."""
+  grads = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([[12.0]])}  # global norm 13
+  clipped, _ = optim.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+  np.testing.assert_allclose(np.asarray(clipped["a"]), np.array([3.0, 4.0]) / (13.0 + 1e-6), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(clipped["b"]), [[12.0 / (13.0 + 1e-6)]], rtol=1e-6)
+  small = {"a": jnp.array([0.3, 0.4])}  # norm 0.5: the coefficient clamps at 1
+  kept, _ = optim.clip_by_global_norm(1.0).update(small, optax.EmptyState())
+  np.testing.assert_array_equal(np.asarray(kept["a"]), np.asarray(small["a"]))
 
 
 def test_ema_update():

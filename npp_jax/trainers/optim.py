@@ -100,8 +100,24 @@ def make_optimizer(optim: ml_collections.ConfigDict, schedule: optax.Schedule, p
   """Clipping (if optim.grad_clip > 0), then AdamW at `schedule`'s rate with decay on `optim.decay`'s parameters."""
   adamw = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
                       mask=decay_mask(params, optim.decay), mu_dtype=jnp.dtype(optim.mu_dtype))
-  parts = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip > 0 else []
+  parts = [clip_by_global_norm(optim.grad_clip)] if optim.grad_clip > 0 else []
   return optax.chain(*parts, adamw)
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """Scales every gradient by min(1, max_norm / (global norm + 1e-6)): torch's `clip_grad_norm_`, the reference's.
+
+  One scalar multiplies each gradient where optax's version divides elementwise and selects: XLA copies a product
+  by a scalar into each of its consumers (the two Adam moments' updates), but keeps an elementwise divide as its own
+  loop, so optax's clipping wrote a clipped copy of every gradient beside the gradients (423 MiB at GPT-B width;
+  not the step's peak, which comes earlier, at the turn from the forward to the backward pass).
+  """
+  def update_fn(updates, state, params=None):
+    del params
+    scale = jnp.minimum(1.0, max_norm / (optax.global_norm(updates) + 1e-6))
+    return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
 def ema_update(ema: dict, params: dict, decay: float) -> dict:
