@@ -56,10 +56,8 @@ def compiled_state(config, patch_sides: list[int]):
   config.npp.stages = tuple((k, 1.0 / len(patch_sides)) for k in patch_sides)
   config.train.total_steps = 1000
   setup = gpt_trainer.build(config, mesh, config.train.global_batch_size)
-  abstract_batch = gpt_trainer.abstract_batch(setup)
-  steps = {s.patch_side: gpt_trainer.make_train_step(setup, s.patch_side).lower(setup.abstract_state, abstract_batch)
-           .compile() for s in setup.stages}
-  state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)()
+  state = gpt_trainer.fresh_state(setup)
+  steps = {s.patch_side: gpt_trainer.compile_train_step(setup, s.patch_side) for s in setup.stages}
   rng = np.random.default_rng(0)
   batch = config.train.global_batch_size
   local = {"tokens": rng.integers(0, config.model.vocab_size, (batch, config.model.block_size), np.int32),

@@ -72,12 +72,12 @@ def check(width: str, batch: int, layers: int, steps: int) -> dict:
   config = width_config(width, batch, layers)
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   setup = gpt_trainer.build(config, mesh, config.train.global_batch_size)
-  step = gpt_trainer.make_train_step(setup, 1).lower(setup.abstract_state, gpt_trainer.abstract_batch(setup)).compile()
+  step = gpt_trainer.compile_train_step(setup, 1)
   _, cost = roofline.estimate(config, mesh, 1, step)
   peak, bandwidth = gemm_rate(config.model.dtype), copy_bandwidth()
   prediction = roofline.predict(cost, peak, bandwidth, None)
 
-  state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)()
+  state = gpt_trainer.fresh_state(setup)
   rng = np.random.default_rng(0)
   local = {"tokens": rng.integers(0, config.model.vocab_size, (batch, config.model.block_size), np.int32),
            "labels": rng.integers(0, config.model.num_classes, (batch,), np.int32)}

@@ -51,9 +51,7 @@ def synthetic_batch(config, mesh, seed: int = 0) -> dict:
 
 
 def compiled_steps(setup: gpt_trainer.Setup) -> dict:
-  abstract_batch = gpt_trainer.abstract_batch(setup)
-  return {s.patch_side: gpt_trainer.make_train_step(setup, s.patch_side).lower(setup.abstract_state, abstract_batch)
-          .compile() for s in setup.stages}
+  return {s.patch_side: gpt_trainer.compile_train_step(setup, s.patch_side) for s in setup.stages}
 
 
 def steady_state(config, mesh, steps: int, patch_sides: list[int]) -> dict[int, float]:
@@ -63,7 +61,7 @@ def steady_state(config, mesh, steps: int, patch_sides: list[int]) -> dict[int, 
   config.train.total_steps = max(len(patch_sides) * 10, 10)
   setup = gpt_trainer.build(config, mesh, config.train.global_batch_size)
   fns = compiled_steps(setup)
-  state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)()
+  state = gpt_trainer.fresh_state(setup)
   batch = synthetic_batch(config, mesh)
   grid = gpt.grid_side(config.model)
   seconds = {}
@@ -92,7 +90,7 @@ def full_schedule(config, mesh, stages, total_steps: int) -> float:
   config.train.total_steps = total_steps
   setup = gpt_trainer.build(config, mesh, config.train.global_batch_size)
   fns = compiled_steps(setup)
-  state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)()
+  state = gpt_trainer.fresh_state(setup)
   batches = [synthetic_batch(config, mesh, seed) for seed in range(4)]
   state, m = fns[setup.stages[0].patch_side](state, batches[0])  # first dispatch outside the clock
   jax.block_until_ready(m)
@@ -122,7 +120,7 @@ def step_profile(config, mesh, patch_side: int = 1, steps: int = 5) -> None:
   config.train.total_steps = 10
   setup = gpt_trainer.build(config, mesh, config.train.global_batch_size)
   step = compiled_steps(setup)[patch_side]
-  state, batch = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)(), synthetic_batch(config, mesh)
+  state, batch = gpt_trainer.fresh_state(setup), synthetic_batch(config, mesh)
   for _ in range(2):
     state, metrics = step(state, batch)
   jax.block_until_ready(metrics)

@@ -124,10 +124,8 @@ def _our_train_steps(spec: dict, patch_sides: list[int]):
   config.train.total_steps = 100
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   setup = gpt_trainer.build(config, mesh, spec["batch"])
-  abstract_batch = gpt_trainer.abstract_batch(setup)
-  steps = {s.patch_side: gpt_trainer.make_train_step(setup, s.patch_side).lower(setup.abstract_state, abstract_batch)
-           .compile() for s in setup.stages}
-  state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)()
+  state = gpt_trainer.fresh_state(setup)  # in the trainer's order: the state, then the steps
+  steps = {s.patch_side: gpt_trainer.compile_train_step(setup, s.patch_side) for s in setup.stages}
   rng = np.random.default_rng(0)
   local = {"tokens": rng.integers(0, config.model.vocab_size, (spec["batch"], config.model.block_size), np.int32),
            "labels": rng.integers(0, config.model.num_classes, (spec["batch"],), np.int32)}

@@ -90,10 +90,10 @@ def test_roofline_takes_the_slowest_of_compute_memory_and_interconnect():
 
 
 def test_step_cost_counts_every_layer_of_the_scan():
-  """XLA's cost analysis counts a loop body once; step_cost extrapolates from one and two unrolled layers. Checked
-  against a three-layer step compiled unrolled, whose cost analysis sees every layer."""
+  """XLA's cost analysis counts a loop body once; step_cost extrapolates from two and three unrolled layers. Checked
+  against a five-layer step compiled unrolled, whose cost analysis sees every layer."""
   config = load_config_file(str(REPO / "configs" / "tiny.py"))
-  config.model.n_layer = 3
+  config.model.n_layer = 5
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   fast = {"xla_backend_optimization_level": 0}  # LLVM's level: XLA's HLO and its cost analysis are the same
   cost = roofline.step_cost(config, mesh, 2, census=[], compiler_options=fast)

@@ -54,7 +54,7 @@ def first_batch() -> dict[str, np.ndarray]:
 def initial_state() -> dict:
   """The freshly initialised train state as host numpy (made once on one device, placed on each mesh after)."""
   setup = gpt_trainer.build(tiny_config(), single_device_mesh(), 2048)
-  state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)()
+  state = gpt_trainer.fresh_state(setup)
   return jax.device_get(state)
 
 

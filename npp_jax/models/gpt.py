@@ -10,6 +10,7 @@ Shapes: B batch, S = block_size = G*G codes, T sequence length, D dim, N heads, 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, NamedTuple
@@ -244,9 +245,8 @@ class GPT(nnx.Module):
     params = self.layers.stacked()
 
     def layer(x, inputs):
-      p, key = inputs
+      p, key = inputs  # the layer's kernels, RMSNorm weights folded in (float32; each product casts its own)
       x = sharding.constrain(x, RESIDUAL_AXES)
-      p = _fold_norms(p)  # in float32; each product casts its kernel to the activations' dtype
       keys = jax.random.split(key, 2) if key is not None else (None, None)
       q, k, v = _qkv(_rms_normalise(x, cfg.norm_eps), p["wqkv"], rotary)
       impl = None if cfg.attention_impl == "auto" else cfg.attention_impl
@@ -259,11 +259,40 @@ class GPT(nnx.Module):
       layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat]())
     keys = jax.random.split(layer_keys, cfg.n_layer) if layer_keys is not None else None
     if cfg.scan_layers:
-      x, _ = jax.lax.scan(layer, x, (params, keys))
+      x, _ = jax.lax.scan(lambda x, inputs: layer(x, (_fold_norms(inputs[0]), inputs[1])), x, (params, keys))
     else:
       for i in range(cfg.n_layer):
-        x, _ = layer(x, (jax.tree.map(lambda a, i=i: a[i], params), None if keys is None else keys[i]))
+        x, _ = layer(x, (_stacked_kernels(params, i), None if keys is None else keys[i]))
     return x
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["stack", "row_scale"], meta_fields=["index"])
+@dataclasses.dataclass(frozen=True)
+class _StackedKernel:
+  """Layer `index`'s kernel, read from the layers' stack (L, K, ...) with an RMSNorm weight (L, K) folded into its
+  rows (row_scale; None for none), as the unrolled training path hands it to `_dense`.
+
+  Its product (`_stacked_matmul`) keeps the stack, which lives anyway, for the backward pass and recomputes the
+  layer's kernel there. Slicing and folding outside the product kept a float32 and a bfloat16 copy of every layer's
+  kernels from the forward pass to the backward (450 MiB at GPT-B width), and that was the step's peak.
+  """
+  stack: jnp.ndarray
+  row_scale: jnp.ndarray | None
+  index: int
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return self.stack.shape[1:]
+
+  def reshape(self, *shape: int) -> "_StackedKernel":
+    return _StackedKernel(self.stack.reshape(self.stack.shape[0], *shape), self.row_scale, self.index)
+
+
+def _stacked_kernels(stacked: dict[str, jnp.ndarray], i: int) -> dict[str, _StackedKernel]:
+  """Layer i's kernels as `_fold_norms` gives them, unsliced (`_StackedKernel`)."""
+  scales = {"wqkv": stacked["attention_norm"], "wo": None, "w1": stacked["ffn_norm"], "w3": stacked["ffn_norm"],
+            "w2": None}
+  return {name: _StackedKernel(stacked[name], scale, i) for name, scale in scales.items()}
 
 
 def _dense(x, w):
@@ -275,7 +304,9 @@ def _dense(x, w):
   materialises a transposed copy of the activations on every step; a 2-D contraction over rows needs none.
   """
   flat_x, flat_w = x.reshape(-1, x.shape[-1]), w.reshape(w.shape[0], -1)
-  if x.dtype == jnp.float32:
+  if isinstance(flat_w, _StackedKernel):
+    out = _stacked_matmul(flat_x, flat_w.stack, flat_w.row_scale, flat_w.index)
+  elif x.dtype == jnp.float32:
     out = jnp.dot(flat_x, flat_w.astype(x.dtype), preferred_element_type=jnp.float32)
   else:
     out = _low_precision_matmul(flat_x, flat_w, flat_w.dtype)
@@ -305,13 +336,55 @@ def _low_precision_matmul_fwd(x, w, w_dtype):
 
 def _low_precision_matmul_bwd(w_dtype, residuals, g):
   x, w = residuals
-  g = g.astype(x.dtype)
-  dx = jax.lax.dot_general(g, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-  dw = jnp.dot(_materialised_transpose(x), g, preferred_element_type=jnp.float32)
-  return dx.astype(x.dtype), dw.astype(w_dtype)
+  dx, dw = _matmul_grads(x, w, g)
+  return dx, dw.astype(w_dtype)
 
 
 _low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
+
+
+def _matmul_grads(x: jnp.ndarray, w: jnp.ndarray, g: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """(dx in x's dtype, dw float32) of x @ w for the float32 cotangent g: both products take operands in x's dtype,
+  accumulate in float32, and are laid out as XLA:CPU's fast kernels want them (see `_low_precision_matmul`)."""
+  g, w = g.astype(x.dtype), w.astype(x.dtype)
+  dx = jax.lax.dot_general(g, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  x_t = x.T if x.dtype == jnp.float32 else _materialised_transpose(x)
+  return dx.astype(x.dtype), jnp.dot(x_t, g, preferred_element_type=jnp.float32)
+
+
+def _layer_kernel(stack: jnp.ndarray, row_scale: jnp.ndarray | None, index) -> jnp.ndarray:
+  w = jax.lax.dynamic_index_in_dim(stack, index, keepdims=False)
+  return w if row_scale is None else _scale_rows(jax.lax.dynamic_index_in_dim(row_scale, index, keepdims=False), w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _stacked_matmul(x: jnp.ndarray, stack: jnp.ndarray, row_scale: jnp.ndarray | None, index: int) -> jnp.ndarray:
+  """(M, K) x layer `index`'s (K, N) kernel of `stack` (L, K, N), rows scaled by row_scale[index] -> float32 (M, N),
+  in x's dtype (see `_StackedKernel`). Only x and the stack's arrays are kept for the backward pass."""
+  return jnp.dot(x, _layer_kernel(stack, row_scale, index).astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+def _stacked_matmul_fwd(x, stack, row_scale, index):
+  return _stacked_matmul(x, stack, row_scale, index), (x, stack, row_scale)
+
+
+def _stacked_matmul_bwd(index, residuals, g):
+  x, stack, row_scale = residuals
+  # The kernel is recomputed at an index that depends on g's data (it is `index` for any finite g), so that XLA can
+  # neither merge it with the forward pass's kernel (keeping that alive until here) nor compute it before the
+  # backward pass reaches this layer. XLA:CPU drops optimisation barriers, so a barrier does not do this.
+  late_index = index + (g[0, 0] * 0).astype(jnp.int32)
+  w = _layer_kernel(stack, row_scale, late_index)
+  dx, dw = _matmul_grads(x, w, g)
+  # Layer `index`'s slots of the stacks' gradients (autodiff's own rule for a slice: XLA sums the layers' pads).
+  d_stack = jnp.zeros_like(stack).at[index].set(dw if row_scale is None else _scale_rows(row_scale[index], dw))
+  if row_scale is None:
+    return dx, d_stack, None
+  raw_w = jax.lax.dynamic_index_in_dim(stack, late_index, keepdims=False)
+  return dx, d_stack, jnp.zeros_like(row_scale).at[index].set(jnp.sum(dw * raw_w, axis=1))
+
+
+_stacked_matmul.defvjp(_stacked_matmul_fwd, _stacked_matmul_bwd)
 
 
 def _materialised_transpose(x: jnp.ndarray) -> jnp.ndarray:
