@@ -18,7 +18,7 @@ entry points' flags and one-sentence errors), errors (the user errors), fileio, 
 
 Library, by role (no library module imports an entry point or cli):
   trainers/ (gpt_trainer, tokenizer_trainer, classifier_trainer, workdir, optim, dry_run, hlo_census, roofline,
-    monitor, heldout, metrics, chips)
+    monitor, heldout, metrics, chips, host_memory)
   checkpoints/ (checkpoint, integrity, workdir_lock)                    a trainer's workdir on disk
   model_files/ (store, param_mapping, torch_io)                         model directories and PyTorch weight rules
   sampling/ (decoding, generation)                                      KV-cache sampling; model in, images out
