@@ -114,7 +114,7 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   """
   def update_fn(updates, state, params=None):
     del params
-    scale = jnp.minimum(1.0, max_norm / (optax.global_norm(updates) + 1e-6))
+    scale = jnp.minimum(1.0, max_norm / (optax.tree.norm(updates) + 1e-6))
     return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
