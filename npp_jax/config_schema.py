@@ -28,6 +28,7 @@ from npp_jax.data import sources
 from npp_jax.models import gpt
 from npp_jax.models import vq
 from npp_jax.trainers import optim
+from npp_jax.trainers import vq_losses
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Rules of one field.
@@ -364,6 +365,14 @@ def _tokenizer_data_fits(c) -> str | None:
   return None
 
 
+def _lpips_weights_given(c) -> str | None:
+  if c.perceptual.weight > 0 and c.perceptual.network == "lpips_vgg" and not (
+      c.perceptual.vgg_weights and c.perceptual.lpips_weights):
+    return ("perceptual.network='lpips_vgg' needs perceptual.vgg_weights (torchvision's vgg16 state dict) and "
+            "perceptual.lpips_weights (LPIPS's vgg.pth); nothing is downloaded")
+  return None
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The schemas of the commands.
 
@@ -426,10 +435,28 @@ TOKENIZER = Schema("tokenizer trainer", {
         "eval_batch_size": COUNT,
         "checkpoint_every": COUNT,
         "keep_checkpoints": TRAIN["keep_checkpoints"],
+        "init_from": PATH,
+        "freeze": Rule(f"a tuple of parts to hold fixed: any of {', '.join(map(repr, vq.PARTS))}, () for none",
+                       lambda v: isinstance(v, (tuple, list)) and all(x in vq.PARTS for x in v), (("bogus",), "x")),
     }),
+    "perceptual.weight": number(0.0).explain("0 turns the perceptual term off"),
+    "perceptual.network": choice(*vq_losses.PERCEPTUAL_NETWORKS),
+    "perceptual.classifier": PATH,
+    "perceptual.vgg_weights": PATH,
+    "perceptual.lpips_weights": PATH,
+    "disc.weight": number(0.0).explain("0 turns the discriminator off"),
+    "disc.start": integer(0),
+    "disc.loss": choice(*vq_losses.D_LOSSES),
+    "disc.gen_loss": choice(*vq_losses.GEN_LOSSES),
+    "disc.adaptive_weight": boolean(),
+    "disc.channels": COUNT,
+    "disc.layers": COUNT,
+    "disc.lr": POSITIVE,
 }, (
     _library_check("vq.image_size vq.encoder_ch_mult", _vq_grid),
     Joint(("data.image_size", "vq.image_size"), _tokenizer_data_fits),
+    Joint(("perceptual.weight", "perceptual.network", "perceptual.vgg_weights", "perceptual.lpips_weights"),
+          _lpips_weights_given),
 ))
 
 CLASSIFIER = Schema("classifier trainer", {
