@@ -365,14 +365,6 @@ def _tokenizer_data_fits(c) -> str | None:
   return None
 
 
-def _lpips_weights_given(c) -> str | None:
-  if c.perceptual.weight > 0 and c.perceptual.network == "lpips_vgg" and not (
-      c.perceptual.vgg_weights and c.perceptual.lpips_weights):
-    return ("perceptual.network='lpips_vgg' needs perceptual.vgg_weights (torchvision's vgg16 state dict) and "
-            "perceptual.lpips_weights (LPIPS's vgg.pth); nothing is downloaded")
-  return None
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # The schemas of the commands.
 
@@ -455,8 +447,6 @@ TOKENIZER = Schema("tokenizer trainer", {
 }, (
     _library_check("vq.image_size vq.encoder_ch_mult", _vq_grid),
     Joint(("data.image_size", "vq.image_size"), _tokenizer_data_fits),
-    Joint(("perceptual.weight", "perceptual.network", "perceptual.vgg_weights", "perceptual.lpips_weights"),
-          _lpips_weights_given),
 ))
 
 CLASSIFIER = Schema("classifier trainer", {

@@ -1,5 +1,5 @@
-"""Trains the VQ tokenizer (the pipeline's own `VQModel`) on Fashion-MNIST, e.g. the one shipped in
-npp_jax/assets/vq_fashion.
+"""Trains or fine-tunes the VQ tokenizer (the pipeline's own `VQModel`) on Fashion-MNIST or an image folder, e.g. the
+one shipped in npp_jax/assets/vq_fashion.
 
   python -m npp_jax.train_tokenizer --config configs/vq_fashion.py --workdir DIR [--config.key=value ...]
 
@@ -32,7 +32,8 @@ Metrics: every loss term is logged (`perceptual`, `gen_loss`, `disc_loss`, the m
 scale); `psnr` is the mean over images of the per-image PSNR of the reconstruction clipped to [-1, 1], both mapped
 to [0, 1]; codebook `usage` is the fraction of codes used on a
 set of images and `perplexity` the exponential of the entropy of their frequencies. Validation uses the last
-`data.val_images` training images (held out of training); the final evaluation uses the test split.
+`data.val_images` training images (held out of training); the final evaluation uses the test split (an image
+folder, data.source='folder', has none: there both are a held-out draw of its images, see `load_data`).
 
 Workdir (its life cycle is `workdir.Run`'s, the GPT trainer's too): config.json, checkpoints/<step>/{state,meta}
 (Orbax: the tokenizer, the discriminator and both optimizers, so a rerun resumes exactly from the newest; SIGTERM
@@ -97,9 +98,10 @@ def step_metrics(names: list[str]) -> type[clu_metrics.Collection]:
 
 
 class ImageSet:
-  """One split's raw uint8 images and the [-1, 1]-ready uint8 views the tokenizer sees (data.augmentation)."""
+  """One split's raw images (a uint8 array, or a sequence that decodes them) and the [-1, 1]-ready uint8 views the
+  tokenizer sees (data.augmentation)."""
 
-  def __init__(self, raw: np.ndarray, data_cfg: ml_collections.ConfigDict):
+  def __init__(self, raw: Any, data_cfg: ml_collections.ConfigDict):
     augment.check_augmentation(data_cfg.augmentation)
     self.raw = raw
     self.augmentation = data_cfg.augmentation
@@ -118,24 +120,50 @@ class ImageSet:
     return np.stack(out)
 
 
+class _FolderImages:
+  """The images of an image folder at some of its indices, decoded when asked for (ImageSet's `raw`)."""
+
+  def __init__(self, source: sources.Source, indices: np.ndarray):
+    self.source, self.indices = source, indices
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i: int):
+    try:
+      return self.source.load(int(self.indices[i]))
+    except sources.UnreadableImageError as e:
+      raise errors.InvalidInput(f"{e}; remove or replace the file") from None
+
+
 def load_data(data_cfg: ml_collections.ConfigDict) -> tuple[ImageSet, ImageSet, ImageSet, str]:
   """(train, validation, test) image sets and a fingerprint of the training images and their views.
 
-  The validation set is the last `data.val_images` training images, which training never sees.
+  Fashion-MNIST: the validation set is the last `data.val_images` training images, which training never sees; the
+  test set is the test split. An image folder (data.source='folder', torchvision ImageFolder layout): the validation
+  set is `data.val_images` images drawn by a fixed permutation (seed 0) and held out; it is also the final
+  evaluation's set, since a folder has no test split.
   """
-  if data_cfg.source != "fashion_mnist":
-    raise errors.InvalidInput(f"train_tokenizer reads data.source='fashion_mnist' only, got {data_cfg.source!r}")
-  train = sources.FashionMnistSource(data_cfg.dir, "train")
-  test_images, _ = sources.load_fashion_mnist(data_cfg.dir, "test")
+  if data_cfg.source not in ("fashion_mnist", "folder"):
+    raise errors.InvalidInput(f"train_tokenizer reads data.source='fashion_mnist' or 'folder', got {data_cfg.source!r}")
+  if data_cfg.source == "fashion_mnist":
+    source = sources.FashionMnistSource(data_cfg.dir, "train")
+    test_images, _ = sources.load_fashion_mnist(data_cfg.dir, "test")
+  else:
+    source = sources.make_source(data_cfg)
   n_val = int(data_cfg.val_images)
-  if not 0 < n_val < len(train) // 2:
-    raise errors.InvalidInput(f"data.val_images={n_val} must be positive and under half of the {len(train)} training "
+  if not 0 < n_val < len(source) // 2:
+    raise errors.InvalidInput(f"data.val_images={n_val} must be positive and under half of the {len(source)} training "
                               "images")
-  fingerprint = json.dumps({"images": train.fingerprint(), "val_images": n_val,
+  fingerprint = json.dumps({"images": source.fingerprint(), "val_images": n_val,
                             "augmentation": data_cfg.augmentation, "image_size": data_cfg.image_size,
                             "pad_value": data_cfg.pad_value}, sort_keys=True)
-  return (ImageSet(train.images[:-n_val], data_cfg), ImageSet(train.images[-n_val:], data_cfg),
-          ImageSet(test_images, data_cfg), fingerprint)
+  if data_cfg.source == "fashion_mnist":
+    return (ImageSet(source.images[:-n_val], data_cfg), ImageSet(source.images[-n_val:], data_cfg),
+            ImageSet(test_images, data_cfg), fingerprint)
+  order = np.random.default_rng(0).permutation(len(source))
+  val = ImageSet(_FolderImages(source, np.sort(order[-n_val:])), data_cfg)
+  return ImageSet(_FolderImages(source, np.sort(order[:-n_val])), data_cfg), val, val, fingerprint
 
 
 @functools.lru_cache(maxsize=2)

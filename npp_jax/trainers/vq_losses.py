@@ -91,6 +91,9 @@ class ClassifierDistance(nnx.Module):
 def perceptual_network(cfg: ml_collections.ConfigDict, image_size: int) -> nnx.Module:
   """The `perceptual` section's network: a module (x, y) -> (B,) distances, its weights read from files."""
   if cfg.network == "lpips_vgg":
+    if not (cfg.vgg_weights and cfg.lpips_weights):
+      raise errors.InvalidInput("perceptual.network='lpips_vgg' needs perceptual.vgg_weights (torchvision's vgg16 "
+                                "state dict) and perceptual.lpips_weights (LPIPS's vgg.pth); nothing is downloaded")
     return param_mapping.lpips_from_torch(cfg.vgg_weights, cfg.lpips_weights)
   if cfg.network == "fashion_classifier":
     model, meta = store.load_classifier(cfg.classifier or assets.FASHION_CLASSIFIER)
