@@ -23,10 +23,11 @@ from npp_jax import config as config_lib
 def get_config():
   c = config_lib.load_file(str(pathlib.Path(__file__).with_name("vq_fashion.py")))
   c.train.init_from = str(assets.FASHION_TOKENIZER)
-  c.train.steps = 400
+  c.train.steps = 200
   c.train.restart_every = 0
-  c.train.eval_every = 200
-  c.train.checkpoint_every = 200
+  c.train.eval_every = 100
+  c.train.checkpoint_every = 50
+  c.train.keep_checkpoints = 4
   c.optim.lr = 1e-4
   c.optim.schedule = "constant"
   c.optim.warmup_steps = 0

@@ -18,8 +18,8 @@ hinge and vanilla (the same as a correct non-saturating discriminator loss).
 Perceptual (`perceptual_network`): 'lpips_vgg', LPIPS on VGG16 from user-given weights (`npp_jax.models.lpips`), the
 reference's; or 'fashion_classifier', the same construction in the feature space of the classifier shipped for the
 Fashion-MNIST metric (`ClassifierDistance`): every conv's ReLU output and the feature vector, each normalised over
-its channels, squared differences summed over channels (no learned heads: LPIPS's 'lin=False' variant), averaged
-over positions and summed over the taps. It is the default for Fashion-MNIST because it ships with the repository
+its channels (with a floor, see there), squared differences summed over channels (no learned heads: LPIPS's
+'lin=False' variant), averaged over positions and summed over the taps. It is the default for Fashion-MNIST because it ships with the repository
 and sees 32x32 garments at the scale it was trained on, where no VGG weights can be downloaded.
 """
 
@@ -80,11 +80,17 @@ class ClassifierDistance(nnx.Module):
     self.classifier = classifier
 
   def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
+    """x the reconstructions, y the originals."""
     total = 0.0
     for tap in self.classifier.activations(jnp.concatenate([x, y])):
       tap = tap if tap.ndim == 4 else tap[:, None, None, :]  # the feature vector is one position
-      fx, fy = jnp.split(lpips_lib.unit_channels(tap), 2)
-      total = total + jnp.mean(jnp.sum(jnp.square(fx - fy), axis=-1), axis=(1, 2))
+      fx, fy = jnp.split(tap, 2)
+      # LPIPS divides by the channel norm + 1e-10, which suits VGG, whose activations never vanish; this ReLU net
+      # maps the black background to all-zero vectors, where that would turn a reconstruction's faint noise into
+      # unit vectors (a distance of 1 per position). The floor is a tenth of the originals' mean norm instead.
+      floor = 0.1 * jax.lax.stop_gradient(jnp.mean(jnp.linalg.norm(fy, axis=-1)))
+      unit = lambda f: f / (jnp.linalg.norm(f, axis=-1, keepdims=True) + floor)
+      total = total + jnp.mean(jnp.sum(jnp.square(unit(fx) - unit(fy)), axis=-1), axis=(1, 2))
     return total
 
 
