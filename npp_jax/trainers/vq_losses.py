@@ -19,8 +19,10 @@ Perceptual (`perceptual_network`): 'lpips_vgg', LPIPS on VGG16 from user-given w
 reference's; or 'fashion_classifier', the same construction in the feature space of the classifier shipped for the
 Fashion-MNIST metric (`ClassifierDistance`): every conv's ReLU output and the feature vector, each normalised over
 its channels (with a floor, see there), squared differences summed over channels (no learned heads: LPIPS's
-'lin=False' variant), averaged over positions and summed over the taps. It is the default for Fashion-MNIST because it ships with the repository
-and sees 32x32 garments at the scale it was trained on, where no VGG weights can be downloaded.
+'lin=False' variant), averaged over positions and summed over the taps. It is the default for Fashion-MNIST
+because it ships with the repository and sees 32x32 garments at the scale it was trained on, where no VGG weights can
+be downloaded. (A tokenizer tuned with it is then judged partly by the same network: see the measurement's caveat in
+npp_jax/assets/vq_fashion/README.md.)
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ from npp_jax import errors
 from npp_jax.model_files import param_mapping
 from npp_jax.model_files import store
 from npp_jax.models import classifier as classifier_lib
-from npp_jax.models import lpips as lpips_lib
 
 PERCEPTUAL_NETWORKS = ("fashion_classifier", "lpips_vgg")
 _ADAPTIVE_EPS = 1e-4
