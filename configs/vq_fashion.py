@@ -55,4 +55,24 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.eval_batch_size = 500
   c.train.checkpoint_every = 250
   c.train.keep_checkpoints = 2
+  c.train.init_from = ""  # a saved tokenizer directory or a LlamaGen .pt/.safetensors to fine-tune ('': random)
+  c.train.freeze = ()  # parts held fixed: any of 'encoder', 'codebook', 'decoder'
+
+  # The reference's perceptual and adversarial terms (npp_jax.trainers.vq_losses); a weight of 0 turns one off.
+  c.perceptual = ml_collections.ConfigDict()
+  c.perceptual.weight = 0.0  # the reference: 1.0
+  c.perceptual.network = "fashion_classifier"  # the shipped classifier's features | lpips_vgg
+  c.perceptual.classifier = ""  # fashion_classifier: '' for npp_jax/assets/fashion_classifier
+  c.perceptual.vgg_weights = ""  # lpips_vgg: torchvision's vgg16 state dict (.pth)
+  c.perceptual.lpips_weights = ""  # lpips_vgg: LPIPS's vgg.pth (in the lpips package: weights/v0.1/vgg.pth)
+
+  c.disc = ml_collections.ConfigDict()
+  c.disc.weight = 0.0  # the reference: 0.5
+  c.disc.start = 0  # the first step (1-based, as the reference counts) with the adversarial terms; it uses 20000
+  c.disc.loss = "hinge"  # hinge | vanilla
+  c.disc.gen_loss = "hinge"  # hinge | non_saturating
+  c.disc.adaptive_weight = False  # taming's balance of the gradients on the last layer (off in the reference)
+  c.disc.channels = 64
+  c.disc.layers = 3
+  c.disc.lr = 1e-4  # constant, Adam with optim's betas, eps and clipping
   return c

@@ -17,13 +17,13 @@ config field allows, checked when a command loads it), sharding (meshes, pad_sha
 entry points' flags and one-sentence errors), errors (the user errors), fileio, images.
 
 Library, by role (no library module imports an entry point or cli):
-  trainers/ (gpt_trainer, tokenizer_trainer, classifier_trainer, workdir, optim, dry_run, hlo_census, roofline,
-    monitor, heldout, metrics, chips, host_memory)
+  trainers/ (gpt_trainer, tokenizer_trainer, vq_losses, classifier_trainer, workdir, optim, dry_run, hlo_census,
+    roofline, monitor, heldout, metrics, chips, host_memory)
   checkpoints/ (checkpoint, integrity, workdir_lock)                    a trainer's workdir on disk
   model_files/ (store, param_mapping, torch_io)                         model directories and PyTorch weight rules
   sampling/ (decoding, generation)                                      KV-cache sampling; model in, images out
   serving/ (row_decoding, engine, http_api)                             many requests sharing one compiled batch
-  models/ (gpt, rope, vq, inception, classifier)                        the networks
+  models/ (gpt, rope, vq, inception, classifier, lpips, patchgan)       the networks
   data/ (sources, augment, prepare, records, pipeline, synthetic)       codes from images, batches from codes
   eval/ (adm, fashion, study_report)                                    sample-quality metrics, the study's report
   assets (paths of the shipped tokenizer and classifier)

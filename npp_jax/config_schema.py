@@ -28,6 +28,7 @@ from npp_jax.data import sources
 from npp_jax.models import gpt
 from npp_jax.models import vq
 from npp_jax.trainers import optim
+from npp_jax.trainers import vq_losses
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Rules of one field.
@@ -426,7 +427,23 @@ TOKENIZER = Schema("tokenizer trainer", {
         "eval_batch_size": COUNT,
         "checkpoint_every": COUNT,
         "keep_checkpoints": TRAIN["keep_checkpoints"],
+        "init_from": PATH,
+        "freeze": Rule(f"a tuple of parts to hold fixed: any of {', '.join(map(repr, vq.PARTS))}, () for none",
+                       lambda v: isinstance(v, (tuple, list)) and all(x in vq.PARTS for x in v), (("bogus",), "x")),
     }),
+    "perceptual.weight": number(0.0).explain("0 turns the perceptual term off"),
+    "perceptual.network": choice(*vq_losses.PERCEPTUAL_NETWORKS),
+    "perceptual.classifier": PATH,
+    "perceptual.vgg_weights": PATH,
+    "perceptual.lpips_weights": PATH,
+    "disc.weight": number(0.0).explain("0 turns the discriminator off"),
+    "disc.start": integer(0),
+    "disc.loss": choice(*vq_losses.D_LOSSES),
+    "disc.gen_loss": choice(*vq_losses.GEN_LOSSES),
+    "disc.adaptive_weight": boolean(),
+    "disc.channels": COUNT,
+    "disc.layers": COUNT,
+    "disc.lr": POSITIVE,
 }, (
     _library_check("vq.image_size vq.encoder_ch_mult", _vq_grid),
     Joint(("data.image_size", "vq.image_size"), _tokenizer_data_fits),

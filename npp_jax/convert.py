@@ -3,13 +3,15 @@
   python -m npp_jax.convert gpt|vq --src FILE --config CONFIG --out DIR [--key ema] [--config.x=y ...]
   python -m npp_jax.convert export --checkpoint DIR --out FILE.pt|.safetensors [--raw]
 
-The name and shape rules are `npp_jax.model_files.param_mapping`'s; every key is used, none is missing, every shape
-is checked.
+`export` takes a GPT model directory or a saved tokenizer (e.g. a tokenizer trainer's WORKDIR/tokenizer). The name
+and shape rules are `npp_jax.model_files.param_mapping`'s; every key is used, none is missing, every shape is
+checked.
 """
 
 from __future__ import annotations
 
 import functools
+import pathlib
 import sys
 from typing import Sequence
 
@@ -46,9 +48,13 @@ def _convert_vq(src: str, config: ml_collections.ConfigDict, out: str, key: str 
 
 
 def _export(directory: str, out: str, raw: bool) -> str:
-  """A trained or converted model directory back to a PyTorch state dict ({"model": sd} unless raw)."""
-  model, _ = store.load_model(directory, ema=False)
-  torch_io.save_state_dict(param_mapping.gpt_to_torch(model), out, container=None if raw else "model")
+  """A trained or converted model directory, or a saved tokenizer, back to a PyTorch state dict ({"model": sd}
+  unless raw)."""
+  if (pathlib.Path(directory) / store.VQ_PARAMS_DIR).is_dir():  # a saved tokenizer (store.save_vq)
+    state_dict = param_mapping.vq_to_torch(store.load_vq(store.read_saved_vq(directory)[0]))
+  else:
+    state_dict = param_mapping.gpt_to_torch(store.load_model(directory, ema=False)[0])
+  torch_io.save_state_dict(state_dict, out, container=None if raw else "model")
   return f"wrote {out}"
 
 

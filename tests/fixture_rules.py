@@ -1,10 +1,12 @@
 """Fixture arrays rebuilt from the rules their READMEs document, instead of being stored.
 
-Two sets are regenerated:
+Three sets are regenerated:
   * the FID Inception's random weights (fixtures/fid/README.md, "Weight rule"; checked by the `sum_float64` of
     every entry of weights_spec.json);
   * the ADM evaluator's input activations (fixtures/fid/adm_metrics.json, `data.recipe`; checked against the
-    sha256 of the arrays of the original adm_metrics_io.npz, which held them before they were dropped from it).
+    sha256 of the arrays of the original adm_metrics_io.npz, which held them before they were dropped from it);
+  * LPIPS-VGG16's and the PatchGAN discriminator's random weights (fixtures/tokenizer_losses/README.md), which the
+    fixture script there gave to the reference code (VGG16 alone would be 59 MB).
 What stays stored is what the reference code computed from them (fixtures/README.md).
 """
 
@@ -89,3 +91,73 @@ def adm_activations(data: dict) -> dict[str, np.ndarray]:
   arrays = dict(ref_pool=ref_pool, sample_pool=sample_pool, ref_spatial=ref_spatial, sample_spatial=sample_spatial,
                 pr_robust_ref=pr_ref, pr_robust_sample=pr_sample)
   return {name: _float16_grid(value) for name, value in arrays.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# fixtures/tokenizer_losses: LPIPS-VGG16 and the PatchGAN discriminator on random weights (its README, "Weight rule").
+
+# (torch index in vgg16.features, in channels, out channels), as torchvision's vgg16 up to relu5_3.
+VGG16_CONVS = ((0, 3, 64), (2, 64, 64), (5, 64, 128), (7, 128, 128), (10, 128, 256), (12, 256, 256), (14, 256, 256),
+               (17, 256, 512), (19, 512, 512), (21, 512, 512), (24, 512, 512), (26, 512, 512), (28, 512, 512))
+LPIPS_CHANNELS = (64, 128, 256, 512, 512)
+
+
+def _draw(seed: int, index: int, shape: tuple[int, ...]) -> np.ndarray:
+  return np.random.default_rng((seed, index)).standard_normal(shape)
+
+
+def lpips_state_dicts(seed: int = 24) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """(torchvision vgg16 `features.*` state dict, LPIPS heads `lin<k>.model.1.weight`), float32.
+
+  Key i of the list [features.0.weight, features.0.bias, ..., features.28.bias, lin0..lin4] is drawn from
+  default_rng((seed, i)).standard_normal: conv weights x sqrt(2 / fan_in), conv biases x 0.1, heads |draw| / channels.
+  """
+  keys = []
+  for index, cin, cout in VGG16_CONVS:
+    keys += [(f"features.{index}.weight", (cout, cin, 3, 3), "conv", cin * 9), (f"features.{index}.bias", (cout,),
+                                                                                 "bias", 0)]
+  keys += [(f"lin{k}.model.1.weight", (1, c, 1, 1), "head", c) for k, c in enumerate(LPIPS_CHANNELS)]
+  vgg, heads = {}, {}
+  for i, (key, shape, kind, fan_in) in enumerate(keys):
+    n = _draw(seed, i, shape)
+    value = {"conv": lambda: n * np.sqrt(2.0 / fan_in), "bias": lambda: 0.1 * n,
+             "head": lambda: np.abs(n) / fan_in}[kind]()
+    (heads if kind == "head" else vgg)[key] = value.astype(np.float32)
+  return vgg, heads
+
+
+def patchgan_state_dict(seed: int = 25, ndf: int = 64, n_layers: int = 3, in_channels: int = 3
+                        ) -> dict[str, np.ndarray]:
+  """NLayerDiscriminator(in_channels, ndf, n_layers).state_dict() keys, in its order, with random values.
+
+  Key i is drawn from default_rng((seed, i)).standard_normal: conv weights x sqrt(1 / fan_in), conv biases x 0.1,
+  norm weights 1 + 0.1 x draw, norm biases and running means 0.1 x draw, running vars 1 + 0.1 x |draw|;
+  num_batches_tracked is int64 0 (no draw, but its index counts).
+  """
+  widths = [ndf * min(2 ** n, 8) for n in range(n_layers + 1)]
+  layers = [(0, in_channels, ndf, True)]  # (main index, in, out, bias); a norm follows every bias-free conv
+  i = 2
+  for n in range(1, n_layers + 1):
+    layers.append((i, widths[n - 1], widths[n], False))
+    i += 3
+  layers.append((i, widths[n_layers], 1, True))
+  keys = []
+  for index, cin, cout, bias in layers:
+    keys.append((f"main.{index}.weight", (cout, cin, 4, 4), "conv", cin * 16))
+    if bias:
+      keys.append((f"main.{index}.bias", (cout,), "bias", 0))
+    else:
+      norm = index + 1
+      keys += [(f"main.{norm}.weight", (cout,), "norm_weight", 0), (f"main.{norm}.bias", (cout,), "bias", 0),
+               (f"main.{norm}.running_mean", (cout,), "bias", 0), (f"main.{norm}.running_var", (cout,), "var", 0),
+               (f"main.{norm}.num_batches_tracked", (), "count", 0)]
+  sd = {}
+  for i, (key, shape, kind, fan_in) in enumerate(keys):
+    if kind == "count":
+      sd[key] = np.zeros((), np.int64)
+      continue
+    n = _draw(seed, i, shape)
+    value = {"conv": lambda: n * np.sqrt(1.0 / fan_in), "bias": lambda: 0.1 * n, "norm_weight": lambda: 1 + 0.1 * n,
+             "var": lambda: 1 + 0.1 * np.abs(n)}[kind]()
+    sd[key] = value.astype(np.float32)
+  return sd

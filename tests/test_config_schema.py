@@ -30,7 +30,8 @@ CONFIGS = REPO / "configs"
 # Each shipped config with the schema of the command that reads it.
 SHIPPED = [("tiny", schema_lib.TRAINER), ("fashion", schema_lib.TRAINER), ("gpt_b", schema_lib.TRAINER),
            ("gpt_l", schema_lib.TRAINER), ("gpt_xl", schema_lib.TRAINER), ("gpt_xxl", schema_lib.TRAINER),
-           ("vq_fashion", schema_lib.TOKENIZER), ("vq_16", schema_lib.MODEL_ONLY),
+           ("vq_fashion", schema_lib.TOKENIZER), ("vq_fashion_finetune", schema_lib.TOKENIZER),
+           ("vq_16_finetune", schema_lib.TOKENIZER), ("vq_16", schema_lib.MODEL_ONLY),
            ("fashion_classifier", schema_lib.CLASSIFIER), ("prepare_imagenet", schema_lib.PREPARE),
            ("study_fashion", schema_lib.STUDY), ("study_fashion_epochs", schema_lib.STUDY)]
 

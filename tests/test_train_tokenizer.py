@@ -187,3 +187,28 @@ def test_shipped_tokenizer_loads_and_reconstructs():
   recon = np.clip(np.asarray(vq.make_decode_fn(model)(codes)), -1, 1)
   psnr = 10 * np.log10(4.0 / np.mean((recon - x) ** 2, axis=(1, 2, 3)))
   assert psnr.mean() > SHIPPED_MIN_PSNR
+
+
+def test_image_folder_source_holds_out_a_fixed_draw(tmp_path):
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  for c in ("a", "b"):
+    (tmp_path / c).mkdir()
+    for i in range(6):
+      Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(tmp_path / c / f"{i}.png")
+  (tmp_path / "b" / "5.png").write_bytes(b"not a png")
+  config = load_config()
+  config.data.update(dict(source="folder", dir=str(tmp_path), augmentation="flip", image_size=8, val_images=4))
+  train, val, test, fingerprint = tt.load_data(config.data)
+  assert (len(train), len(val)) == (8, 4) and test is val
+  paths = lambda s: {s.raw.source.path(i) for i in s.raw.indices}
+  assert not paths(train) & paths(val) and len(paths(train) | paths(val)) == 12  # held out
+  assert tt.load_data(config.data)[3] == fingerprint and np.array_equal(tt.load_data(config.data)[1].raw.indices,
+                                                                        val.raw.indices)
+  good = [i for i in range(len(train)) if not train.raw.source.path(train.raw.indices[i]).endswith("b/5.png")]
+  views = train.views(np.array(good[:3]), np.random.default_rng(1))
+  assert views.shape == (3, 8, 8, 3) and views.dtype == np.uint8
+  broken = [s for s in (train, val) if any(s.raw.source.path(j).endswith("b/5.png") for j in s.raw.indices)][0]
+  i = [k for k, j in enumerate(broken.raw.indices) if broken.raw.source.path(j).endswith("b/5.png")][0]
+  with pytest.raises(ValueError, match="5.png.*remove or replace the file"):
+    broken.views(np.array([i]))

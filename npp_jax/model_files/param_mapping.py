@@ -6,8 +6,9 @@ transform between the two layouts (and its inverse, for export). Buffers the NNX
 config-built model and reports every problem in one ValueError; `export_params` is the exact inverse.
 
 This module holds that machinery, the GPT's and the VQ tokenizer's rules (`gpt_from_torch`, `gpt_to_torch`,
-`vq_from_torch`, `vq_to_torch`) and pytorch-fid's Inception weights (`inception_from_torch`). It imports no
-checkpoint or model-directory module; the command line is `npp_jax.convert`.
+`vq_from_torch`, `vq_to_torch`), pytorch-fid's Inception weights (`inception_from_torch`), and the tokenizer
+trainer's loss networks: LPIPS-VGG16 (`lpips_from_torch`) and the PatchGAN discriminator (`patchgan_rules`). It
+imports no checkpoint or model-directory module; the command line is `npp_jax.convert`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from npp_jax import errors
 from npp_jax.model_files import torch_io
 from npp_jax.models import gpt
 from npp_jax.models import inception
+from npp_jax.models import lpips as lpips_lib
+from npp_jax.models import patchgan
 from npp_jax.models import vq as vq_lib
 
 PathLike = str | os.PathLike
@@ -303,4 +306,63 @@ def inception_from_torch(source: str | os.PathLike | Mapping[str, np.ndarray], *
   for key, (var, transform) in variables.items():
     value = np.asarray(state_dict[key], dtype=np.float32)
     var.set_value(jnp.asarray(transform(value) if transform else value))
+  return model
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The tokenizer trainer's loss networks: LPIPS (torchvision vgg16 + LPIPS heads) and the PatchGAN discriminator.
+
+_VGG16_HEAD_PREFIX = "classifier."  # torchvision's vgg16 classifier head, which LPIPS does not use
+
+
+def lpips_rules() -> list[Rule]:
+  """torchvision `features.<i>` names for the VGG convolutions, LPIPS `lin<k>.model.1` names for the heads."""
+  rules = []
+  for i, (index, _, _) in enumerate(lpips_lib.VGG16_CONVS):
+    rules.append(Rule(f"features.{index}.weight", ("net", "convs", i, "kernel"), conv_kernel_to_nnx,
+                      conv_kernel_to_torch))
+    rules.append(Rule(f"features.{index}.bias", ("net", "convs", i, "bias")))
+  for k in range(len(lpips_lib.TAP_CHANNELS)):
+    rules.append(Rule(f"lin{k}.model.1.weight", ("lins", k, "kernel"), conv_kernel_to_nnx, conv_kernel_to_torch))
+  return rules
+
+
+def lpips_from_torch(vgg_path: PathLike, heads_path: PathLike) -> lpips_lib.LPIPS:
+  """LPIPS from torchvision's vgg16 state dict (`features.*`; `classifier.*` is read past) and LPIPS's vgg.pth.
+
+  Raises:
+    InvalidInput: an empty path, or files whose keys or shapes are not those two state dicts (one sentence).
+    FileNotFoundError: a file does not exist.
+  """
+  for what, path in (("torchvision's vgg16 state dict", vgg_path), ("LPIPS's vgg.pth (the linear heads)", heads_path)):
+    if not str(path):
+      raise errors.InvalidInput(f"LPIPS needs {what}: give its path (nothing is downloaded)")
+  vgg = {k: v for k, v in torch_io.load_state_dict(vgg_path).items() if not k.startswith(_VGG16_HEAD_PREFIX)}
+  heads = torch_io.load_state_dict(heads_path)  # (the two files are merged, so their order does not matter)
+  model = nnx.eval_shape(lambda: lpips_lib.LPIPS(nnx.Rngs(0)))
+  import_params(model, {**vgg, **heads}, lpips_rules(),
+                source=f"the LPIPS weights ({vgg_path} and {heads_path})")
+  return model
+
+
+def patchgan_rules(n_layers: int) -> list[Rule]:
+  """The reference's `main.<i>` names of the PatchGAN's convs and norms; the norms' running statistics are buffers
+  this port does not keep (read past on import, not written on export)."""
+  conv_at, norm_at = patchgan.torch_indices(n_layers)
+  rules = []
+  for i, index in enumerate(conv_at):
+    rules.append(Rule(f"main.{index}.weight", ("convs", i, "kernel"), conv_kernel_to_nnx, conv_kernel_to_torch))
+    if i in (0, len(conv_at) - 1):  # only the first and the last conv have a bias
+      rules.append(Rule(f"main.{index}.bias", ("convs", i, "bias")))
+  for j, index in enumerate(norm_at):
+    rules += [Rule(f"main.{index}.weight", ("norms", j, "scale")), Rule(f"main.{index}.bias", ("norms", j, "bias"))]
+    rules += [Rule(f"main.{index}.{buffer}", None) for buffer in ("running_mean", "running_var", "num_batches_tracked")]
+  return rules
+
+
+def patchgan_from_state_dict(state_dict: Mapping[str, np.ndarray], *, in_channels: int = 3, ndf: int = 64,
+                             n_layers: int = 3, source: str = "the discriminator state dict") -> patchgan.PatchGAN:
+  """A PatchGAN with the weights of the reference's `NLayerDiscriminator.state_dict()` (strict)."""
+  model = nnx.eval_shape(lambda: patchgan.PatchGAN(in_channels, ndf, n_layers, rngs=nnx.Rngs(0)))
+  import_params(model, dict(state_dict), patchgan_rules(n_layers), source=source)
   return model

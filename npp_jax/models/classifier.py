@@ -74,13 +74,21 @@ class FashionClassifier(nnx.Module):
 
   def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(N, H, W, 3) uint8 or float in [-1, 1] -> (logits (N, classes), features (N, feature_dim)), float32."""
-    x = space_to_depth(to_model_input(images), self.block)
+    features = self.activations(to_model_input(images))[-1]
+    return self.head(jax.nn.relu(features)), features
+
+  def activations(self, x: jax.Array) -> list[jax.Array]:
+    """Float images (N, H, W, 3), not clipped (so gradients pass) -> every conv's ReLU output (N, h, w, C), then
+    the features (N, feature_dim)."""
+    x = space_to_depth(x.astype(jnp.float32), self.block)
+    taps = []
     for i, conv in enumerate(self.convs):
       x = jax.nn.relu(conv(x))
+      taps.append(x)
       if i + 1 in self.pool_after:
         x = nnx.max_pool(x, (2, 2), strides=(2, 2))
-    features = self.features(x.reshape(x.shape[0], -1))
-    return self.head(jax.nn.relu(features)), features
+    taps.append(self.features(x.reshape(x.shape[0], -1)))
+    return taps
 
 
 def build(arch: dict, seed: int = 0) -> FashionClassifier:

@@ -25,6 +25,8 @@ Array = jax.Array
 _NORM_GROUPS = 32
 _NORM_EPS = 1e-6
 _L2_EPS = 1e-12  # F.normalize's eps.
+# The parts a fine-tune can hold fixed, and the top-level modules of each.
+PARTS = {"encoder": ("encoder", "quant_conv"), "codebook": ("quantize",), "decoder": ("post_quant_conv", "decoder")}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -216,10 +218,14 @@ class Decoder(nnx.Module):
     self.conv_out = _conv(block_in, 3, 3, rngs)
 
   def __call__(self, z: Array, *, deterministic: bool = True, rngs: nnx.Rngs | None = None) -> Array:
+    return self.conv_out(self.last_input(z, deterministic=deterministic, rngs=rngs))
+
+  def last_input(self, z: Array, *, deterministic: bool = True, rngs: nnx.Rngs | None = None) -> Array:
+    """What the last layer (`conv_out`, the reference's `last_layer`) is applied to."""
     h = self.conv_in(z)
     h = _run(self.mid, h, deterministic=deterministic, rngs=rngs)
     h = _run(self.conv_blocks, h, deterministic=deterministic, rngs=rngs)
-    return self.conv_out(nnx.swish(self.norm_out(h)))
+    return nnx.swish(self.norm_out(h))
 
 
 class VectorQuantizer(nnx.Module):
@@ -315,10 +321,20 @@ class VQModel(nnx.Module):
     Gradients reach the encoder through the straight-through estimator; `rngs` (a 'dropout' stream) is needed
     only when deterministic=False and dropout_p > 0.
     """
+    h, aux = self.forward_to_last_layer(images, deterministic=deterministic, rngs=rngs)
+    return self.decoder.conv_out(h), aux
+
+  def forward_to_last_layer(self, images: Array, *, deterministic: bool = True,
+                            rngs: nnx.Rngs | None = None) -> tuple[Array, dict[str, Array]]:
+    """The training forward stopped before the decoder's last conv: (its input, the aux dict of `__call__`).
+
+    The tokenizer trainer applies the last conv itself, to take gradients with respect to it alone.
+    """
     z = self.encode_latent(images, deterministic=deterministic, rngs=rngs)
     quant, codes, aux = self.quantize(z)
     aux["codes"] = codes.reshape(codes.shape[0], -1)
-    return self.decode_latent(quant, deterministic=deterministic, rngs=rngs), aux
+    h = self.decoder.last_input(self.post_quant_conv(quant), deterministic=deterministic, rngs=rngs)
+    return h, aux
 
 
 # ----------------------------------------------------------------------------------------------------------------------
