@@ -372,3 +372,13 @@ def test_recomputing_attention_matches_jax_attention_and_its_gradient(dtype):
   for name, a, b in zip("qkv", ours_vjp(g), theirs_vjp(g)):
     assert a.dtype == b.dtype, name
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), err_msg=name, **tol)
+
+
+def test_auto_attention_recomputes_from_long_sequences_on_a_cpu(monkeypatch):
+  """'auto' on a CPU: the recomputing attention from RECOMPUTE_ATTENTION_FROM positions on, XLA's below."""
+  calls = []
+  monkeypatch.setattr(gpt, "_causal_attention", lambda q, k, v: calls.append(q.shape[1]) or q)
+  for t in (gpt.RECOMPUTE_ATTENTION_FROM - 1, gpt.RECOMPUTE_ATTENTION_FROM):
+    q = jnp.zeros((1, t, 1, 8), jnp.float32)
+    gpt._training_attention(q, q, q, "auto")
+  assert calls == [gpt.RECOMPUTE_ATTENTION_FROM]
