@@ -356,3 +356,29 @@ def test_unrolled_backward_keeps_no_copy_of_the_layer_kernels(dtype):
   temp = jax.jit(jax.grad(loss)).lower(state).compile().memory_analysis().temp_size_in_bytes
   kernels = sum(v.size * 4 for k, v in nnx.to_pure_dict(state)["layers"].items() if k.startswith("w"))
   assert temp < 0.85 * kernels, (temp, kernels)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_recomputing_attention_matches_jax_attention_and_its_gradient(dtype):
+  """`gpt._causal_attention` (keeps a log-sum-exp, recomputes the probabilities for the backward pass) against
+  `jax.nn.dot_product_attention(is_causal=True)`'s XLA path: outputs and all three input gradients."""
+  rng = np.random.default_rng(0)
+  q, k, v, g = (jnp.asarray(rng.normal(size=(2, 24, 4, 16)), dtype) for _ in range(4))
+  ours, ours_vjp = jax.vjp(gpt._causal_attention, q, k, v)
+  theirs, theirs_vjp = jax.vjp(lambda *a: jax.nn.dot_product_attention(*a, is_causal=True, implementation="xla"),
+                               q, k, v)
+  tol = dict(rtol=1e-5, atol=1e-5) if dtype == "float32" else dict(rtol=2e-2, atol=2e-2)
+  np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(theirs, np.float32), **tol)
+  for name, a, b in zip("qkv", ours_vjp(g), theirs_vjp(g)):
+    assert a.dtype == b.dtype, name
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), err_msg=name, **tol)
+
+
+def test_auto_attention_recomputes_from_long_sequences_on_a_cpu(monkeypatch):
+  """'auto' on a CPU: the recomputing attention from RECOMPUTE_ATTENTION_FROM positions on, XLA's below."""
+  calls = []
+  monkeypatch.setattr(gpt, "_causal_attention", lambda q, k, v: calls.append(q.shape[1]) or q)
+  for t in (gpt.RECOMPUTE_ATTENTION_FROM - 1, gpt.RECOMPUTE_ATTENTION_FROM):
+    q = jnp.zeros((1, t, 1, 8), jnp.float32)
+    gpt._training_attention(q, q, q, "auto")
+  assert calls == [gpt.RECOMPUTE_ATTENTION_FROM]
