@@ -394,7 +394,8 @@ def _materialised_transpose(x: jnp.ndarray) -> jnp.ndarray:
 
 
 # From this many positions 'auto' recomputes the attention on a CPU: at GPT-B width and 256 positions that took the
-# step's peak down 190 MiB at 0.96-1.0x its time; at 64 positions XLA's fused attention was 1.2x faster (tiny model).
+# step's peak down 190 MiB at 0.96-1.09x its time (two rounds at each precision); at 64 positions XLA's fused
+# attention was 1.2x faster (tiny model).
 RECOMPUTE_ATTENTION_FROM = 256
 
 
