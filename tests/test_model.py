@@ -270,6 +270,39 @@ def test_bfloat16_products_and_their_gradients_are_float32_products_of_rounded_o
   np.testing.assert_allclose(np.asarray(dx, np.float32), _bf16(gr @ wr.T), rtol=1e-2, atol=1e-2)
 
 
+def test_dense_casts_inside_the_product_so_the_cotangent_arrives_in_the_output_dtype():
+  """`_dense(..., out_dtype=bfloat16)` is the float32 product rounded to bfloat16, and its backward pass takes the
+  bfloat16 cotangent as it comes: the gradients are those of the float32 product for that cotangent."""
+  rng = np.random.default_rng(2)
+  x, w, g = rng.normal(size=(64, 32)), rng.normal(size=(32, 48)), rng.normal(size=(64, 48))
+  x_bf16, w32, g_bf16 = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.float32), jnp.asarray(g, jnp.bfloat16)
+  y, vjp = jax.vjp(lambda a, b: gpt._dense(a, b, jnp.bfloat16), x_bf16, w32)
+  assert y.dtype == jnp.bfloat16
+  want, want_vjp = jax.vjp(gpt._dense, x_bf16, w32)
+  np.testing.assert_array_equal(np.asarray(y, np.float32), _bf16(np.asarray(want)))
+  for got, expected in zip(vjp(g_bf16), want_vjp(g_bf16.astype(jnp.float32))):
+    assert got.dtype == expected.dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(expected, np.float32))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_swiglu_and_its_gradient_match_autodiff_of_silu_times_gate(dtype):
+  """`gpt._swiglu` (one fused pass forward, the sigmoid recomputed backward) against autodiff of
+  `jax.nn.silu(a) * b` computed in float32, for inputs across silu's curved range."""
+  rng = np.random.default_rng(3)
+  a, b, g = (jnp.asarray(rng.normal(scale=3.0, size=(16, 40)), dtype) for _ in range(3))
+  reference_fn = lambda a, b: (jax.nn.silu(a.astype(jnp.float32)) * b.astype(jnp.float32)).astype(a.dtype)
+  ours, ours_vjp = jax.vjp(gpt._swiglu, a, b)
+  theirs, theirs_vjp = jax.vjp(reference_fn, a, b)
+  assert ours.dtype == jnp.dtype(dtype)
+  # bfloat16: both round the same float32 values once; the gradients' float32 formulas differ in the last bits.
+  tol = dict(rtol=1e-6, atol=1e-6) if dtype == "float32" else dict(rtol=1e-2, atol=1e-2)
+  np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(theirs, np.float32), **tol)
+  for name, got, want in zip("ab", ours_vjp(g), theirs_vjp(g)):
+    assert got.dtype == want.dtype, name
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), err_msg=name, **tol)
+
+
 def test_bfloat16_model_tracks_the_float32_reference(reference):
   """The fixture model computing in bfloat16 (float32 parameters, logits and losses) stays within pinned distances of
   the reference's float32 outputs, on the training path and the decode path."""

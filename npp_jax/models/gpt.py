@@ -294,27 +294,32 @@ def _stacked_kernels(stacked: dict[str, jnp.ndarray], i: int) -> dict[str, _Stac
   return {name: _StackedKernel(stacked[name], scale, i) for name, scale in scales.items()}
 
 
-def _dense(x, w):
-  """x (..., K) times a (K, ...) weight as one 2-D (rows, K) x (K, N) matmul in x's dtype, reshaped back; float32
-  out (accumulated in float32 whatever the operands: what TPU and GPU matrix units do, and the only bfloat16 form
-  XLA:CPU runs on its bfloat16 units).
+def _dense(x, w, out_dtype: Any = jnp.float32):
+  """x (..., K) times a (K, ...) weight as one 2-D (rows, K) x (K, N) matmul in x's dtype, reshaped back, returned in
+  out_dtype. It accumulates in float32 whatever the operands: what TPU and GPU matrix units do, and the only bfloat16
+  form XLA:CPU runs on its bfloat16 units.
+
+  The cast to out_dtype is part of the product, so that the backward pass receives the cotangent in out_dtype: a
+  float32 result cast by the caller would send a float32 cotangent back through everything between the cast and the
+  product (the attention's q, k and v concatenated in float32, then cast again for the product's gradients).
 
   Flat rows matter on XLA:CPU: with (B, T) leading axes the weight gradient contracts two axes, and XLA then
   materialises a transposed copy of the activations on every step; a 2-D contraction over rows needs none.
   """
   flat_x, flat_w = x.reshape(-1, x.shape[-1]), w.reshape(w.shape[0], -1)
+  out_dtype = jnp.dtype(out_dtype)
   if isinstance(flat_w, _StackedKernel):
-    out = _stacked_matmul(flat_x, flat_w.stack, flat_w.row_scale, flat_w.index)
+    out = _stacked_matmul(flat_x, flat_w.stack, flat_w.row_scale, flat_w.index, out_dtype)
   elif x.dtype == jnp.float32:
-    out = jnp.dot(flat_x, flat_w.astype(x.dtype), preferred_element_type=jnp.float32)
+    out = jnp.dot(flat_x, flat_w.astype(x.dtype), preferred_element_type=jnp.float32).astype(out_dtype)
   else:
-    out = _low_precision_matmul(flat_x, flat_w, flat_w.dtype)
+    out = _low_precision_matmul(flat_x, flat_w, flat_w.dtype, out_dtype)
   return out.reshape(*x.shape[:-1], *w.shape[1:])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _low_precision_matmul(x: jnp.ndarray, w: jnp.ndarray, w_dtype: Any) -> jnp.ndarray:
-  """(M, K) x (K, N) -> float32 (M, N), computed in x's narrow dtype (bfloat16): w, of dtype `w_dtype` (the float32
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _low_precision_matmul(x: jnp.ndarray, w: jnp.ndarray, w_dtype: Any, out_dtype: Any) -> jnp.ndarray:
+  """(M, K) x (K, N) -> (M, N) in out_dtype, computed in x's narrow dtype (bfloat16): w, of dtype `w_dtype` (the float32
   master weights in training), is cast to it. The backward pass's two products also take narrow operands and
   accumulate in float32, and the weight's gradient comes back in `w_dtype` straight from the float32 accumulator.
 
@@ -325,15 +330,16 @@ def _low_precision_matmul(x: jnp.ndarray, w: jnp.ndarray, w_dtype: Any) -> jnp.n
   converted to float32 by XLA:CPU and runs at float32 speed).
   """
   del w_dtype
-  return jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+  return jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(out_dtype)
 
 
-def _low_precision_matmul_fwd(x, w, w_dtype):
+def _low_precision_matmul_fwd(x, w, w_dtype, out_dtype):
   narrow_w = w.astype(x.dtype)
-  return _low_precision_matmul(x, narrow_w, w_dtype), (x, narrow_w)
+  return _low_precision_matmul(x, narrow_w, w_dtype, out_dtype), (x, narrow_w)
 
 
-def _low_precision_matmul_bwd(w_dtype, residuals, g):
+def _low_precision_matmul_bwd(w_dtype, out_dtype, residuals, g):
+  del out_dtype
   x, w = residuals
   dx, dw = _matmul_grads(x, w, g)
   return dx, dw.astype(w_dtype)
@@ -343,7 +349,7 @@ _low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bw
 
 
 def _matmul_grads(x: jnp.ndarray, w: jnp.ndarray, g: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """(dx in x's dtype, dw float32) of x @ w for the float32 cotangent g: both products take operands in x's dtype,
+  """(dx in x's dtype, dw float32) of x @ w for the cotangent g: both products take operands in x's dtype,
   accumulate in float32, and are laid out as XLA:CPU's fast kernels want them (see `_low_precision_matmul`)."""
   g, w = g.astype(x.dtype), w.astype(x.dtype)
   dx = jax.lax.dot_general(g, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
@@ -356,18 +362,22 @@ def _layer_kernel(stack: jnp.ndarray, row_scale: jnp.ndarray | None, index) -> j
   return w if row_scale is None else _scale_rows(jax.lax.dynamic_index_in_dim(row_scale, index, keepdims=False), w)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _stacked_matmul(x: jnp.ndarray, stack: jnp.ndarray, row_scale: jnp.ndarray | None, index: int) -> jnp.ndarray:
-  """(M, K) x layer `index`'s (K, N) kernel of `stack` (L, K, N), rows scaled by row_scale[index] -> float32 (M, N),
-  in x's dtype (see `_StackedKernel`). Only x and the stack's arrays are kept for the backward pass."""
-  return jnp.dot(x, _layer_kernel(stack, row_scale, index).astype(x.dtype), preferred_element_type=jnp.float32)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _stacked_matmul(x: jnp.ndarray, stack: jnp.ndarray, row_scale: jnp.ndarray | None, index: int,
+                    out_dtype: Any) -> jnp.ndarray:
+  """(M, K) x layer `index`'s (K, N) kernel of `stack` (L, K, N), rows scaled by row_scale[index] -> (M, N) in
+  out_dtype, computed in x's dtype (see `_StackedKernel`). Only x and the stack's arrays are kept for the backward
+  pass."""
+  w = _layer_kernel(stack, row_scale, index).astype(x.dtype)
+  return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(out_dtype)
 
 
-def _stacked_matmul_fwd(x, stack, row_scale, index):
-  return _stacked_matmul(x, stack, row_scale, index), (x, stack, row_scale)
+def _stacked_matmul_fwd(x, stack, row_scale, index, out_dtype):
+  return _stacked_matmul(x, stack, row_scale, index, out_dtype), (x, stack, row_scale)
 
 
-def _stacked_matmul_bwd(index, residuals, g):
+def _stacked_matmul_bwd(index, out_dtype, residuals, g):
+  del out_dtype
   x, stack, row_scale = residuals
   # The kernel is recomputed at an index that depends on g's data (it is `index` for any finite g), so that XLA can
   # neither merge it with the forward pass's kernel (keeping that alive until here) nor compute it before the
@@ -457,7 +467,7 @@ _causal_attention.defvjp(_causal_attention_fwd, _causal_attention_bwd)
 
 def _qkv(h, wqkv, rotary):
   """(B, T, D) normed activations -> q, k, v (B, T, N, H), q and k rotated."""
-  qkv = _dense(h, wqkv).astype(h.dtype)  # (B, T, 3, N, H): one matmul for the three, like the reference's fused wqkv
+  qkv = _dense(h, wqkv, h.dtype)  # (B, T, 3, N, H): one matmul for the three, like the reference's fused wqkv
   # A split, not three slices: its transpose is one concatenation, where slices' are pads and adds.
   q, k, v = (jnp.squeeze(a, 2) for a in jnp.split(qkv, 3, axis=2))
   return rope.apply_rope(q, *rotary), rope.apply_rope(k, *rotary), v
@@ -465,13 +475,36 @@ def _qkv(h, wqkv, rotary):
 
 def _attention_output(out, wo):
   """Attention output (B, T, N, H) through wo (N, H, D)."""
-  return _dense(out.reshape(*out.shape[:2], -1), wo.reshape(-1, wo.shape[-1])).astype(out.dtype)
+  return _dense(out.reshape(*out.shape[:2], -1), wo.reshape(-1, wo.shape[-1]), out.dtype)
 
 
 def _feed_forward(x, p, eps):
   h = _rms_normalise(x, eps)
-  gate = (jax.nn.silu(_dense(h, p["w1"])) * _dense(h, p["w3"])).astype(h.dtype)
-  return _dense(gate, p["w2"]).astype(h.dtype)
+  return _dense(_swiglu(_dense(h, p["w1"], h.dtype), _dense(h, p["w3"], h.dtype)), p["w2"], h.dtype)
+
+
+@jax.custom_vjp
+def _swiglu(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+  """silu(a) * b, computed in float32 and returned in a's dtype. The backward pass recomputes the sigmoid from a and
+  b, kept in their own dtype: autodiff would keep a float32 sigmoid of every layer and write the gate in three
+  passes (sigmoid, product, cast) where this one writes it in one."""
+  return _swiglu_fwd(a, b)[0]
+
+
+def _swiglu_fwd(a, b):
+  a32 = a.astype(jnp.float32)
+  return (a32 * jax.nn.sigmoid(a32) * b.astype(jnp.float32)).astype(a.dtype), (a, b)
+
+
+def _swiglu_bwd(residuals, g):
+  a, b = residuals
+  a32, g32 = a.astype(jnp.float32), g.astype(jnp.float32)
+  sigmoid = jax.nn.sigmoid(a32)
+  d_silu = sigmoid * (1 + a32 * (1 - sigmoid))
+  return (g32 * b.astype(jnp.float32) * d_silu).astype(a.dtype), (g32 * a32 * sigmoid).astype(b.dtype)
+
+
+_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 def _head(x, output, eps):
