@@ -15,6 +15,7 @@ import numpy as np
 from absl import flags
 
 from npp_jax import cli
+from npp_jax import huge_pages
 from npp_jax.eval import adm
 from npp_jax.models import inception
 
@@ -67,4 +68,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  huge_pages.restart_with_huge_pages(this_program=True)
   sys.exit(main())

@@ -24,6 +24,7 @@ import numpy as np
 from absl import flags
 
 from npp_jax import cli
+from npp_jax import huge_pages
 from npp_jax import config as config_lib
 from npp_jax import sharding
 from npp_jax.trainers import gpt_trainer
@@ -117,4 +118,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  huge_pages.restart_with_huge_pages(this_program=True)
   sys.exit(main())

@@ -26,6 +26,7 @@ from absl import flags
 from flax import nnx
 
 from npp_jax import cli
+from npp_jax import huge_pages
 from npp_jax import config as config_lib
 from npp_jax.models.gpt import GPT
 from npp_jax.sampling import decoding
@@ -140,4 +141,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  huge_pages.restart_with_huge_pages(this_program=True)
   sys.exit(main())

@@ -31,6 +31,7 @@ from flax import nnx
 
 from npp_jax import assets
 from npp_jax import cli
+from npp_jax import huge_pages
 from npp_jax import config as config_lib
 from npp_jax import sample as sample_cli
 from npp_jax.models.gpt import GPT
@@ -150,4 +151,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  huge_pages.restart_with_huge_pages(this_program=True)
   sys.exit(main())

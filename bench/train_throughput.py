@@ -35,6 +35,7 @@ from absl import flags
 
 from npp_jax import cli
 from npp_jax import config_schema
+from npp_jax import huge_pages
 from npp_jax import npp
 from npp_jax import sharding
 from npp_jax.models import gpt
@@ -188,4 +189,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  huge_pages.restart_with_huge_pages(this_program=True)
   sys.exit(main())

@@ -44,6 +44,7 @@ from flax import nnx
 from npp_jax import cli
 from npp_jax import config as config_lib
 from npp_jax import errors
+from npp_jax import huge_pages
 from npp_jax import sharding
 from npp_jax.models import gpt
 from npp_jax.sampling import decoding
@@ -326,4 +327,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  huge_pages.restart_with_huge_pages(this_program=True)
   sys.exit(main())

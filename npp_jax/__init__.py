@@ -14,7 +14,8 @@ Entry points (`python -m npp_jax.X --help`; one convention, see cli.py):
 
 Core: npp (the method), config (the default config, config files, config differences), config_schema (what each
 config field allows, checked when a command loads it), sharding (meshes, pad_shard_unpad), distributed, cli (the
-entry points' flags and one-sentence errors), errors (the user errors), fileio, images.
+entry points' flags and one-sentence errors), errors (the user errors), fileio, images, huge_pages (a program of
+this package restarts itself once with glibc's huge pages under large allocations: XLA:CPU's step temporaries).
 
 Library, by role (no library module imports an entry point or cli):
   trainers/ (gpt_trainer, tokenizer_trainer, vq_losses, classifier_trainer, workdir, optim, dry_run, hlo_census,
@@ -28,3 +29,7 @@ Library, by role (no library module imports an entry point or cli):
   eval/ (adm, fashion, study_report)                                    sample-quality metrics, the study's report
   assets (paths of the shipped tokenizer and classifier)
 """
+
+from npp_jax import huge_pages as _huge_pages
+
+_huge_pages.restart_with_huge_pages()  # only in `python -m npp_jax.X`, before anything heavy is imported
