@@ -17,7 +17,9 @@ so a reader sees how close each side is to the machine. While a measurement runs
 the machine is read from /proc/stat: a run during which other processes used more than --max_other_cores cores is
 discarded and repeated (up to --max_tries), since the machine's speed drifts between hours and neighbours. Reported
 figures are medians over the accepted rounds; "speed" is reference seconds / our seconds (above 1: we are faster).
-Compilation and warm-up are excluded on both sides (torch.compile's too).
+Compilation and warm-up are excluded on both sides (torch.compile's too). Each side runs in the environment its
+users get: ours under glibc.malloc.hugetlb=1, which every program of this package sets for itself
+(npp_jax/huge_pages.py), the reference without it (--reference_huge_pages gives it the same).
 
 Widths: tiny = 4 layers, 4 heads, dim 256, vocab 512, 8x8 codes, 10 classes; GPT-B width = 12 x 768, 12 heads,
 vocab 16384, 16x16 codes, 1000 classes. Our side runs the trainer's compiled step with unrolled layers
@@ -181,12 +183,13 @@ def _busy_jiffies() -> int:
   return user + nice + system + irq + softirq + steal
 
 
-def run_once(command: list[str]) -> tuple[dict, float]:
-  """Runs one measurement process; returns (its JSON result, cores used meanwhile by other processes)."""
+def run_once(command: list[str], env: dict[str, str] | None = None) -> tuple[dict, float]:
+  """Runs one measurement process (in `env`, default ours); returns (its JSON result, cores used meanwhile by other
+  processes)."""
   tick = os.sysconf("SC_CLK_TCK")
   children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
   busy_before, start = _busy_jiffies(), time.monotonic()
-  done = subprocess.run(command, capture_output=True, text=True, check=False)
+  done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
   elapsed, busy = time.monotonic() - start, _busy_jiffies() - busy_before
   children = resource.getrusage(resource.RUSAGE_CHILDREN)
   ours = (children.ru_utime - children_before.ru_utime) + (children.ru_stime - children_before.ru_stime)
@@ -196,9 +199,9 @@ def run_once(command: list[str]) -> tuple[dict, float]:
   return result, max(0.0, busy / tick - ours) / elapsed
 
 
-def measure(command: list[str], max_other: float, tries: int) -> dict | None:
+def measure(command: list[str], max_other: float, tries: int, env: dict[str, str] | None = None) -> dict | None:
   for _ in range(tries):
-    result, other = run_once(command)
+    result, other = run_once(command, env)
     if other <= max_other:
       return result
     print(f"    discarded: other processes used {other:.2f} cores", flush=True)
@@ -218,6 +221,8 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
                      flag_values=fv)
   flags.DEFINE_integer("max_tries", 3, "Runs tried per accepted run.", flag_values=fv)
   flags.DEFINE_list("precisions", ["float32", "bfloat16"], "Precisions to measure each side at.", flag_values=fv)
+  flags.DEFINE_bool("reference_huge_pages", False, "Run the reference under glibc.malloc.hugetlb=1 as ours runs "
+                    "(npp_jax/huge_pages.py); by default it runs as its users run it, without.", flag_values=fv)
   flags.DEFINE_bool("ours_scan_layers", False, "Our layers under lax.scan instead of unrolled.", flag_values=fv)
   flags.DEFINE_string("worker", None, "Internal: run one of our measurements (JSON spec) and print its result.",
                       flag_values=fv)
@@ -246,9 +251,12 @@ def run(fv: flags.FlagValues) -> None:
   if fv.llamagen_repo:
     reference_cmd += ["--llamagen_repo", fv.llamagen_repo]
   ours_cmd = [sys.executable, str(here), "--worker"]
-  print(f"ours: jax {jax.__version__}, scan_layers={fv.ours_scan_layers}; reference: {fv.torch_python}", flush=True)
+  reference_env = dict(os.environ) if fv.reference_huge_pages else huge_pages.without_added(os.environ)
+  print(f"ours: jax {jax.__version__}, scan_layers={fv.ours_scan_layers}, GLIBC_TUNABLES="
+        f"{os.environ.get('GLIBC_TUNABLES', '')}; reference: {fv.torch_python}, GLIBC_TUNABLES="
+        f"{reference_env.get('GLIBC_TUNABLES', '')}", flush=True)
   gemm = json.dumps({"kind": "gemm", "shapes": GEMM_SHAPES})
-  print_gemm_rates({"reference": run_once(reference_cmd + ["--spec", gemm])[0]["gflops"],
+  print_gemm_rates({"reference": run_once(reference_cmd + ["--spec", gemm], reference_env)[0]["gflops"],
                     "ours": run_once(ours_cmd + [gemm])[0]["gflops"]})
   results = {}  # name -> (side, precision) -> accepted runs
   for name in fv.only:
@@ -264,7 +272,8 @@ def run(fv: flags.FlagValues) -> None:
           command = (reference_cmd + ["--spec", json.dumps({**side_spec, "model": WIDTHS[spec["width"]]})]
                      if side == "reference" else ours_cmd + [json.dumps({**side_spec,
                                                                           "scan_layers": fv.ours_scan_layers})])
-          result = measure(command, fv.max_other_cores, fv.max_tries)
+          env = reference_env if side == "reference" else None
+          result = measure(command, fv.max_other_cores, fv.max_tries, env)
           if result:
             cells.setdefault((side, precision), []).append(result)
             print(f"    {side} {precision}: {result['seconds']:.4f} s, peak RSS {result['peak_rss_mib']:,.0f} MiB",

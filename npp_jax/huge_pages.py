@@ -11,7 +11,7 @@ glibc reads its tunables once, when a process starts. So a program of this packa
 runs itself again, once, with the tunable added, from npp_jax/__init__.py: before anything heavy is imported or any
 output written, in the same process (exec), with the same arguments; the benchmarks in bench/ do the same from their
 main blocks. NPP_JAX_HUGE_PAGES=0 turns this off; a GLIBC_TUNABLES that already sets glibc.malloc.hugetlb is left as
-it is. Child processes inherit the variable.
+it is. Child processes inherit the variable; `without_added` gives the environment without it, for other programs.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Mapping, Sequence
 
 TUNABLE = "glibc.malloc.hugetlb"
 OPT_OUT = "NPP_JAX_HUGE_PAGES"
+_ADDED = "NPP_JAX_HUGE_PAGES_ADDED"  # marks a tunable `environment` added, so that `without_added` can take it out
 _THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -60,6 +61,20 @@ def environment(environ: Mapping[str, str]) -> dict[str, str]:
   if env.get(OPT_OUT) == "0" or TUNABLE + "=" in tunables:
     return env
   env["GLIBC_TUNABLES"] = f"{tunables}:{TUNABLE}=1" if tunables else f"{TUNABLE}=1"
+  env[_ADDED] = "1"
+  return env
+
+
+def without_added(environ: Mapping[str, str]) -> dict[str, str]:
+  """environ as it was before `environment` added the tunable: for other programs this package starts, such as the
+  baseline a benchmark times, which should run as their own users run them."""
+  env = dict(environ)
+  if env.pop(_ADDED, None):
+    kept = [entry for entry in env.get("GLIBC_TUNABLES", "").split(":") if entry and entry != f"{TUNABLE}=1"]
+    if kept:
+      env["GLIBC_TUNABLES"] = ":".join(kept)
+    else:
+      env.pop("GLIBC_TUNABLES", None)
   return env
 
 

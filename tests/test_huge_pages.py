@@ -35,6 +35,13 @@ def test_environment_adds_the_tunable_and_keeps_the_users_choices():
   assert "GLIBC_TUNABLES" not in huge_pages.environment({"NPP_JAX_HUGE_PAGES": "0"})
 
 
+@pytest.mark.parametrize("before", [{}, {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"},
+                                    {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, {"PATH": "/bin"}])
+def test_without_added_restores_the_environment_the_user_gave(before):
+  """Other programs (a benchmark's baseline) get the user's environment back, tunable included if the user set it."""
+  assert huge_pages.without_added(huge_pages.environment(before)) == before
+
+
 def test_availability_needs_glibc_2_35_and_a_kernel_that_grants_huge_pages(tmp_path):
   assert huge_pages.available((2, 36), "madvise") and huge_pages.available((2, 35), "always")
   assert not huge_pages.available((2, 34), "madvise")
