@@ -292,15 +292,10 @@ def test_swiglu_and_its_gradient_match_autodiff_of_silu_times_gate(dtype):
   rng = np.random.default_rng(3)
   a, b, g = (jnp.asarray(rng.normal(scale=3.0, size=(16, 40)), dtype) for _ in range(3))
   reference_fn = lambda a, b: (jax.nn.silu(a.astype(jnp.float32)) * b.astype(jnp.float32)).astype(a.dtype)
-  ours, ours_vjp = jax.vjp(gpt._swiglu, a, b)
-  theirs, theirs_vjp = jax.vjp(reference_fn, a, b)
-  assert ours.dtype == jnp.dtype(dtype)
+  assert gpt._swiglu(a, b).dtype == jnp.dtype(dtype)
   # bfloat16: both round the same float32 values once; the gradients' float32 formulas differ in the last bits.
   tol = dict(rtol=1e-6, atol=1e-6) if dtype == "float32" else dict(rtol=1e-2, atol=1e-2)
-  np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(theirs, np.float32), **tol)
-  for name, got, want in zip("ab", ours_vjp(g), theirs_vjp(g)):
-    assert got.dtype == want.dtype, name
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), err_msg=name, **tol)
+  _assert_same_function_and_vjp(gpt._swiglu, reference_fn, (a, b), g, "ab", tol)
 
 
 def test_bfloat16_model_tracks_the_float32_reference(reference):
@@ -397,14 +392,19 @@ def test_recomputing_attention_matches_jax_attention_and_its_gradient(dtype):
   `jax.nn.dot_product_attention(is_causal=True)`'s XLA path: outputs and all three input gradients."""
   rng = np.random.default_rng(0)
   q, k, v, g = (jnp.asarray(rng.normal(size=(2, 24, 4, 16)), dtype) for _ in range(4))
-  ours, ours_vjp = jax.vjp(gpt._causal_attention, q, k, v)
-  theirs, theirs_vjp = jax.vjp(lambda *a: jax.nn.dot_product_attention(*a, is_causal=True, implementation="xla"),
-                               q, k, v)
+  theirs = lambda *a: jax.nn.dot_product_attention(*a, is_causal=True, implementation="xla")
   tol = dict(rtol=1e-5, atol=1e-5) if dtype == "float32" else dict(rtol=2e-2, atol=2e-2)
+  _assert_same_function_and_vjp(gpt._causal_attention, theirs, (q, k, v), g, "qkv", tol)
+
+
+def _assert_same_function_and_vjp(ours_fn, theirs_fn, inputs, g, names, tol):
+  """ours_fn and theirs_fn agree on `inputs` and their input gradients for the cotangent g agree, dtypes included."""
+  ours, ours_vjp = jax.vjp(ours_fn, *inputs)
+  theirs, theirs_vjp = jax.vjp(theirs_fn, *inputs)
   np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(theirs, np.float32), **tol)
-  for name, a, b in zip("qkv", ours_vjp(g), theirs_vjp(g)):
-    assert a.dtype == b.dtype, name
-    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), err_msg=name, **tol)
+  for name, got, want in zip(names, ours_vjp(g), theirs_vjp(g)):
+    assert got.dtype == want.dtype, name
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), err_msg=name, **tol)
 
 
 def test_auto_attention_recomputes_from_long_sequences_on_a_cpu(monkeypatch):
