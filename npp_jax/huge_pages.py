@@ -5,7 +5,7 @@ worker thread. glibc maps a block that large afresh on every call and unmaps it 
 and zeroes it 4 KiB at a time on every step: 66,000 page faults per step of the default run, 145,000 at GPT-B width.
 glibc's tunable `glibc.malloc.hugetlb=1` (glibc 2.35 on) has malloc ask the kernel for 2 MiB pages for such blocks,
 which the kernel grants where its transparent huge pages are in `madvise` or `always` mode: 650 and 930 faults per
-step, the default run's step 1.2x faster and GPT-B width's 1.05x, peak RSS unchanged.
+step, the default run's step 1.1-1.2x faster and GPT-B width's about 1.05x, peak RSS unchanged.
 
 glibc reads its tunables once, when a process starts. So a program of this package started as `python -m npp_jax.X`
 runs itself again, once, with the tunable added, from npp_jax/__init__.py: before anything heavy is imported or any
