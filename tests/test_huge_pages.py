@@ -93,4 +93,5 @@ def test_a_program_of_the_package_restarts_once_onto_huge_pages(tmp_path):
 def test_the_opt_out_keeps_small_pages(tmp_path):
   tunables, faults = _probe(tmp_path, {"NPP_JAX_HUGE_PAGES": "0"})
   assert tunables == "-"
-  assert faults > 10_000, faults
+  if huge_pages.kernel_mode() == "madvise":  # in `always` mode the kernel hands out huge pages unasked
+    assert faults > 10_000, faults
