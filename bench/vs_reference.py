@@ -9,10 +9,11 @@ torch.compile, and the NPP/NTP wall-clock ratio of whole schedules.
 Every measurement runs in a fresh process (ours: this interpreter; the reference: --torch_python over the checkouts,
 through bench/vs_reference_torch.py), the two sides interleaved round by round so that both see the same machine.
 The same shapes and random weights on both sides, at each precision of --precisions: float32, and bfloat16 as each
-side's users run it (ours: model.dtype / the sampler's dtype bfloat16, products accumulating in float32; the
-reference: torch.autocast for training, eager and under torch.compile, and the model cast to bfloat16 for
-sampling). The table gives every cell, float32 against float32, and each side's best (fastest of its precisions,
-eager or compiled) against the other's; above it, both sides' measured matrix-product rates at both precisions,
+side's users run it (ours: model.dtype / the sampler's dtype bfloat16, products accumulating in float32, the
+sampler's through its packed kernel where the CPU has AVX-512 BF16, as it chooses by default; the reference:
+torch.autocast for training, eager and under torch.compile, and the model cast to bfloat16 for sampling). The
+table gives every cell, float32 against float32, and each side's best (fastest of its precisions, eager or compiled)
+against the other's; above it, both sides' measured matrix-product rates at both precisions,
 so a reader sees how close each side is to the machine. While a measurement runs, the CPU time of everything else on
 the machine is read from /proc/stat: a run during which other processes used more than --max_other_cores cores is
 discarded and repeated (up to --max_tries), since the machine's speed drifts between hours and neighbours. Reported
@@ -48,6 +49,7 @@ from npp_jax import config as config_lib
 from npp_jax import errors
 from npp_jax import huge_pages
 from npp_jax import sharding
+from npp_jax.kernels import packed_matmul
 from npp_jax.models import gpt
 from npp_jax.sampling import decoding
 from npp_jax.trainers import gpt_trainer
@@ -97,18 +99,23 @@ GEMM_SHAPES = [[4096, 192, 576], [512, 768, 3072], [32, 768, 2304], [2048, 2048,
 
 
 def our_gemm_rates(shapes: list[list[int]], calls: int = 50) -> dict[str, dict[str, float]]:
-  """GFLOP/s of (rows x inner) @ (inner x cols), jitted, in float32 and in bfloat16 accumulating in float32."""
+  """GFLOP/s of (rows x inner) @ (inner x cols), jitted, in float32 and in bfloat16 accumulating in float32, and
+  with the sampler's packed bfloat16 kernel where this CPU runs it."""
   rates = {}
-  for dtype in ("float32", "bfloat16"):
+  xla_dot = lambda a, b: jax.numpy.dot(a, b, preferred_element_type=jax.numpy.float32)
+  kinds = [("float32", "float32", xla_dot, lambda b: b), ("bfloat16", "bfloat16", xla_dot, lambda b: b)]
+  if packed_matmul.unavailable_reason() is None:
+    kinds.append(("bfloat16 packed", "bfloat16", packed_matmul.matmul, packed_matmul.pack))
+  for name, dtype, multiply, prepare in kinds:
     for m, k, n in shapes:
-      a, b = jax.numpy.ones((m, k), dtype), jax.numpy.ones((k, n), dtype)
-      product = jax.jit(lambda a, b: jax.numpy.dot(a, b, preferred_element_type=jax.numpy.float32))
+      a, b = jax.numpy.ones((m, k), dtype), prepare(jax.numpy.ones((k, n), dtype))
+      product = jax.jit(multiply)
       product(a, b).block_until_ready()
       start = time.perf_counter()
       for _ in range(calls):
         out = product(a, b)
       out.block_until_ready()
-      rates.setdefault(dtype, {})[f"{m}x{k}x{n}"] = 2 * m * k * n * calls / (time.perf_counter() - start) / 1e9
+      rates.setdefault(name, {})[f"{m}x{k}x{n}"] = 2 * m * k * n * calls / (time.perf_counter() - start) / 1e9
   return rates
 
 
@@ -282,7 +289,8 @@ def run(fv: flags.FlagValues) -> None:
 
 
 def print_gemm_rates(rates: dict) -> None:
-  print("\nmatrix products on this machine, GFLOP/s (ours: bfloat16 operands accumulate in float32)")
+  print("\nmatrix products on this machine, GFLOP/s (ours: bfloat16 operands accumulate in float32; \"packed\": the "
+        "sampler's kernel, the weight packed once)")
   print("| rows x inner x cols | " + " | ".join(f"{side} {dtype}" for side in rates for dtype in rates[side]) + " |")
   print("|---" * (1 + sum(len(v) for v in rates.values())) + "|")
   for shape in rates["ours"]["float32"]:

@@ -9,6 +9,7 @@ import pytest
 import scipy.stats
 
 from npp_jax import config as config_lib
+from npp_jax.kernels import packed_matmul
 from npp_jax.model_files import param_mapping
 from npp_jax.sampling import decoding
 
@@ -219,12 +220,15 @@ def _while_bodies(hlo: str) -> dict[str, list[str]]:
   return bodies
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_decode_loop_writes_the_cache_in_place_and_never_copies_weights(reference, dtype):
+@pytest.mark.parametrize("dtype, packed", [("float32", False), ("bfloat16", False), ("bfloat16", True)])
+def test_decode_loop_writes_the_cache_in_place_and_never_copies_weights(reference, dtype, packed):
   """In the compiled sampler, a loop step touches a cache chunk only by reading it or by an in-place
-  dynamic-update-slice of its one new slot; no chunk and no weight matrix is copied per step."""
+  dynamic-update-slice of its one new slot; no chunk and no weight matrix (as XLA or the packed kernel holds it) is
+  copied per step."""
   model, _ = reference
-  sampler = decoding.Sampler(model, dtype=dtype, devices=jax.devices()[:1])
+  if packed and packed_matmul.unavailable_reason("cpu"):
+    pytest.skip(f"the packed kernel cannot run here: {packed_matmul.unavailable_reason('cpu')}")
+  sampler = decoding.Sampler(model, dtype=dtype, devices=jax.devices()[:1], packed=packed)
   cfg = sampler.cfg
   labels = np.arange(3, dtype=np.int32)
   static = decoding._Static(cfg=cfg, guided=True, top_k=0, use_top_p=False, greedy=False, mesh=sampler.mesh)
@@ -234,7 +238,12 @@ def test_decode_loop_writes_the_cache_in_place_and_never_copies_weights(referenc
   head_dim = cfg.dim // cfg.n_head
   kind = {"float32": "f32", "bfloat16": "bf16"}[dtype]
   chunk = f"{kind}[6,{cfg.n_head},{cfg.block_size // 4},{head_dim}]"  # 3 samples x (cond, null), 4 chunks
-  weights = {f"{kind}[{a},{b}]" for a, b in [(cfg.dim, 3 * cfg.dim), (cfg.dim, cfg.dim), (cfg.dim, cfg.vocab_size)]}
+  matrices = [(cfg.dim, 3 * cfg.dim), (cfg.dim, cfg.dim), (cfg.dim, cfg.vocab_size)]
+  if packed:  # as the kernel holds them: (column blocks, K / 2, 32)
+    weights = {f"bf16[{-(-n // 32) * 2},{k // 2},32]" for k, n in matrices}
+  else:
+    weights = {f"{kind}[{k},{n}]" for k, n in matrices}
+  assert all(w in hlo for w in weights)  # the shapes the check looks for are the program's
   assert loops_touching(hlo, chunk, weights, writes=("dynamic-update-slice",)) == 4  # one scan per chunk
 
 

@@ -23,6 +23,7 @@ import ml_collections
 from npp_jax import errors
 from npp_jax import npp
 from npp_jax import sharding
+from npp_jax.kernels import packed_matmul
 from npp_jax.models import rope
 
 # Logical axis names of every parameter; sharding.py maps them to mesh axes.
@@ -310,6 +311,8 @@ def _dense(x, w, out_dtype: Any = jnp.float32):
   out_dtype = jnp.dtype(out_dtype)
   if isinstance(flat_w, _StackedKernel):
     out = _stacked_matmul(flat_x, flat_w.stack, flat_w.row_scale, flat_w.index, out_dtype)
+  elif isinstance(flat_w, packed_matmul.PackedKernel):
+    out = packed_matmul.matmul(flat_x, flat_w).astype(out_dtype)
   elif x.dtype == jnp.float32:
     out = jnp.dot(flat_x, flat_w.astype(x.dtype), preferred_element_type=jnp.float32).astype(out_dtype)
   else:
@@ -510,6 +513,14 @@ _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 def _head(x, output, eps):
   """Logits from the final RMSNorm (its weight folded into `output`) and the output projection."""
   return _dense(_rms_normalise(x, eps), output)  # float32 whatever the compute dtype (the reference's `.float()`)
+
+
+def pack_decode_params(params: dict[str, Any]) -> dict[str, Any]:
+  """bfloat16 `GPT.decode_params()` with every kernel packed for `packed_matmul` (the embeddings stay as they are),
+  which `decode` multiplies with that kernel: the sampler's form on CPUs that have it."""
+  pack = lambda name, w: packed_matmul.pack(w, rows=w.ndim - 1 if name == "wo" else 1)  # wo contracts (N, H)
+  return {**params, "layers": tuple({name: pack(name, w) for name, w in p.items()} for p in params["layers"]),
+          "output": pack("output", params["output"])}
 
 
 def decode(params: dict[str, Any], cfg: ml_collections.ConfigDict, x: jnp.ndarray, cache: KVCache, pos: jnp.ndarray,

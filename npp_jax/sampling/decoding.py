@@ -29,7 +29,9 @@ image takes fewer passes (see `_speculative_loop`). Pass j of sample i draws fro
 tokens differ from the plain sampler's for the same key (same distribution, different draws; greedy agrees).
 
 The batch is sharded over a 1-D mesh of the given devices (padded to a multiple of their count); the parameters are
-replicated and cast once to the compute dtype. Logits stay float32; the KV cache uses the compute dtype.
+replicated and cast once to the compute dtype, and in bfloat16 on one CPU device with AVX-512 BF16 also packed for
+`kernels/packed_matmul.py` (the same products, about 1.4x faster sampling at GPT-B width). Logits stay float32; the
+KV cache uses the compute dtype.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from npp_jax import errors
 from npp_jax import sharding
+from npp_jax.kernels import packed_matmul
 from npp_jax.models import gpt
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -402,6 +405,18 @@ def _decode_params(graphdef, state, dtype: str) -> dict:
   return nnx.merge(graphdef, state).decode_params(dtype)
 
 
+_packed = jax.jit(gpt.pack_decode_params)
+
+
+def _why_not_packed(dtype: str, devices: Sequence[jax.Device]) -> str | None:
+  """None where the sampler can multiply with the packed kernel, else why not."""
+  if dtype != "bfloat16":
+    return f"it computes in bfloat16, not {dtype}"
+  if len(devices) != 1:
+    return f"it runs on one device, not {len(devices)}"
+  return packed_matmul.unavailable_reason(devices[0].platform)
+
+
 @functools.partial(jax.jit, static_argnames=("static",))
 def _generate(params, labels, sample_ids, key, cfg_scale, cfg_interval, temperature, top_p, *, static: _Static):
   """(tokens (B, S) int32, SpeculativeStats or None for plain decoding)."""
@@ -445,7 +460,11 @@ class Sampler:
   top-p on/off, greedy), so a sweep over cfg_scale, temperature, top_p or cfg_interval does not recompile.
   """
 
-  def __init__(self, model: nnx.Module, *, dtype: str | None = None, devices: Sequence[jax.Device] | None = None):
+  def __init__(self, model: nnx.Module, *, dtype: str | None = None, devices: Sequence[jax.Device] | None = None,
+               packed: bool | None = None):
+    """packed: multiply with the packed bfloat16 kernel (`kernels/packed_matmul.py`), about twice as fast as XLA's
+    bfloat16 products for a decode step's few rows. None (the default) uses it where it applies: bfloat16 compute on
+    one CPU device with AVX-512 BF16 and a C++ compiler; True requires it; False keeps XLA's products."""
     dtype = str(dtype or model.cfg.dtype)
     if dtype not in COMPUTE_DTYPES:
       raise errors.InvalidInput(f"sampling dtype must be one of {COMPUTE_DTYPES}, got {dtype!r}")
@@ -453,7 +472,14 @@ class Sampler:
     self.dtype = dtype
     devices = list(devices) if devices is not None else jax.local_devices()
     self.mesh = sharding.one_axis_mesh(devices)
-    self._params = jax.device_put(_decode_params(*nnx.split(model), dtype), NamedSharding(self.mesh, P()))
+    why_not = _why_not_packed(dtype, devices)
+    if packed and why_not:
+      raise errors.InvalidInput(f"the packed bfloat16 kernel cannot sample here: {why_not}")
+    self.packed = why_not is None if packed is None else packed
+    params = _decode_params(*nnx.split(model), dtype)
+    if self.packed:
+      params = _packed(params)
+    self._params = jax.device_put(params, NamedSharding(self.mesh, P()))
 
   @property
   def params(self) -> dict:
