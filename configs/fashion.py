@@ -3,7 +3,7 @@
 Real data from Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist; --config.data.dir elsewhere),
 encoded once into WORKDIR/codes with the tokenizer shipped in npp_jax/assets/vq_fashion (28x28 garments padded to
 32x32 -> 8x8 codes of 512). A 4-layer GPT trains 2x2 patches (a 4x4 coarse grid) for the first half of the steps,
-then single codes; a sample grid (one row per class) and the classifier metric come every eval.every steps.
+then single codes; a sample grid (one row per class) and the classifier metric come at the end.
 """
 
 from npp_jax import config as base
@@ -24,16 +24,16 @@ def get_config():
   c.optim.decay_fraction = 0.2
 
   c.train.global_batch_size = 64
-  c.train.total_steps = 1200
+  c.train.total_steps = 1000  # 1,200 gave the same quality within its run-to-run spread, in a fifth more time
   c.train.log_every = 50
-  c.train.checkpoint_every = 300
+  c.train.checkpoint_every = 500
 
   c.data.source = "fashion_mnist"
   c.data.augmentation = "pad"  # no flips: the shoes all face one way
   c.data.shard_size = 10000
   c.data.encode_batch_size = 500
 
-  c.eval.every = 600  # at the stage switch (what the 2x2-patch model samples) and at the end
+  c.eval.every = 0  # at the end only (the 2x2-patch model, sampled token by token, gives noise: 9% agreement)
   c.eval.classifier = "fashion"
   c.eval.num_samples = 1000
   c.eval.batch_size = 250

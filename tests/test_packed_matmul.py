@@ -71,6 +71,15 @@ def test_products_match_float64_sums_and_do_not_depend_on_the_other_rows(m, k, n
                                   got[row])
 
 
+@needs_bf16_units
+def test_vmap_multiplies_each_element():
+  rng = np.random.default_rng(3)
+  x, w = _bf16(rng, 3, 5, 8), _bf16(rng, 8, 20)
+  packed = packed_matmul.pack(w)
+  got = jax.vmap(packed_matmul.matmul, (0, None))(x, packed)
+  np.testing.assert_array_equal(got, np.stack([np.asarray(packed_matmul.matmul(x[i], packed)) for i in range(3)]))
+
+
 def test_wrong_operands_are_refused():
   packed = packed_matmul.pack(jnp.zeros((4, 16), jnp.bfloat16))
   with pytest.raises(ValueError, match="multiplies bfloat16"):

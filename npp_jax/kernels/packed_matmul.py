@@ -86,7 +86,8 @@ def matmul(x: jnp.ndarray, w: PackedKernel) -> jnp.ndarray:
   if x.ndim != 2 or x.shape[1] != k or x.dtype != jnp.bfloat16:
     raise ValueError(f"a packed ({k}, {n}) weight multiplies bfloat16 (M, {k}) rows, got {x.dtype} {x.shape}")
   _register()
-  call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32), vmap_method="broadcast_all")
+  # Under vmap, one call per element: the kernel takes 2-D operands only.
+  call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32), vmap_method="sequential")
   return call(x, w.packed)
 
 
