@@ -49,6 +49,7 @@ from npp_jax import config as config_lib
 from npp_jax import errors
 from npp_jax import huge_pages
 from npp_jax import sharding
+from npp_jax.kernels import library
 from npp_jax.kernels import packed_matmul
 from npp_jax.models import gpt
 from npp_jax.sampling import decoding
@@ -104,7 +105,7 @@ def our_gemm_rates(shapes: list[list[int]], calls: int = 50) -> dict[str, dict[s
   rates = {}
   xla_dot = lambda a, b: jax.numpy.dot(a, b, preferred_element_type=jax.numpy.float32)
   kinds = [("float32", "float32", xla_dot, lambda b: b), ("bfloat16", "bfloat16", xla_dot, lambda b: b)]
-  if packed_matmul.unavailable_reason() is None:
+  if library.unavailable_reason() is None:
     kinds.append(("bfloat16 packed", "bfloat16", packed_matmul.matmul, packed_matmul.pack))
   for name, dtype, multiply, prepare in kinds:
     for m, k, n in shapes:

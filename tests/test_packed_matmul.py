@@ -10,10 +10,11 @@ import pytest
 
 import system_packages
 from npp_jax import errors
+from npp_jax.kernels import library
 from npp_jax.kernels import packed_matmul
 from npp_jax.models import gpt
 
-_HAS_BF16_UNITS = not {"avx512f", "avx512bw", "avx512_bf16"} - packed_matmul._cpu_flags()
+_HAS_BF16_UNITS = not {"avx512f", "avx512bw", "avx512_bf16"} - library.cpu_flags()
 needs_bf16_units = pytest.mark.skipif(not _HAS_BF16_UNITS, reason="the kernel needs AVX-512 BF16; this CPU lacks it")
 
 
@@ -51,7 +52,7 @@ def test_packed_kernel_reshapes_only_within_its_matrix():
 def test_the_kernel_is_available_where_the_cpu_has_bf16_units():
   """No silent fallback on the machines it is for: with the CPU support, only a missing compiler may stop it."""
   system_packages.require("g++", shutil.which("g++") is not None)
-  assert packed_matmul.unavailable_reason("cpu") is None
+  assert library.unavailable_reason("cpu") is None
 
 
 @needs_bf16_units
@@ -89,9 +90,9 @@ def test_wrong_operands_are_refused():
 
 
 def test_opting_out_makes_it_unavailable(monkeypatch):
-  monkeypatch.setenv(packed_matmul.OPT_OUT, "0")
-  assert packed_matmul.unavailable_reason("cpu") == f"{packed_matmul.OPT_OUT}=0"
-  assert packed_matmul.unavailable_reason("gpu") is not None
+  monkeypatch.setenv(library.OPT_OUT, "0")
+  assert library.unavailable_reason("cpu") == f"{library.OPT_OUT}=0"
+  assert library.unavailable_reason("gpu") is not None
 
 
 # -- in the model and the sampler -----------------------------------------------------------------------------------

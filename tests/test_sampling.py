@@ -9,7 +9,7 @@ import pytest
 import scipy.stats
 
 from npp_jax import config as config_lib
-from npp_jax.kernels import packed_matmul
+from npp_jax.kernels import library
 from npp_jax.model_files import param_mapping
 from npp_jax.sampling import decoding
 
@@ -226,8 +226,8 @@ def test_decode_loop_writes_the_cache_in_place_and_never_copies_weights(referenc
   dynamic-update-slice of its one new slot; no chunk and no weight matrix (as XLA or the packed kernel holds it) is
   copied per step."""
   model, _ = reference
-  if packed and packed_matmul.unavailable_reason("cpu"):
-    pytest.skip(f"the packed kernel cannot run here: {packed_matmul.unavailable_reason('cpu')}")
+  if packed and library.unavailable_reason("cpu"):
+    pytest.skip(f"the packed kernel cannot run here: {library.unavailable_reason('cpu')}")
   sampler = decoding.Sampler(model, dtype=dtype, devices=jax.devices()[:1], packed=packed)
   cfg = sampler.cfg
   labels = np.arange(3, dtype=np.int32)

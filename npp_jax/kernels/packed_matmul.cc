@@ -10,13 +10,11 @@
 
 #include <algorithm>
 #include <array>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <utility>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -81,22 +79,6 @@ struct Product {
   }
 };
 
-// Strips are claimed from a shared counter by the calling thread and by helpers scheduled on XLA's intra-op pool;
-// the caller returns once every strip is done. A helper that starts after the last strip was claimed does nothing,
-// so the caller never waits on a helper that has not started (the pool may be busy with the caller itself).
-struct Progress {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-};
-
-void Claim(const Product& product, int64_t strips, int64_t grain, Progress& progress) {
-  for (int64_t first; (first = progress.next.fetch_add(grain)) < strips;) {
-    const int64_t last = std::min(first + grain, strips);
-    for (int64_t s = first; s < last; ++s) product.Strip(s);
-    progress.done.fetch_add(last - first, std::memory_order_release);
-  }
-}
-
 ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> packed,
                         ffi::ResultBuffer<ffi::F32> out) {
   const auto x_dims = x.dimensions(), w_dims = packed.dimensions(), out_dims = out->dimensions();
@@ -112,14 +94,9 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buf
   }
   const int64_t strips = w_dims[0] / kStripBlocks;
   if (product.m == 0 || strips == 0) return ffi::Error::Success();
-  const int64_t threads = std::clamp<int64_t>(pool.num_threads(), 1, strips);
-  const int64_t grain = std::max<int64_t>(1, strips / (4 * threads));
-  auto progress = std::make_shared<Progress>();
-  for (int64_t t = 1; t < threads; ++t) {
-    pool.Schedule([product, strips, grain, progress] { Claim(product, strips, grain, *progress); });
-  }
-  Claim(product, strips, grain, *progress);
-  while (progress->done.load(std::memory_order_acquire) < strips) std::this_thread::yield();
+  npp_jax::ParallelFor(pool, strips, [product](int64_t first, int64_t last) {
+    for (int64_t s = first; s < last; ++s) product.Strip(s);
+  });
   return ffi::Error::Success();
 }
 

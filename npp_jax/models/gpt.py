@@ -23,6 +23,7 @@ import ml_collections
 from npp_jax import errors
 from npp_jax import npp
 from npp_jax import sharding
+from npp_jax.kernels import decode_attention
 from npp_jax.kernels import packed_matmul
 from npp_jax.models import rope
 
@@ -544,8 +545,20 @@ def decode(params: dict[str, Any], cfg: ml_collections.ConfigDict, x: jnp.ndarra
                                               pos - starts[-1], 2)
     return chunks[:chunk] + (buf,) + chunks[chunk + 1:]
 
-  attend = lambda q, k_chunks, v_chunks: _cached_attention(q, k_chunks[:chunk + 1], v_chunks[:chunk + 1], starts, pos)
+  if t == 1 and _attention_kernel_applies(params, cfg, chunk + 1):
+    attend = lambda q, k_chunks, v_chunks: decode_attention.attention(
+        q[:, 0], jnp.broadcast_to(pos, q.shape[:1]), k_chunks[:chunk + 1], v_chunks[:chunk + 1])[:, None]
+  else:
+    attend = lambda q, k_chunks, v_chunks: _cached_attention(q, k_chunks[:chunk + 1], v_chunks[:chunk + 1], starts,
+                                                             pos)
   return _decode_layers(params, cfg, x, rotary, cache, write, attend)
+
+
+def _attention_kernel_applies(params: dict[str, Any], cfg: ml_collections.ConfigDict, chunks: int) -> bool:
+  """Decode steps whose weights the sampler packed for the CPU kernels (`pack_decode_params`) also attend with the
+  CPU attention kernel, where it takes the head size."""
+  return (isinstance(params["output"], packed_matmul.PackedKernel)
+          and decode_attention.supports(cfg.dim // cfg.n_head, chunks))
 
 
 def decode_rows(params: dict[str, Any], cfg: ml_collections.ConfigDict, x: jnp.ndarray, cache: KVCache,
@@ -596,6 +609,8 @@ def decode_token_rows(params: dict[str, Any], cfg: ml_collections.ConfigDict, x:
                  for j, (buf, start, length) in enumerate(zip(chunks, starts, lengths)))
 
   def attend(q, k_chunks, v_chunks):
+    if _attention_kernel_applies(params, cfg, len(lengths)):  # reads each row's slots 0..pos[b] whatever its chunk
+      return decode_attention.attention(q[:, 0], pos, k_chunks, v_chunks)[:, None]
     out = None
     for c in range(len(lengths)):
       upto = _cached_attention(q, k_chunks[:c + 1], v_chunks[:c + 1], starts[:c + 1], pos)

@@ -30,8 +30,8 @@ tokens differ from the plain sampler's for the same key (same distribution, diff
 
 The batch is sharded over a 1-D mesh of the given devices (padded to a multiple of their count); the parameters are
 replicated and cast once to the compute dtype, and in bfloat16 on one CPU device with AVX-512 BF16 also packed for
-`kernels/packed_matmul.py` (the same products, about 1.4x faster sampling at GPT-B width). Logits stay float32; the
-KV cache uses the compute dtype.
+the CPU kernels (`kernels/`: the products and the attention of a decode step; about 1.9x faster sampling at GPT-B
+width). Logits stay float32; the KV cache uses the compute dtype.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from npp_jax import errors
 from npp_jax import sharding
-from npp_jax.kernels import packed_matmul
+from npp_jax.kernels import library
 from npp_jax.models import gpt
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -409,12 +409,12 @@ _packed = jax.jit(gpt.pack_decode_params)
 
 
 def _why_not_packed(dtype: str, devices: Sequence[jax.Device]) -> str | None:
-  """None where the sampler can multiply with the packed kernel, else why not."""
+  """None where the sampler can run on the CPU kernels, else why not."""
   if dtype != "bfloat16":
     return f"it computes in bfloat16, not {dtype}"
   if len(devices) != 1:
     return f"it runs on one device, not {len(devices)}"
-  return packed_matmul.unavailable_reason(devices[0].platform)
+  return library.unavailable_reason(devices[0].platform)
 
 
 @functools.partial(jax.jit, static_argnames=("static",))
@@ -462,9 +462,10 @@ class Sampler:
 
   def __init__(self, model: nnx.Module, *, dtype: str | None = None, devices: Sequence[jax.Device] | None = None,
                packed: bool | None = None):
-    """packed: multiply with the packed bfloat16 kernel (`kernels/packed_matmul.py`), about twice as fast as XLA's
-    bfloat16 products for a decode step's few rows. None (the default) uses it where it applies: bfloat16 compute on
-    one CPU device with AVX-512 BF16 and a C++ compiler; True requires it; False keeps XLA's products."""
+    """packed: pack the weights for the CPU kernels (`kernels/`), which then run a decode step's products and
+    attention, about twice as fast as XLA:CPU's bfloat16 for a decode step's few rows. None (the default) uses them
+    where they apply: bfloat16 compute on one CPU device with AVX-512 BF16 and a C++ compiler; True requires them;
+    False keeps XLA's products and attention."""
     dtype = str(dtype or model.cfg.dtype)
     if dtype not in COMPUTE_DTYPES:
       raise errors.InvalidInput(f"sampling dtype must be one of {COMPUTE_DTYPES}, got {dtype!r}")
@@ -474,7 +475,7 @@ class Sampler:
     self.mesh = sharding.one_axis_mesh(devices)
     why_not = _why_not_packed(dtype, devices)
     if packed and why_not:
-      raise errors.InvalidInput(f"the packed bfloat16 kernel cannot sample here: {why_not}")
+      raise errors.InvalidInput(f"the CPU kernels cannot sample here: {why_not}")
     self.packed = why_not is None if packed is None else packed
     params = _decode_params(*nnx.split(model), dtype)
     if self.packed:
