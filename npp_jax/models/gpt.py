@@ -517,8 +517,9 @@ def _head(x, output, eps):
 
 
 def pack_decode_params(params: dict[str, Any]) -> dict[str, Any]:
-  """bfloat16 `GPT.decode_params()` with every kernel packed for `packed_matmul` (the embeddings stay as they are),
-  which `decode` multiplies with that kernel: the sampler's form on CPUs that have it."""
+  """bfloat16 `GPT.decode_params()` with every kernel packed for `packed_matmul` (the embeddings stay as they are):
+  the sampler's form on CPUs that run the kernels of `npp_jax/kernels`. The decode functions multiply such weights
+  with that kernel, and their one-query-per-row steps attend with `decode_attention`."""
   pack = lambda name, w: packed_matmul.pack(w, rows=w.ndim - 1 if name == "wo" else 1)  # wo contracts (N, H)
   return {**params, "layers": tuple({name: pack(name, w) for name, w in p.items()} for p in params["layers"]),
           "output": pack("output", params["output"])}
