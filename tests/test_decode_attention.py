@@ -10,7 +10,7 @@ from npp_jax.kernels import decode_attention
 from npp_jax.kernels import library
 from npp_jax.models import gpt
 
-pytestmark = pytest.mark.skipif(not {"avx512f", "avx512bw", "avx512_bf16"} <= library.cpu_flags(),
+pytestmark = pytest.mark.skipif(not library.CPU_FLAGS <= library.cpu_flags(),
                                 reason="the kernel needs AVX-512 BF16; this CPU lacks it")
 
 

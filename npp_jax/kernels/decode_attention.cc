@@ -69,7 +69,8 @@ void AttendOne(const Cache& cache, const uint16_t* q, int64_t pos, int64_t b, in
     const uint16_t* keys = cache.k[c] + (b * cache.heads + n) * cache.length[c] * cache.head_dim;
     for (int64_t i = 0; i < cache.length[c] && t <= last; ++i, ++t) {
       __m512 dot = _mm512_setzero_ps();
-      for (int64_t h = 0; h < h_vectors; ++h) dot = _mm512_fmadd_ps(query[h], LoadBf16(keys + i * cache.head_dim + h * kLanes), dot);
+      const uint16_t* key = keys + i * cache.head_dim;
+      for (int64_t h = 0; h < h_vectors; ++h) dot = _mm512_fmadd_ps(query[h], LoadBf16(key + h * kLanes), dot);
       scores[t] = _mm512_reduce_add_ps(dot) * scale;
       best = std::max(best, scores[t]);
     }
@@ -85,7 +86,8 @@ void AttendOne(const Cache& cache, const uint16_t* q, int64_t pos, int64_t b, in
     const uint16_t* values = cache.v[c] + (b * cache.heads + n) * cache.length[c] * cache.head_dim;
     for (int64_t i = 0; i < cache.length[c] && t <= last; ++i, ++t) {
       const __m512 p = _mm512_set1_ps(scores[t]);
-      for (int64_t h = 0; h < h_vectors; ++h) acc[h] = _mm512_fmadd_ps(p, LoadBf16(values + i * cache.head_dim + h * kLanes), acc[h]);
+      const uint16_t* value = values + i * cache.head_dim;
+      for (int64_t h = 0; h < h_vectors; ++h) acc[h] = _mm512_fmadd_ps(p, LoadBf16(value + h * kLanes), acc[h]);
     }
   }
   const __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));

@@ -26,7 +26,7 @@ OPT_OUT = "NPP_JAX_CPU_KERNELS"
 SOURCES = tuple(sorted(Path(__file__).parent.glob("*.cc")))
 HEADERS = tuple(sorted(Path(__file__).parent.glob("*.h")))
 TARGETS = {"npp_packed_bf16_matmul": "NppPackedBf16Matmul", "npp_decode_attention": "NppDecodeAttention"}
-_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")
+CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512_bf16"})  # what the kernels need
 _COMPILE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")
 
 
@@ -36,7 +36,7 @@ def unavailable_reason(backend: str | None = None) -> str | None:
     return f"{OPT_OUT}=0"
   if (backend or jax.default_backend()) != "cpu":
     return "not a CPU backend"
-  missing = [flag for flag in _CPU_FLAGS if flag not in cpu_flags()]
+  missing = sorted(CPU_FLAGS - cpu_flags())
   if platform.machine() not in ("x86_64", "AMD64") or missing:
     return f"this CPU lacks {' and '.join(missing) or 'x86-64'}"
   if _compiler() is None:

@@ -2,9 +2,9 @@
 // (K, N) bfloat16 packed once for AVX-512 BF16 (see packed_matmul.py for the layout), through the XLA FFI.
 //
 // A decode step multiplies a few dozen rows by every weight of the model once, so its products stream weights from
-// memory. XLA:CPU's library kernel re-lays out the weight on every call and reaches a third of the rate at which a
-// layout made once can be read. Here each weight is read once, in order, and each 32-column strip of it is reused
-// from the core's cache by every 12-row tile of x.
+// memory. XLA:CPU's library kernel re-lays out the weight on every call and reaches less than half the rate at
+// which a layout made once can be read. Here each weight is read once, in order, and each 32-column strip of it
+// is reused from the core's cache by every 12-row tile of x.
 
 #include <immintrin.h>
 
