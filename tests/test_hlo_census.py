@@ -9,6 +9,7 @@ XLA:CPU reduces FSDP gradients with all-reduces where a TPU reduce-scatters; the
 import functools
 import math
 import pathlib
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -135,14 +136,16 @@ def tiny_config(accum: int = 1):
 
 
 @functools.lru_cache(maxsize=None)
-def step_census(mesh_shape: tuple[int, ...], accum: int = 1) -> tuple[list, dict]:
-  """(census of the compiled stage-2 train step, the parameter shapes) for the tiny config on a mesh."""
+def step_census(mesh_shape: tuple[int, ...], accum: int = 1, fold_norms: bool = True) -> tuple[list, dict]:
+  """(census of the compiled stage-2 train step, the parameter shapes) for the tiny config on a mesh, with the RMSNorm
+  weights folded into the kernels they feed (what the model does for batches of many rows) or not."""
   config = tiny_config(accum)
   mesh = sharding.make_mesh(mesh_shape)
   setup = gpt_trainer.build(config, mesh, config.data.num_images)
   step = gpt_trainer.make_train_step(setup, 2)
-  compiled = step.lower(setup.abstract_state, gpt_trainer.abstract_batch(setup)).compile(
-      compiler_options=FAST_COMPILE)
+  with mock.patch.object(gpt, "_fold_pays", lambda rows, columns: fold_norms):
+    compiled = step.lower(setup.abstract_state, gpt_trainer.abstract_batch(setup)).compile(
+        compiler_options=FAST_COMPILE)
   return hlo_census.census(compiled.as_text(), mesh), setup.abstract_state["params"]
 
 
@@ -176,6 +179,12 @@ def test_data_parallel_step_all_reduces_the_gradients_once_and_nothing_else():
   # Every gradient once, plus the float32 loss; the norms' gradients are derived after the reduction from the
   # reduced gradients of the kernels they are folded into, so they never travel.
   assert hlo_census.summary(census)[("all-reduce", ("data",))][1] == nbytes(params) - norms(params) + 4
+
+
+def test_unfolded_norms_reduce_their_own_gradients():
+  census, params = step_census((8, 1, 1), fold_norms=False)
+  assert_only(census, {("all-reduce", ("data",))})
+  assert hlo_census.summary(census)[("all-reduce", ("data",))][1] == nbytes(params) + 4
 
 
 @pytest.mark.parametrize("accum", [2, 4])

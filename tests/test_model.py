@@ -370,6 +370,33 @@ def test_unrolled_gradients_equal_autodiff_through_the_scan_path(reference, dtyp
                                atol=atol * scale, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_norms_applied_to_the_activations_equal_norms_folded_into_the_kernels(reference, scan_layers, monkeypatch):
+  """Where folding does not pay (`gpt._fold_pays`: fewer rows than the kernels' columns) the RMSNorm weights scale
+  the normalised activations instead: the same logits and gradients, the norms' own included."""
+  _, io = reference
+  tokens, labels = jnp.asarray(io["tokens"]), jnp.asarray(io["labels"])
+  cfg = fixture_model_config(scan_layers=scan_layers)
+  params = params_from_reference(reference[0], cfg)
+  rng = np.random.default_rng(2)  # norm weights away from 1, and a head that is not zero
+  for name in ("attention_norm", "ffn_norm"):
+    params["layers"][name] = rng.uniform(0.5, 1.5, params["layers"][name].shape).astype(np.float32)
+  params["norm"] = rng.uniform(0.5, 1.5, params["norm"].shape).astype(np.float32)
+  params["output"] = rng.normal(0, 0.02, params["output"].shape).astype(np.float32)
+  graphdef, state = nnx.split(model_with_params(cfg, params))
+  loss = lambda p: npp.patch_loss(nnx.merge(graphdef, p)(tokens, labels), tokens, 1)
+  results = {}
+  for fold in (True, False):
+    monkeypatch.setattr(gpt, "_fold_pays", lambda rows, columns, fold=fold: fold)
+    value, grads = jax.jit(jax.value_and_grad(loss))(state)
+    results[fold] = float(value), nnx.to_pure_dict(grads)
+  assert results[True][0] == pytest.approx(results[False][0], rel=1e-6)
+  flat_folded, flat_applied = (jax.tree_util.tree_leaves_with_path(results[f][1]) for f in (True, False))
+  for (path, want), (_, got) in zip(flat_folded, flat_applied):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(np.abs(want).max()),
+                               err_msg=jax.tree_util.keystr(path))
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_unrolled_backward_keeps_no_copy_of_the_layer_kernels(dtype):
   """With the activations tiny, the compiled gradient's temporaries stay well under one copy of the layers' kernels:
