@@ -15,8 +15,9 @@ torch.autocast for training, eager and under torch.compile, and the model cast t
 table gives every cell, float32 against float32 (the reference's faster of eager and compiled), and each side's
 best (fastest of its precisions, eager or compiled) against the other's; above it, both sides' measured
 matrix-product rates at both precisions, so a reader sees how close each side is to the machine. While a
-measurement runs, the CPU time of everything else on the machine is read from /proc/stat: a run during which other processes used more than --max_other_cores cores is
-discarded and repeated (up to --max_tries), since the machine's speed drifts between hours and neighbours. Reported
+measurement runs, the CPU time of everything else on the machine is read from /proc/stat: a run during which other
+processes used more than --max_other_cores cores is discarded and repeated (up to --max_tries), since the machine's
+speed drifts between hours and neighbours. Reported
 figures are medians over the accepted rounds; "speed" is reference seconds / our seconds (above 1: we are faster).
 Compilation and warm-up are excluded on both sides (torch.compile's too). Each side runs in the environment its
 users get: ours under glibc.malloc.hugetlb=1, which every program of this package sets for itself
