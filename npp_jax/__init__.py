@@ -24,7 +24,7 @@ Library, by role (no library module imports an entry point or cli):
   model_files/ (store, param_mapping, torch_io)                         model directories and PyTorch weight rules
   sampling/ (decoding, generation)                                      KV-cache sampling; model in, images out
   serving/ (row_decoding, engine, http_api)                             many requests sharing one compiled batch
-  models/ (gpt, rope, vq, inception, classifier, lpips, patchgan)       the networks
+  models/ (gpt, rope, dropout, vq, inception, classifier, lpips, patchgan)  the networks
   kernels/ (library, packed_matmul, decode_attention)                   CPU kernels for the sampler's decode steps
   data/ (sources, augment, prepare, records, pipeline, synthetic)       codes from images, batches from codes
   eval/ (adm, fashion, study_report)                                    sample-quality metrics, the study's report

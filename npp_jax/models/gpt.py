@@ -25,6 +25,7 @@ from npp_jax import npp
 from npp_jax import sharding
 from npp_jax.kernels import decode_attention
 from npp_jax.kernels import packed_matmul
+from npp_jax.models import dropout
 from npp_jax.models import rope
 
 # Logical axis names of every parameter; sharding.py maps them to mesh axes.
@@ -106,13 +107,6 @@ def _fold_norms(layer: dict[str, jnp.ndarray], folded: frozenset[str] = frozense
 
 def _scale_rows(g: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
   return g.reshape(-1, *(1,) * (w.ndim - 1)) * w
-
-
-def _dropout(x: jnp.ndarray, rate: float, key: jax.Array | None) -> jnp.ndarray:
-  if key is None or rate == 0.0:
-    return x
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 class KVCache(NamedTuple):
@@ -224,7 +218,7 @@ class GPT(nnx.Module):
     coarse = npp.coarse_grid(self.grid, patch_side)
     patches = npp.patch_embeddings(self.token_embedding(tokens), patch_side)[:, :-1]
     x = jnp.concatenate([self.class_embedding(labels, keys.get("label")), patches], axis=1)
-    x = _dropout(x, cfg.token_dropout_p, keys.get("token"))
+    x = dropout.dropout(x, cfg.token_dropout_p, keys.get("token"))
     cos, sin = rope.rope_table(coarse, cfg.dim // cfg.n_head, float(cfg.rope_base), cfg.cls_token_num)
     seq = x.shape[1]  # class token + all patches but the last
     rotary = (jnp.asarray(cos[:seq])[None], jnp.asarray(sin[:seq])[None])
@@ -279,8 +273,8 @@ class GPT(nnx.Module):
       keys = jax.random.split(key, 2) if key is not None else (None, None)
       q, k, v = _qkv(_rms_normalise(x, cfg.norm_eps, p.get("attention_norm")), p["wqkv"], rotary)
       h = _attention_output(_training_attention(q, k, v, cfg.attention_impl), p["wo"])
-      x = x + _dropout(h, cfg.resid_dropout_p, keys[0])
-      x = x + _dropout(_feed_forward(x, p, cfg.norm_eps), cfg.ffn_dropout_p, keys[1])
+      x = x + dropout.dropout(h, cfg.resid_dropout_p, keys[0])
+      x = x + dropout.dropout(_feed_forward(x, p, cfg.norm_eps), cfg.ffn_dropout_p, keys[1])
       return x, None
 
     if cfg.remat != "none":
