@@ -170,7 +170,7 @@ MODEL = {
     "ffn_dropout_p": PROBABILITY,
     "class_dropout_prob": FRACTION,
     "dtype": choice("float32", "bfloat16"),
-    "attention_impl": choice("auto", "recompute", "xla", "cudnn"),
+    "attention_impl": choice("auto", "recompute", "keep", "xla", "cudnn"),
     "remat": choice("none", "full", "dots"),
     "scan_layers": boolean(),
 }

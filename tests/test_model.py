@@ -413,15 +413,18 @@ def test_unrolled_backward_keeps_no_copy_of_the_layer_kernels(dtype):
   assert temp < 0.85 * kernels, (temp, kernels)
 
 
+@pytest.mark.parametrize("recompute", [True, False])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_recomputing_attention_matches_jax_attention_and_its_gradient(dtype):
-  """`gpt._causal_attention` (keeps a log-sum-exp, recomputes the probabilities for the backward pass) against
-  `jax.nn.dot_product_attention(is_causal=True)`'s XLA path: outputs and all three input gradients."""
+def test_our_attention_matches_jax_attention_and_its_gradient(dtype, recompute):
+  """`gpt._causal_attention`, keeping a log-sum-exp and recomputing the probabilities for the backward pass or keeping
+  the probabilities, against `jax.nn.dot_product_attention(is_causal=True)`'s XLA path: outputs and all three input
+  gradients."""
   rng = np.random.default_rng(0)
   q, k, v, g = (jnp.asarray(rng.normal(size=(2, 24, 4, 16)), dtype) for _ in range(4))
   theirs = lambda *a: jax.nn.dot_product_attention(*a, is_causal=True, implementation="xla")
+  ours = lambda *a: gpt._causal_attention(*a, recompute)
   tol = dict(rtol=1e-5, atol=1e-5) if dtype == "float32" else dict(rtol=2e-2, atol=2e-2)
-  _assert_same_function_and_vjp(gpt._causal_attention, theirs, (q, k, v), g, "qkv", tol)
+  _assert_same_function_and_vjp(ours, theirs, (q, k, v), g, "qkv", tol)
 
 
 def _assert_same_function_and_vjp(ours_fn, theirs_fn, inputs, g, names, tol):
@@ -435,10 +438,11 @@ def _assert_same_function_and_vjp(ours_fn, theirs_fn, inputs, g, names, tol):
 
 
 def test_auto_attention_recomputes_from_long_sequences_on_a_cpu(monkeypatch):
-  """'auto' on a CPU: the recomputing attention from RECOMPUTE_ATTENTION_FROM positions on, XLA's below."""
+  """'auto' on a CPU: our attention recomputing the probabilities from RECOMPUTE_ATTENTION_FROM positions on,
+  keeping them below."""
   calls = []
-  monkeypatch.setattr(gpt, "_causal_attention", lambda q, k, v: calls.append(q.shape[1]) or q)
+  monkeypatch.setattr(gpt, "_causal_attention", lambda q, k, v, recompute: calls.append((q.shape[1], recompute)) or q)
   for t in (gpt.RECOMPUTE_ATTENTION_FROM - 1, gpt.RECOMPUTE_ATTENTION_FROM):
     q = jnp.zeros((1, t, 1, 8), jnp.float32)
     gpt._training_attention(q, q, q, "auto")
-  assert calls == [gpt.RECOMPUTE_ATTENTION_FROM]
+  assert calls == [(gpt.RECOMPUTE_ATTENTION_FROM - 1, False), (gpt.RECOMPUTE_ATTENTION_FROM, True)]

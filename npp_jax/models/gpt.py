@@ -431,18 +431,21 @@ def _materialised_transpose(x: jnp.ndarray) -> jnp.ndarray:
 
 
 # From this many positions 'auto' recomputes the attention on a CPU: at GPT-B width and 256 positions that took the
-# step's peak down 190 MiB at 0.96-1.09x its time (two rounds at each precision); at 64 positions XLA's fused
-# attention was 1.2x faster (tiny model).
+# step's peak down 190 MiB at 0.96-1.09x its time (two rounds at each precision). Below it 'auto' keeps the
+# probabilities: at the default run's 64 positions 1.13x faster a step than XLA's fused attention (median of six
+# interleaved pairs), whose backward pass spent 18 of the step's 280 ms in one reduction.
 RECOMPUTE_ATTENTION_FROM = 256
 
 
 def _training_attention(q, k, v, impl: str) -> jnp.ndarray:
-  """Causal attention of the training path: 'recompute' is `_causal_attention`; 'auto' is that on a CPU from
-  RECOMPUTE_ATTENTION_FROM positions on, jax's choice otherwise (cuDNN where it can); 'xla' and 'cudnn' are
-  `jax.nn.dot_product_attention`'s implementations."""
-  long_on_cpu = jax.default_backend() == "cpu" and q.shape[1] >= RECOMPUTE_ATTENTION_FROM
-  if impl == "recompute" or (impl == "auto" and long_on_cpu):
-    return _causal_attention(q, k, v)
+  """Causal attention of the training path: 'recompute' and 'keep' are `_causal_attention` recomputing or keeping the
+  probabilities for the backward pass; 'auto' is one of those on a CPU (recompute from RECOMPUTE_ATTENTION_FROM
+  positions on), jax's choice elsewhere (cuDNN where it can); 'xla' and 'cudnn' are `jax.nn.dot_product_attention`'s
+  implementations."""
+  if impl == "auto" and jax.default_backend() == "cpu":
+    impl = "recompute" if q.shape[1] >= RECOMPUTE_ATTENTION_FROM else "keep"
+  if impl in ("recompute", "keep"):
+    return _causal_attention(q, k, v, impl == "recompute")
   return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=None if impl == "auto" else impl)
 
 
@@ -457,30 +460,35 @@ def _attention_probabilities(q, k, lse=None):
   return jnp.exp(logits - lse)
 
 
-@jax.custom_vjp
-def _causal_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _causal_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, recompute: bool = True) -> jnp.ndarray:
   """Causal softmax attention, q, k, v (B, T, N, H) -> (B, T, N, H), computed as `jax.nn.dot_product_attention`'s
-  XLA path does (logits and softmax in float32, probabilities in the inputs' dtype for the product with v), keeping
-  only the inputs, the output and a float32 log-sum-exp per row for the backward pass, which recomputes the
-  probabilities. XLA's path keeps several float32 copies of every layer's (B, N, T, T) softmax instead (about 300 MiB
-  at GPT-B width and batch 2), torch's CPU attention a log-sum-exp like this one.
+  XLA path does (logits and softmax in float32, probabilities in the inputs' dtype for the product with v).
+
+  With `recompute`, the backward pass gets the inputs and a float32 log-sum-exp per row and recomputes the
+  probabilities: XLA's path keeps several float32 copies of every layer's (B, N, T, T) softmax instead (about
+  300 MiB at GPT-B width and batch 2), torch's CPU attention a log-sum-exp like this one. Without, it gets the
+  float32 probabilities themselves, one copy, which for short sequences is cheaper than recomputing them.
   """
-  return _causal_attention_fwd(q, k, v)[0]
+  return _causal_attention_fwd(q, k, v, recompute)[0]
 
 
-def _causal_attention_fwd(q, k, v):
+def _causal_attention_fwd(q, k, v, recompute):
   logits, lse = _attention_probabilities(q, k)
-  out = jnp.einsum("bnts,bsnh->btnh", jnp.exp(logits - lse).astype(v.dtype), v)
-  return out, (q, k, v, lse)
+  p = jnp.exp(logits - lse)
+  out = jnp.einsum("bnts,bsnh->btnh", p.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(v.dtype)
+  return out, (q, k, v, lse if recompute else p)
 
 
-def _causal_attention_bwd(residuals, g):
-  q, k, v, lse = residuals
-  # q made to depend on g's data, elementwise (so with g's sharding and no communication; it is q for any finite g):
-  # otherwise XLA merges the recomputed logits with the forward pass's and keeps those alive until here (XLA:CPU
-  # drops optimisation barriers).
-  q_late = q + g * 0
-  p = _attention_probabilities(q_late, k, lse)
+def _causal_attention_bwd(recompute, residuals, g):
+  q, k, v, saved = residuals
+  if recompute:
+    # q made to depend on g's data, elementwise (so with g's sharding and no communication; it is q for any finite
+    # g): otherwise XLA merges the recomputed logits with the forward pass's and keeps those alive until here
+    # (XLA:CPU drops optimisation barriers).
+    p = _attention_probabilities(q + g * 0, k, saved)
+  else:
+    p = saved
   dv = jnp.einsum("bnts,btnh->bsnh", p.astype(v.dtype), g, preferred_element_type=jnp.float32).astype(v.dtype)
   dp = jnp.einsum("btnh,bsnh->bnts", g, v, preferred_element_type=jnp.float32)
   ds = (p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True)) * (q.shape[-1] ** -0.5)).astype(q.dtype)
