@@ -69,8 +69,8 @@ def model_config(size: str = "B", *, image_size: int = 256, downsample: int = 16
   m.class_dropout_prob = 0.1
   # Execution choices (not part of the reference's ModelArgs; they do not change the parameters).
   m.dtype = "bfloat16"  # compute dtype; parameters stay float32
-  # auto: 'recompute' (our attention, keeping a log-sum-exp for the backward pass) on a CPU from 256 positions on,
-  # jax's pick otherwise; 'xla' everywhere, 'cudnn' on GPUs
+  # auto: on a CPU our attention, 'recompute' (keeping a log-sum-exp for the backward pass) from 256 positions on
+  # and 'keep' (keeping the probabilities) below; jax's pick elsewhere; 'xla' everywhere, 'cudnn' on GPUs
   m.attention_impl = "auto"
   m.remat = "none"  # none | full | dots
   m.scan_layers = True
